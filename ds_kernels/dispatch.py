@@ -1,0 +1,132 @@
+"""The one registry that maps (op, backend) to an implementation.
+
+Adding an op means adding one row to ``_IMPLEMENTATIONS``; adding a backend means adding one
+column (a name in ``BACKENDS`` plus its availability check). Implementations are named as
+"module:function" strings and imported on first use, so that importing ``ds_kernels`` never
+imports triton or torch_npu, and ``TRITON_INTERPRET`` may be set any time before the first call.
+
+Selection, for the device of an op's first tensor argument:
+  1. ``ds_kernels.use_backend(...)`` (a context manager), else ``DS_KERNELS_BACKEND`` - forced:
+     if that backend cannot run here, or lacks the op, a ``BackendUnavailableError`` says why.
+  2. otherwise by device: cuda/xpu -> triton, npu -> ascend, anything else -> torch. If the
+     preferred backend cannot run (triton not installed, an op with no Ascend kernel yet), the
+     torch path runs instead and a warning is logged once per (op, backend).
+"""
+
+import contextlib
+import importlib
+import importlib.util
+import logging
+import os
+import threading
+from typing import Callable
+
+import torch
+
+BACKENDS = ("triton", "ascend", "torch", "reference")
+
+_IMPLEMENTATIONS: dict[str, dict[str, str]] = {
+    "route": {
+        "triton": "ds_kernels.kernels.route:route",
+        "ascend": "ds_kernels.ascend.route:route",
+        "torch": "ds_kernels.cpu.route:route",
+        "reference": "ds_kernels.reference.route:route",
+    },
+    "moe_align": {
+        "triton": "ds_kernels.kernels.moe_align:moe_align",
+        "torch": "ds_kernels.cpu.moe_align:moe_align",
+        "reference": "ds_kernels.reference.moe_align:moe_align",
+    },
+}
+
+# Devices whose tensors Triton compiles for (ROCm GPUs report "cuda" too).
+_TRITON_DEVICES = ("cuda", "xpu")
+
+log = logging.getLogger("ds_kernels")
+_warned: set[tuple[str, str]] = set()
+_forced = threading.local()
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for explicitly but cannot run this op on this device."""
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None):
+    """Force ``name`` for ops called inside the block (None: automatic); overrides the env var."""
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+    previous = getattr(_forced, "name", None)
+    _forced.name = name
+    try:
+        yield
+    finally:
+        _forced.name = previous
+
+
+def forced_backend() -> str | None:
+    """The backend forced by ``use_backend`` or ``DS_KERNELS_BACKEND``, else None."""
+    name = getattr(_forced, "name", None) or os.environ.get("DS_KERNELS_BACKEND") or None
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"DS_KERNELS_BACKEND={name!r} is not a backend; expected one of {BACKENDS}")
+    return name
+
+
+def preferred_backend(device: torch.device) -> str:
+    if device.type in _TRITON_DEVICES:
+        return "triton"
+    if device.type == "npu":
+        return "ascend"
+    return "torch"
+
+
+def unavailable_reason(backend: str, device: torch.device) -> str | None:
+    """Why ``backend`` cannot run on ``device`` here, or None if it can."""
+    if backend == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed (pip install triton; Linux only)"
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            return ("Triton kernels on CPU tensors run only in Triton's interpreter: set "
+                    "TRITON_INTERPRET=1 before importing ds_kernels")
+        if device.type not in _TRITON_DEVICES + ("cpu",):
+            return f"Triton does not compile for {device.type} tensors"
+    if backend == "ascend":
+        if device.type != "npu":
+            return f"the Ascend backend needs npu tensors, got {device.type}"
+        if importlib.util.find_spec("torch_npu") is None:
+            return "torch_npu is not installed (pip install 'ds-kernels[ascend]' plus Huawei's CANN)"
+    return None
+
+
+def _load(path: str) -> Callable:
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def implementation(op: str, device: torch.device) -> Callable:
+    """The function that runs ``op`` for tensors on ``device`` under the current selection."""
+    table = _IMPLEMENTATIONS[op]
+    forced = forced_backend()
+    if forced is not None:
+        reason = unavailable_reason(forced, device)
+        if reason is None and forced not in table:
+            reason = f"{op} has no {forced} implementation yet"
+        if reason is not None:
+            raise BackendUnavailableError(f"backend {forced!r} was forced for {op}, but {reason}")
+        return _load(table[forced])
+    backend = preferred_backend(device)
+    reason = unavailable_reason(backend, device)
+    if reason is None and backend not in table:
+        reason = f"{op} has no {backend} implementation yet"
+    if reason is not None:
+        if (op, backend) not in _warned:
+            _warned.add((op, backend))
+            log.warning("ds_kernels.%s: %s backend unavailable (%s); using the torch path",
+                        op, backend, reason)
+        backend = "torch"
+    return _load(table[backend])
+
+
+def implementations(op: str) -> tuple[str, ...]:
+    """The backends that implement ``op``."""
+    return tuple(b for b in BACKENDS if b in _IMPLEMENTATIONS[op])

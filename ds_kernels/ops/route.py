@@ -1,0 +1,98 @@
+"""ds_kernels.route: DeepSeek-V3 expert routing, as ``torch.ops.ds_kernels.route``.
+
+Differentiable in router_logits through the weights (the ids are a discrete choice; the
+correction bias only chooses, so it gets no gradient, as in DeepSeek-V3's aux-loss-free
+balancing, which updates the bias outside autograd).
+"""
+
+import torch
+
+from ds_kernels import dispatch
+from ds_kernels.ops.checks import FLOAT_DTYPES, check_int, check_same_device, check_tensor
+from ds_kernels.reference.route import RENORM_EPS
+
+SCORINGS = ("sigmoid", "softmax")
+
+
+def route(router_logits: torch.Tensor, top_k: int, *, scoring: str = "sigmoid",
+          correction_bias: torch.Tensor | None = None, n_group: int = 1, topk_group: int = 1,
+          renormalize: bool = True, routed_scaling_factor: float = 1.0):
+    """DeepSeek-V3 gate: (topk_weights float32 [T, k], topk_ids int32 [T, k]).
+
+    router_logits [T, E] (fp16/bf16/fp32; math in fp32). Steps (API.md "Routing"): scores
+    s = sigmoid or softmax of the logits; choice scores c = s + correction_bias; with
+    n_group > 1, only the topk_group groups with the largest sum of their two best c stay
+    eligible; the top_k experts by c (descending, ties to the lower index); weights = s at
+    those experts, renormalised to sum 1 if ``renormalize``, times routed_scaling_factor.
+    NaN policy: see ds_kernels/reference/route.py. T = 0 gives empty outputs.
+    """
+    _check(router_logits, top_k, scoring, correction_bias, n_group, topk_group)
+    return torch.ops.ds_kernels.route(router_logits, top_k, scoring, correction_bias, n_group,
+                                      topk_group, renormalize, float(routed_scaling_factor))
+
+
+def _check(logits, top_k, scoring, correction_bias, n_group, topk_group):
+    check_tensor("router_logits", logits, dim=2, dtypes=FLOAT_DTYPES)
+    E = logits.shape[1]
+    if scoring not in SCORINGS:
+        raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
+    check_int("n_group", n_group, low=1)
+    if E % n_group:
+        raise ValueError(f"the number of experts E={E} is not divisible by n_group={n_group}")
+    if n_group > 1 and E // n_group < 2:
+        raise ValueError(f"groups are scored by their two best experts, but E={E} with "
+                         f"n_group={n_group} leaves {E // n_group} per group")
+    check_int("topk_group", topk_group, low=1, high=n_group)
+    check_int("top_k", top_k, low=1, high=topk_group * (E // n_group))
+    if correction_bias is not None:
+        check_tensor("correction_bias", correction_bias, dim=1, dtypes=FLOAT_DTYPES)
+        if correction_bias.shape[0] != E:
+            raise ValueError(f"correction_bias must have shape [{E}] (one per expert), "
+                             f"got {tuple(correction_bias.shape)}")
+        check_same_device("router_logits", logits, correction_bias=correction_bias)
+
+
+@torch.library.custom_op("ds_kernels::route", mutates_args=())
+def _route_op(router_logits: torch.Tensor, top_k: int, scoring: str,
+              correction_bias: torch.Tensor | None, n_group: int, topk_group: int,
+              renormalize: bool, routed_scaling_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    _check(router_logits, top_k, scoring, correction_bias, n_group, topk_group)
+    impl = dispatch.implementation("route", router_logits.device)
+    return impl(router_logits, top_k, scoring, correction_bias, n_group, topk_group,
+                renormalize, routed_scaling_factor)
+
+
+@_route_op.register_fake
+def _(router_logits, top_k, scoring, correction_bias, n_group, topk_group, renormalize,
+      routed_scaling_factor):
+    _check(router_logits, top_k, scoring, correction_bias, n_group, topk_group)
+    T = router_logits.shape[0]
+    return (router_logits.new_empty(T, top_k, dtype=torch.float32),
+            router_logits.new_empty(T, top_k, dtype=torch.int32))
+
+
+def _setup_context(ctx, inputs, output):
+    router_logits, _, scoring, _, _, _, renormalize, routed_scaling_factor = inputs
+    ctx.save_for_backward(router_logits, output[1])
+    ctx.scoring, ctx.renormalize, ctx.scale = scoring, renormalize, routed_scaling_factor
+
+
+def _backward(ctx, grad_weights, _grad_ids):
+    logits, ids = ctx.saved_tensors
+    x = logits.float()                                            # [T, E]
+    s = x.sigmoid() if ctx.scoring == "sigmoid" else x.softmax(dim=-1)
+    ids = ids.long()                                              # [T, k]
+    g = grad_weights.float() * ctx.scale                          # [T, k]
+    if ctx.renormalize:
+        chosen = s.gather(1, ids)
+        total = chosen.sum(dim=-1, keepdim=True) + RENORM_EPS
+        g = g / total - (g * chosen).sum(dim=-1, keepdim=True) / total**2
+    grad_s = torch.zeros_like(s).scatter_add_(1, ids, g)          # [T, E]
+    if ctx.scoring == "sigmoid":
+        grad_x = grad_s * s * (1 - s)
+    else:
+        grad_x = s * (grad_s - (grad_s * s).sum(dim=-1, keepdim=True))
+    return grad_x.to(logits.dtype), None, None, None, None, None, None, None
+
+
+_route_op.register_autograd(_backward, setup_context=_setup_context)

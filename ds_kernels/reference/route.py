@@ -1,0 +1,54 @@
+"""Reference DeepSeek-V3 routing ("noaux_tc"): the numbered steps of API.md, one per block.
+
+NaN policy (shared by every backend): a NaN choice score ranks below every real score, so a
+token picks a NaN expert only when its kept groups hold fewer than k real scores; ids are
+always distinct and in [0, E). The weights are the raw scores at the chosen ids, so a NaN
+that was chosen (or a NaN anywhere in a softmax row) shows up as NaN weights instead of
+being hidden.
+"""
+
+import torch
+
+# Stand-in for NaN choice scores: below every real score, above the -inf of dropped groups.
+NAN_CHOICE_SCORE = -torch.finfo(torch.float32).max
+# Added to the renormalising sum, as transformers' DeepseekV3TopkRouter does, so that a row
+# whose chosen scores are all 0 gives 0 weights instead of 0/0.
+RENORM_EPS = 1e-20
+
+
+def choice_scores(logits: torch.Tensor, scoring: str, correction_bias: torch.Tensor | None):
+    """Steps 1-2: (s, c) in fp32, where s weighs the experts and c chooses them."""
+    x = logits.float()                                            # [T, E]
+    s = x.sigmoid() if scoring == "sigmoid" else x.softmax(dim=-1)
+    c = s if correction_bias is None else s + correction_bias.float()
+    c = torch.nan_to_num(c, nan=NAN_CHOICE_SCORE, posinf=float("inf"), neginf=float("-inf"))
+    return s, c
+
+
+def top_indices(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest values of each row, in descending order; ties to the lower index."""
+    return torch.sort(values, dim=-1, descending=True, stable=True).indices[:, :k]
+
+
+def route(logits, top_k, scoring, correction_bias, n_group, topk_group, renormalize,
+          routed_scaling_factor):
+    T, E = logits.shape
+    s, c = choice_scores(logits, scoring, correction_bias)        # [T, E] each
+
+    if n_group > 1:
+        group_size = E // n_group
+        grouped = c.view(T, n_group, group_size)
+        two_best = torch.sort(grouped, dim=-1, descending=True).values[..., :2]
+        group_scores = two_best.sum(dim=-1)                       # [T, n_group]
+        kept_groups = top_indices(group_scores, topk_group)       # [T, topk_group]
+        kept = torch.zeros(T, n_group, dtype=torch.bool, device=c.device)
+        kept.scatter_(1, kept_groups, True)
+        kept_experts = kept.repeat_interleave(group_size, dim=1)  # [T, E]
+        c = c.masked_fill(~kept_experts, float("-inf"))
+
+    ids = top_indices(c, top_k)                                   # [T, k]
+    weights = s.gather(1, ids)                                    # [T, k]
+    if renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + RENORM_EPS)
+    weights = weights * routed_scaling_factor
+    return weights, ids.to(torch.int32)

@@ -1,0 +1,34 @@
+"""Test setup: on a machine without a GPU the Triton kernels run in Triton's interpreter.
+
+TRITON_INTERPRET is read when kernels are decorated, so it is set here, before any test
+imports ds_kernels' kernel modules.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# Interpreted kernels cost ~5 ms per program step: property tests keep example counts small
+# and take no deadline (the first call of a kernel also pays for its parse). The backend
+# fixture only holds a use_backend() context, which is the same for every example.
+settings.register_profile("ci", deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.function_scoped_fixture])
+settings.load_profile("ci")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Every op's non-reference backends that can run here; each is checked against the reference.
+FAST_BACKENDS = ["torch", "triton"]
+
+
+@pytest.fixture(params=FAST_BACKENDS)
+def backend(request):
+    import ds_kernels
+
+    with ds_kernels.use_backend(request.param):
+        yield request.param

@@ -1,0 +1,78 @@
+"""Backend selection: device defaults, forcing, clear errors, one-time fallback log."""
+
+import logging
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import ds_kernels
+from ds_kernels import dispatch
+
+CPU = torch.device("cpu")
+
+
+def test_every_op_has_a_reference_and_a_torch_path_that_resolve():
+    for op, table in dispatch._IMPLEMENTATIONS.items():
+        assert {"reference", "torch"} <= set(table), op
+        assert set(table) <= set(dispatch.BACKENDS), op
+        for backend in table:
+            if backend == "ascend":
+                continue  # imports torch_npu lazily, inside the call
+            assert callable(dispatch._load(table[backend])), (op, backend)
+
+
+def test_devices_pick_their_backend():
+    assert dispatch.preferred_backend(torch.device("cuda")) == "triton"
+    # torch.device("npu") needs torch_npu's registration; only .type is read.
+    assert dispatch.preferred_backend(SimpleNamespace(type="npu")) == "ascend"
+    assert dispatch.preferred_backend(CPU) == "torch"
+
+
+def test_environment_variable_forces_a_backend(monkeypatch):
+    monkeypatch.setenv("DS_KERNELS_BACKEND", "reference")
+    assert dispatch.implementation("route", CPU) is dispatch._load(
+        dispatch._IMPLEMENTATIONS["route"]["reference"])
+    with ds_kernels.use_backend("torch"):  # the context manager wins over the variable
+        assert dispatch.implementation("route", CPU).__module__ == "ds_kernels.cpu.route"
+
+
+def test_unknown_backend_names_are_rejected(monkeypatch):
+    monkeypatch.setenv("DS_KERNELS_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="DS_KERNELS_BACKEND='cuda' is not a backend"):
+        dispatch.implementation("route", CPU)
+    with pytest.raises(ValueError, match="unknown backend 'tpu'"):
+        with ds_kernels.use_backend("tpu"):
+            pass
+
+
+def test_forcing_ascend_on_cpu_tensors_raises():
+    with ds_kernels.use_backend("ascend"):
+        with pytest.raises(ds_kernels.BackendUnavailableError, match="needs npu tensors, got cpu"):
+            ds_kernels.route(torch.randn(2, 8), 2)
+
+
+def test_forcing_triton_on_cpu_without_the_interpreter_raises(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with ds_kernels.use_backend("triton"):
+        with pytest.raises(ds_kernels.BackendUnavailableError, match="TRITON_INTERPRET=1"):
+            ds_kernels.moe_align(torch.zeros(2, 2, dtype=torch.int32), 4, 16)
+
+
+def test_forcing_a_backend_that_lacks_the_op_raises(monkeypatch):
+    monkeypatch.setattr(dispatch, "unavailable_reason", lambda backend, device: None)
+    with ds_kernels.use_backend("ascend"):
+        with pytest.raises(ds_kernels.BackendUnavailableError,
+                           match="moe_align has no ascend implementation yet"):
+            dispatch.implementation("moe_align", CPU)
+
+
+def test_automatic_fallback_logs_once(monkeypatch, caplog):
+    monkeypatch.setattr(dispatch, "preferred_backend", lambda device: "ascend")
+    monkeypatch.setattr(dispatch, "_warned", set())
+    with caplog.at_level(logging.WARNING, logger="ds_kernels"):
+        for _ in range(3):
+            impl = dispatch.implementation("moe_align", CPU)
+    assert impl.__module__ == "ds_kernels.cpu.moe_align"
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1 and "using the torch path" in messages[0]
