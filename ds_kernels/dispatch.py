@@ -1,7 +1,7 @@
 """The one registry that maps (op, backend) to an implementation.
 
-Adding an op means adding one row to ``_IMPLEMENTATIONS``; adding a backend means adding one
-column (a name in ``BACKENDS`` plus its availability check). Implementations are named as
+Adding an op means adding one row to ``_IMPLEMENTATIONS``; adding a backend means adding a
+name to ``BACKENDS`` and ``_FOLDERS`` plus its availability check. Implementations are named as
 "module:function" strings and imported on first use, so that importing ``ds_kernels`` never
 imports triton or torch_npu, and ``TRITON_INTERPRET`` may be set any time before the first call.
 
@@ -25,18 +25,21 @@ import torch
 
 BACKENDS = ("triton", "ascend", "torch", "reference")
 
+# Where each backend keeps its implementations: ds_kernels/<folder>/<module>.py
+_FOLDERS = {"triton": "kernels", "ascend": "ascend", "torch": "cpu", "reference": "reference"}
+
+
+def _paths(module: str, op: str, backends=("triton", "torch", "reference")) -> dict[str, str]:
+    return {backend: f"ds_kernels.{_FOLDERS[backend]}.{module}:{op}" for backend in backends}
+
+
 _IMPLEMENTATIONS: dict[str, dict[str, str]] = {
-    "route": {
-        "triton": "ds_kernels.kernels.route:route",
-        "ascend": "ds_kernels.ascend.route:route",
-        "torch": "ds_kernels.cpu.route:route",
-        "reference": "ds_kernels.reference.route:route",
-    },
-    "moe_align": {
-        "triton": "ds_kernels.kernels.moe_align:moe_align",
-        "torch": "ds_kernels.cpu.moe_align:moe_align",
-        "reference": "ds_kernels.reference.moe_align:moe_align",
-    },
+    "route": _paths("route", "route", BACKENDS),
+    "moe_align": _paths("moe_align", "moe_align"),
+    "grouped_mm": _paths("grouped_mm", "grouped_mm"),
+    "grouped_mm_backward": _paths("grouped_mm", "grouped_mm_backward"),
+    "fused_moe": _paths("fused_moe", "fused_moe"),
+    "fused_moe_backward": _paths("fused_moe", "fused_moe_backward"),
 }
 
 # Devices whose tensors Triton compiles for (ROCm GPUs report "cuda" too).

@@ -3,6 +3,8 @@
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# float64 too, so that gradcheck can test the GEMM ops' backward against finite differences.
+GEMM_DTYPES = FLOAT_DTYPES + (torch.float64,)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
@@ -28,3 +30,16 @@ def check_int(name: str, value, *, low: int, high: int | None = None):
     if value < low or (high is not None and value > high):
         bound = f">= {low}" if high is None else f"in [{low}, {high}]"
         raise ValueError(f"{name} must be {bound}, got {value}")
+
+
+def device_checks_allowed(t: torch.Tensor) -> bool:
+    """Whether a check may read values of ``t`` (a device sync): not while a CUDA graph is being
+    captured, where reading back would break the capture."""
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def check_ids_in_range(name: str, ids: torch.Tensor, num_experts: int):
+    if ids.numel() and device_checks_allowed(ids):
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= num_experts:
+            raise ValueError(f"{name} must be in [0, {num_experts}), got values in [{low}, {high}]")

@@ -1,0 +1,88 @@
+"""Fused MoE experts on the grouped GEMM kernels (ds_kernels/kernels/grouped_mm.py).
+
+Forward, for the T*k assignments grouped by moe_align into BLOCK_M-row blocks per expert:
+  1. act[slot]  = silu(g) * u, [g, u] = hidden[assignment // k] @ w13[e]^T
+     (the token rows are gathered inside the GEMM: no permuted copy of the activations;
+      SwiGLU in the epilogue: the [T*k, 2I] pre-activation is never written)
+  2. y[assignment] = topk_weight[assignment] * act[slot] @ w2[e]^T   (weight in the epilogue)
+  3. out[t] = sum_j y[t*k + j] in fp32
+Step 3 is a plain sum in a fixed order instead of float atomics in step 2: the output is the
+same bit for bit on every run, which training and debugging need, for one extra [T*k, H] read.
+
+Backward recomputes step 1's pre-activation instead of saving [T*k, 2I] from the forward.
+"""
+
+import torch
+
+from ds_kernels.kernels.grouped_mm import grouped_gemm, grouped_wgrad
+from ds_kernels.kernels.moe_align import moe_align
+from ds_kernels.tuning import gemm_config
+
+
+def _plan(op, hidden, w13, topk_ids):
+    T, H = hidden.shape
+    E, two_i, _ = w13.shape
+    k = topk_ids.shape[1]
+    config = gemm_config(op, T * k / E, E, two_i, H, hidden.dtype)
+    return config, moe_align(topk_ids, E, config["BLOCK_M"])
+
+
+def fused_moe(hidden, w13, w2, topk_weights, topk_ids):
+    T, H = hidden.shape
+    E, two_i, _ = w13.shape
+    k = topk_ids.shape[1]
+    N = T * k
+    config, layout = _plan("fused_moe", hidden, w13, topk_ids)
+    P = layout[0].shape[0]
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    weights = topk_weights.reshape(-1).to(acc)                    # [N]
+    act = hidden.new_empty(P, two_i // 2)                         # [P, I]
+    grouped_gemm(hidden, w13.transpose(1, 2), act, layout, N, config, a_row_div=k,
+                 c_by_slot=True, swiglu=True)
+    y = hidden.new_zeros(N, H)                                    # [N, H]
+    grouped_gemm(act, w2.transpose(1, 2), y, layout, N, config, a_by_slot=True,
+                 row_scale=weights)
+    return y.view(T, k, H).sum(dim=1, dtype=acc).to(hidden.dtype)
+
+
+def fused_moe_backward(grad_out, hidden, w13, w2, topk_weights, topk_ids):
+    T, H = hidden.shape
+    E, two_i, _ = w13.shape
+    I = two_i // 2
+    k = topk_ids.shape[1]
+    N = T * k
+    config, layout = _plan("fused_moe_backward", hidden, w13, topk_ids)
+    slot_ids = layout[0].long()                                   # [P], N for padding
+    P = slot_ids.shape[0]
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    weights = topk_weights.reshape(-1).to(acc)                    # [N]
+    slot_weight = torch.cat([weights, weights.new_zeros(1)])[slot_ids].unsqueeze(1)  # [P, 1]
+
+    gate_up = hidden.new_empty(P, two_i)                          # [P, 2I] recomputed
+    grouped_gemm(hidden, w13.transpose(1, 2), gate_up, layout, N, config, a_row_div=k,
+                 c_by_slot=True)
+    gate, up = gate_up.to(acc).chunk(2, dim=-1)                   # [P, I] each
+    sig = torch.sigmoid(gate)
+    silu = gate * sig
+    act = (silu * up).to(hidden.dtype)                            # [P, I]
+
+    d_act_unweighted = hidden.new_empty(P, I)                     # [P, I] = grad_out[t] @ w2[e]
+    grouped_gemm(grad_out, w2, d_act_unweighted, layout, N, config, a_row_div=k,
+                 c_by_slot=True)
+    d_act_unweighted = d_act_unweighted.to(acc)
+    # Padding slots hold garbage; they all land on the discarded entry N.
+    d_weight = weights.new_zeros(N + 1).scatter_(
+        0, slot_ids, (d_act_unweighted * act.to(acc)).sum(dim=1))[:N]
+    d_act = d_act_unweighted * slot_weight
+    d_gate = d_act * up * sig * (1 + gate * (1 - sig))            # silu'(g) = s (1 + g (1 - s))
+    d_gate_up = torch.cat([d_gate, d_act * silu], dim=1).to(hidden.dtype)  # [P, 2I]
+
+    d_x = hidden.new_zeros(N, H)                                  # [N, H] per assignment
+    grouped_gemm(d_gate_up, w13, d_x, layout, N, config, a_by_slot=True)
+    d_hidden = d_x.view(T, k, H).sum(dim=1, dtype=acc).to(hidden.dtype)
+    d_w13 = torch.empty_like(w13, memory_format=torch.contiguous_format)  # [E, 2I, H]
+    grouped_wgrad(d_gate_up, hidden, d_w13, layout, N, config, a_by_slot=True, g_row_div=k)
+    d_w2 = torch.empty_like(w2, memory_format=torch.contiguous_format)    # [E, H, I]
+    grouped_wgrad(grad_out, act, d_w2, layout, N, config, a_row_div=k, g_by_slot=True,
+                  row_scale=weights)
+    return d_hidden, d_w13, d_w2, d_weight.view(T, k).to(topk_weights.dtype)

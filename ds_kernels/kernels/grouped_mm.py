@@ -1,0 +1,220 @@
+"""Grouped GEMM kernels shared by grouped_mm and fused_moe, forward and backward.
+
+Rows reach the kernels through moe_align's layout: ``slot_ids`` lists row ids grouped by
+expert, each expert's run padded to a multiple of BLOCK_M with a sentinel, and
+``block_expert`` names the expert of each BLOCK_M-slot block. So one program multiplies one
+expert's block, whatever the routing, and no launch waits on the device for sizes.
+
+  _grouped_gemm_kernel   C[rows] = A[rows] @ B[e]       (forward, and d(input) in backward)
+      A rows: row id // A_ROW_DIV (gathers token rows for top-k assignments), or the slot;
+      C rows: row id (scatter) or the slot; optional SwiGLU and per-row scale epilogues.
+  _grouped_wgrad_kernel  D[e] = sum over e's rows of A[row]^T @ G[row]   (d(weight))
+
+Address arithmetic on rows and experts is 64-bit: rows x columns passes 2**31 in DeepSeek-V3
+prefill at ~37K tokens, where 32-bit offsets read out of bounds.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ds_kernels.kernels.moe_align import moe_align
+from ds_kernels.tuning import gemm_config
+
+
+@triton.jit
+def _row_offsets(ids, slots, sentinel, ROW_DIV: tl.constexpr, BY_SLOT: tl.constexpr):
+    """Row index (int64) of each slot's row in a matrix addressed by id // ROW_DIV or slot."""
+    if BY_SLOT:
+        return slots.to(tl.int64)
+    return (tl.where(ids < sentinel, ids, 0) // ROW_DIV).to(tl.int64)
+
+
+@triton.jit
+def _grouped_gemm_kernel(
+    a_ptr, b_ptr, c_ptr, slot_ids_ptr, block_expert_ptr, num_slots_ptr, row_scale_ptr,
+    N, K, sentinel, num_blocks,
+    stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_cn,
+    A_ROW_DIV: tl.constexpr, A_BY_SLOT: tl.constexpr, C_BY_SLOT: tl.constexpr,
+    SWIGLU: tl.constexpr, ROW_SCALE: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """C[r, :N] = epilogue(A[r, :K] @ B[e][:K, :N]) for the rows r of each expert e.
+
+    a_ptr: A, strides (stride_am, stride_ak). b_ptr: B [E, K, N'] with strides (stride_be,
+    stride_bk, stride_bn) - any view, e.g. a transposed [E, N', K] weight. With SWIGLU,
+    N' = 2N: gate columns [0, N), up columns [N, 2N), and C = silu(gate) * up.
+    c_ptr: C, strides (stride_cm, stride_cn). slot_ids_ptr: int32 [num_blocks * BLOCK_M] row
+    ids, `sentinel` for padding. block_expert_ptr: int32 [num_blocks]. num_slots_ptr: int32
+    [1], slots in use. row_scale_ptr: [sentinel] in ACC, C row r is multiplied by it (ROW_SCALE).
+    PRECISION: tl.dot input precision for fp32 operands ("ieee" or "tf32"). ACC: accumulator
+    dtype, fp32 (fp64 for fp64 operands, which gradcheck uses).
+    """
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    # GROUP_M blocks of rows share each column tile of B while it is in L2.
+    per_group = GROUP_M * num_pid_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(num_blocks - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+    if pid_m * BLOCK_M >= tl.load(num_slots_ptr):
+        return
+
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)              # [BM]
+    ids = tl.load(slot_ids_ptr + slots)
+    row_ok = ids < sentinel
+    a_rows = _row_offsets(ids, slots, sentinel, A_ROW_DIV, A_BY_SLOT)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                   # [BN]
+    n_ok = n < N
+    kk = tl.arange(0, BLOCK_K)                                    # [BK]
+    b_base = b_ptr + expert * stride_be
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    up = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (k0 + kk) < K
+        a = tl.load(a_ptr + a_rows[:, None] * stride_am + (k0 + kk)[None, :] * stride_ak,
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b_ptrs = b_base + (k0 + kk)[:, None] * stride_bk + n[None, :] * stride_bn
+        b_ok = k_ok[:, None] & n_ok[None, :]
+        acc = tl.dot(a, tl.load(b_ptrs, mask=b_ok, other=0.0), acc, input_precision=PRECISION)
+        if SWIGLU:
+            b_up = tl.load(b_ptrs + N * stride_bn, mask=b_ok, other=0.0)
+            up = tl.dot(a, b_up, up, input_precision=PRECISION)
+
+    if SWIGLU:
+        acc = acc * tl.sigmoid(acc) * up
+    if ROW_SCALE:
+        acc = acc * tl.load(row_scale_ptr + ids, mask=row_ok, other=0.0)[:, None]
+    c_rows = slots.to(tl.int64) if C_BY_SLOT else ids.to(tl.int64)
+    tl.store(c_ptr + c_rows[:, None] * stride_cm + n[None, :] * stride_cn,
+             acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _grouped_wgrad_kernel(
+    a_ptr, g_ptr, d_ptr, slot_ids_ptr, run_start_ptr, counts_ptr, row_scale_ptr,
+    K, N, sentinel,
+    stride_am, stride_ak, stride_gm, stride_gn, stride_de, stride_dk, stride_dn,
+    A_ROW_DIV: tl.constexpr, A_BY_SLOT: tl.constexpr, G_ROW_DIV: tl.constexpr,
+    G_BY_SLOT: tl.constexpr, ROW_SCALE: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """D[e, :K, :N] = sum over expert e's rows r of (scale[r] *) A[r, :K]^T G[r, :N].
+
+    Program (e, tile) loops over e's run of slots: run_start_ptr/counts_ptr int32 [E] give the
+    run's first slot and its real rows. A and G rows are addressed like the forward kernel's A.
+    row_scale_ptr: [sentinel] in ACC, multiplies A's rows (ROW_SCALE). d_ptr: D [E, K, N] with
+    strides (stride_de, stride_dk, stride_dn); an expert with no rows gets zeros.
+    """
+    e = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pid_k = tl.program_id(1) // num_pid_n
+    pid_n = tl.program_id(1) % num_pid_n
+    k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)                   # [BK]
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                   # [BN]
+    start = tl.load(run_start_ptr + e)
+    end = start + tl.load(counts_ptr + e)
+
+    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=ACC)
+    for s0 in range(start, end, BLOCK_M):
+        slots = s0 + tl.arange(0, BLOCK_M)                       # [BM]
+        ids = tl.load(slot_ids_ptr + slots, mask=slots < end, other=sentinel)
+        row_ok = ids < sentinel
+        a_rows = _row_offsets(ids, slots, sentinel, A_ROW_DIV, A_BY_SLOT)
+        g_rows = _row_offsets(ids, slots, sentinel, G_ROW_DIV, G_BY_SLOT)
+        a = tl.load(a_ptr + a_rows[:, None] * stride_am + k[None, :] * stride_ak,
+                    mask=row_ok[:, None] & (k < K)[None, :], other=0.0)
+        g = tl.load(g_ptr + g_rows[:, None] * stride_gm + n[None, :] * stride_gn,
+                    mask=row_ok[:, None] & (n < N)[None, :], other=0.0)
+        if ROW_SCALE:
+            scale = tl.load(row_scale_ptr + ids, mask=row_ok, other=0.0)
+            a = (a.to(ACC) * scale[:, None]).to(g.dtype)
+        acc = tl.dot(tl.trans(a), g, acc, input_precision=PRECISION)
+    tl.store(d_ptr + e.to(tl.int64) * stride_de + k[:, None] * stride_dk + n[None, :] * stride_dn,
+             acc.to(d_ptr.dtype.element_ty), mask=(k < K)[:, None] & (n < N)[None, :])
+
+
+def _precision(dtype) -> str:
+    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def _launch_options(config, dtype):
+    return dict(num_warps=config["num_warps"], num_stages=config["num_stages"],
+                PRECISION=_precision(dtype), ACC=tl.float64 if dtype == torch.float64 else tl.float32)
+
+
+def grouped_gemm(a, b, c, layout, num_rows, config, *, a_row_div=1, a_by_slot=False,
+                 c_by_slot=False, swiglu=False, row_scale=None):
+    """C rows of each expert's rows = epilogue(A rows @ B[e]); see _grouped_gemm_kernel.
+
+    layout: moe_align's output for num_rows row ids (its sentinel), made with block_m ==
+    config["BLOCK_M"]. b: [E, K, N'] (any strides). Returns c.
+    """
+    sorted_ids, block_expert, num_slots, _ = layout
+    K, N = b.shape[1], b.shape[2] // 2 if swiglu else b.shape[2]
+    num_blocks = block_expert.shape[0]
+    if num_blocks == 0 or N == 0:
+        return c
+    grid = (num_blocks * triton.cdiv(N, config["BLOCK_N"]),)
+    _grouped_gemm_kernel[grid](
+        a, b, c, sorted_ids, block_expert, num_slots, row_scale if row_scale is not None else c,
+        N, K, num_rows, num_blocks,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
+        A_ROW_DIV=a_row_div, A_BY_SLOT=a_by_slot, C_BY_SLOT=c_by_slot, SWIGLU=swiglu,
+        ROW_SCALE=row_scale is not None, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
+        BLOCK_K=config["BLOCK_K"], GROUP_M=config["GROUP_M"], **_launch_options(config, a.dtype))
+    return c
+
+
+def grouped_wgrad(a, g, d, layout, num_rows, config, *, a_row_div=1, a_by_slot=False, g_row_div=1,
+                  g_by_slot=False, row_scale=None):
+    """d[e] = sum over expert e's rows of A^T G; see _grouped_wgrad_kernel. Returns d."""
+    sorted_ids, _, _, counts = layout
+    E, K, N = d.shape
+    if E == 0 or K == 0 or N == 0:
+        return d
+    block_m = config["BLOCK_M"]
+    padded = (counts + block_m - 1) // block_m * block_m
+    run_start = (padded.cumsum(0) - padded).to(torch.int32)      # [E]
+    block_k, block_n = config["BLOCK_K"], config["BLOCK_N"]
+    grid = (E, triton.cdiv(K, block_k) * triton.cdiv(N, block_n))
+    _grouped_wgrad_kernel[grid](
+        a, g, d, sorted_ids, run_start, counts, row_scale if row_scale is not None else d,
+        K, N, num_rows,
+        a.stride(0), a.stride(1), g.stride(0), g.stride(1), d.stride(0), d.stride(1), d.stride(2),
+        A_ROW_DIV=a_row_div, A_BY_SLOT=a_by_slot, G_ROW_DIV=g_row_div, G_BY_SLOT=g_by_slot,
+        ROW_SCALE=row_scale is not None, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n,
+        **_launch_options(config, a.dtype))
+    return d
+
+
+
+def _offs_layout(offs, M, config):
+    """moe_align's layout of the rows of a grouped_mm: row r belongs to the e with
+    offs[e-1] <= r < offs[e]; rows past offs[-1] get id E and are excluded."""
+    rows = torch.arange(M, device=offs.device, dtype=offs.dtype)
+    row_group = torch.searchsorted(offs, rows, right=True).to(torch.int32)  # [M]
+    return moe_align(row_group.view(M, 1), offs.shape[0], config["BLOCK_M"])
+
+
+def grouped_mm(a, b, offs):
+    M, K = a.shape
+    E, _, N = b.shape
+    out = torch.zeros(M, N, dtype=a.dtype, device=a.device)  # rows past offs[-1] stay 0
+    config = gemm_config("grouped_mm", M / E, E, N, K, a.dtype)
+    return grouped_gemm(a, b, out, _offs_layout(offs, M, config), M, config)
+
+
+def grouped_mm_backward(grad_out, a, b, offs):
+    M, K = a.shape
+    E, _, N = b.shape
+    config = gemm_config("grouped_mm_backward", M / E, E, K, N, a.dtype)
+    layout = _offs_layout(offs, M, config)
+    grad_a = torch.zeros_like(a)
+    grouped_gemm(grad_out, b.transpose(1, 2), grad_a, layout, M, config)
+    grad_b = torch.empty(E, K, N, dtype=b.dtype, device=b.device)
+    grouped_wgrad(a, grad_out, grad_b, layout, M, config)
+    return grad_a, grad_b

@@ -1,0 +1,88 @@
+"""ds_kernels.MoE: a DeepSeek-V3 MoE layer (router + routed experts + shared experts) whose
+state_dict keys and outputs equal transformers 5's DeepseekV3MoE, running on ds_kernels ops."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ds_kernels.ops.fused_moe import fused_moe
+from ds_kernels.ops.route import route
+
+
+class Router(nn.Module):
+    """Router logits in fp32 (as DeepSeek-V3 and transformers compute them), then route()."""
+
+    def __init__(self, hidden_size, num_experts, top_k, *, n_group=1, topk_group=1,
+                 norm_topk_prob=True, routed_scaling_factor=1.0, scoring="sigmoid"):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, dtype=torch.float32))
+        self.register_buffer("e_score_correction_bias", torch.zeros(num_experts))
+        self.top_k, self.n_group, self.topk_group = top_k, n_group, topk_group
+        self.norm_topk_prob, self.routed_scaling_factor = norm_topk_prob, routed_scaling_factor
+        self.scoring = scoring
+
+    def forward(self, x):                                         # x [T, H]
+        logits = F.linear(x.float(), self.weight.float())         # [T, E]
+        return route(logits, self.top_k, scoring=self.scoring,
+                     correction_bias=self.e_score_correction_bias, n_group=self.n_group,
+                     topk_group=self.topk_group, renormalize=self.norm_topk_prob,
+                     routed_scaling_factor=self.routed_scaling_factor)
+
+
+class Experts(nn.Module):
+    """The routed experts as two 3-D weights, gate rows first in gate_up_proj."""
+
+    def __init__(self, num_experts, hidden_size, intermediate_size):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+    def forward(self, x, topk_ids, topk_weights):                 # x [T, H]
+        return fused_moe(x, self.gate_up_proj, self.down_proj, topk_weights, topk_ids)
+
+
+class SharedExperts(nn.Module):
+    """Dense SwiGLU MLP that every token passes through."""
+
+    def __init__(self, hidden_size, intermediate_size):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoE(nn.Module):
+    def __init__(self, hidden_size, intermediate_size, num_experts, top_k, *,
+                 n_shared_experts=1, n_group=1, topk_group=1, norm_topk_prob=True,
+                 routed_scaling_factor=1.0, scoring="sigmoid"):
+        super().__init__()
+        self.gate = Router(hidden_size, num_experts, top_k, n_group=n_group,
+                           topk_group=topk_group, norm_topk_prob=norm_topk_prob,
+                           routed_scaling_factor=routed_scaling_factor, scoring=scoring)
+        self.experts = Experts(num_experts, hidden_size, intermediate_size)
+        self.shared_experts = (SharedExperts(hidden_size, intermediate_size * n_shared_experts)
+                               if n_shared_experts else None)
+
+    @classmethod
+    def from_hf_config(cls, config):
+        """From a transformers DeepseekV3Config (or any config with its MoE fields)."""
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act={config.hidden_act!r}: only 'silu' experts are supported")
+        return cls(config.hidden_size, config.moe_intermediate_size, config.n_routed_experts,
+                   config.num_experts_per_tok, n_shared_experts=config.n_shared_experts or 0,
+                   n_group=config.n_group, topk_group=config.topk_group,
+                   norm_topk_prob=config.norm_topk_prob,
+                   routed_scaling_factor=config.routed_scaling_factor,
+                   scoring=getattr(config, "scoring_func", "sigmoid"))
+
+    def forward(self, hidden_states):                             # [..., H]
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])                  # [T, H]
+        topk_weights, topk_ids = self.gate(x)                     # [T, k] each
+        out = self.experts(x, topk_ids, topk_weights)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out.view(shape)
