@@ -14,6 +14,7 @@ Selection, for the device of an op's first tensor argument:
 """
 
 import contextlib
+import functools
 import importlib
 import importlib.util
 import logging
@@ -22,6 +23,7 @@ import threading
 from typing import Callable
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 BACKENDS = ("triton", "ascend", "torch", "reference")
 
@@ -101,6 +103,7 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
     return None
 
 
+@functools.cache
 def _load(path: str) -> Callable:
     module, name = path.split(":")
     return getattr(importlib.import_module(module), name)
@@ -133,3 +136,17 @@ def implementation(op: str, device: torch.device) -> Callable:
 def implementations(op: str) -> tuple[str, ...]:
     """The backends that implement ``op``."""
     return tuple(b for b in BACKENDS if b in _IMPLEMENTATIONS[op])
+
+
+def direct_call_allowed(*tensors) -> bool:
+    """Whether a public op may call its backend directly instead of through torch.ops.
+
+    torch.ops' custom-op layer costs ~50 us a call on CPU (bench/bench_route.py at T=1), more
+    than a decode step's routing itself. It only matters to autograd, torch.compile and
+    dispatch modes (fake tensors, tracing), so plain eager inference on plain tensors skips it.
+    """
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        return False
+    grad = torch.is_grad_enabled()
+    return all(t is None or (type(t) is torch.Tensor and not (grad and t.requires_grad))
+               for t in tensors)

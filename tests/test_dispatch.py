@@ -76,3 +76,22 @@ def test_automatic_fallback_logs_once(monkeypatch, caplog):
     assert impl.__module__ == "ds_kernels.cpu.moe_align"
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 1 and "using the torch path" in messages[0]
+
+
+def test_eager_inference_skips_the_op_layer_and_nothing_else():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x = torch.randn(3, 4)
+    assert dispatch.direct_call_allowed(x, None)
+    assert not dispatch.direct_call_allowed(x.requires_grad_())       # autograd must record
+    with torch.no_grad():
+        assert dispatch.direct_call_allowed(x)
+    with FakeTensorMode():
+        assert not dispatch.direct_call_allowed(torch.randn(3))       # a dispatch mode sees ops
+
+
+def test_both_paths_give_the_same_answer():
+    logits = torch.randn(8, 64)
+    direct = ds_kernels.route(logits, 4, n_group=4, topk_group=2)
+    through_op = torch.ops.ds_kernels.route(logits, 4, "sigmoid", None, 4, 2, True, 1.0)
+    assert all(torch.equal(a, b) for a, b in zip(direct, through_op))

@@ -13,6 +13,15 @@ from ds_kernels.reference.route import route as reference_route
 from numerics import assert_close
 
 
+@pytest.fixture(params=["torch", "torch (topk path)", "triton"])
+def backend(request, monkeypatch):
+    """The backends of conftest, plus the torch path's large-T branch forced at every T."""
+    if request.param == "torch (topk path)":
+        monkeypatch.setattr("ds_kernels.cpu.route.SORT_BELOW_TOKENS", 0)
+    with ds_kernels.use_backend(request.param.split()[0]):
+        yield request.param
+
+
 @st.composite
 def routing_problems(draw, max_tokens=40):
     n_group = draw(st.sampled_from([1, 1, 2, 4, 8]))

@@ -9,7 +9,13 @@ columns only (half of DeepSeek-V3's row).
 
 import torch
 
+from ds_kernels.reference import route as reference
 from ds_kernels.reference.route import RENORM_EPS, choice_scores, top_indices
+
+# Below this many tokens the reference's few whole-row sorts beat topk plus its tie repair
+# (fewer, larger ops: per-op overhead dominates a decode step). Measured on a 2-core x86 CPU
+# with E=256 (bench/bench_route.py); the autotune sweep retunes it per machine.
+SORT_BELOW_TOKENS = 64
 
 
 def _top_indices(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -37,6 +43,9 @@ def _two_best_sum(grouped: torch.Tensor) -> torch.Tensor:
 def route(logits, top_k, scoring, correction_bias, n_group, topk_group, renormalize,
           routed_scaling_factor):
     T, E = logits.shape
+    if T < SORT_BELOW_TOKENS:
+        return reference.route(logits, top_k, scoring, correction_bias, n_group, topk_group,
+                               renormalize, routed_scaling_factor)
     s, c = choice_scores(logits, scoring, correction_bias)        # [T, E] each
 
     if n_group > 1:

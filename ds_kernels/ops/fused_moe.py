@@ -22,6 +22,8 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     Accumulates in fp32; output in hidden's dtype.
     """
     _check(hidden, w13, w2, topk_weights, topk_ids, activation)
+    if dispatch.direct_call_allowed(hidden, w13, w2, topk_weights, topk_ids):
+        return _fused_moe(hidden, w13, w2, topk_weights, topk_ids)
     return torch.ops.ds_kernels.fused_moe(hidden, w13, w2, topk_weights, topk_ids)
 
 
@@ -51,13 +53,15 @@ def _check(hidden, w13, w2, topk_weights, topk_ids, activation="silu"):
                       topk_ids=topk_ids)
 
 
-@torch.library.custom_op("ds_kernels::fused_moe", mutates_args=())
-def _fused_moe_op(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+def _fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                   topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
     _check(hidden, w13, w2, topk_weights, topk_ids)
     check_ids_in_range("topk_ids", topk_ids, w13.shape[0])
     return dispatch.implementation("fused_moe", hidden.device)(
         hidden, w13, w2, topk_weights, topk_ids)
+
+
+_fused_moe_op = torch.library.custom_op("ds_kernels::fused_moe", _fused_moe, mutates_args=())
 
 
 @_fused_moe_op.register_fake

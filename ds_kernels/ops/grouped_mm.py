@@ -15,6 +15,8 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Te
     come out 0. Accumulates in fp32; output in a's dtype.
     """
     _check(a, b, offs)
+    if dispatch.direct_call_allowed(a, b):
+        return _grouped_mm(a, b, offs)
     return torch.ops.ds_kernels.grouped_mm(a, b, offs)
 
 
@@ -42,11 +44,13 @@ def _check_offsets(offs, M):
                          f"got {offs.tolist()[:16]}")
 
 
-@torch.library.custom_op("ds_kernels::grouped_mm", mutates_args=())
-def _grouped_mm_op(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     _check(a, b, offs)
     _check_offsets(offs, a.shape[0])
     return dispatch.implementation("grouped_mm", a.device)(a, b, offs)
+
+
+_grouped_mm_op = torch.library.custom_op("ds_kernels::grouped_mm", _grouped_mm, mutates_args=())
 
 
 @_grouped_mm_op.register_fake

@@ -32,6 +32,8 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> MoEAlig
     parallelism - are excluded: they appear in no run and no count, and never address memory.
     """
     _check(topk_ids, num_experts, block_m)
+    if dispatch.direct_call_allowed(topk_ids):
+        return MoEAlignment(*_moe_align(topk_ids, num_experts, block_m))
     return MoEAlignment(*torch.ops.ds_kernels.moe_align(topk_ids, num_experts, block_m))
 
 
@@ -46,12 +48,14 @@ def _check(topk_ids, num_experts, block_m):
     return P
 
 
-@torch.library.custom_op("ds_kernels::moe_align", mutates_args=())
-def _moe_align_op(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[
+def _moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[
         torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check(topk_ids, num_experts, block_m)
     impl = dispatch.implementation("moe_align", topk_ids.device)
     return impl(topk_ids, num_experts, block_m)
+
+
+_moe_align_op = torch.library.custom_op("ds_kernels::moe_align", _moe_align, mutates_args=())
 
 
 @_moe_align_op.register_fake

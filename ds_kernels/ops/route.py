@@ -26,9 +26,12 @@ def route(router_logits: torch.Tensor, top_k: int, *, scoring: str = "sigmoid",
     those experts, renormalised to sum 1 if ``renormalize``, times routed_scaling_factor.
     NaN policy: see ds_kernels/reference/route.py. T = 0 gives empty outputs.
     """
-    _check(router_logits, top_k, scoring, correction_bias, n_group, topk_group)
-    return torch.ops.ds_kernels.route(router_logits, top_k, scoring, correction_bias, n_group,
-                                      topk_group, renormalize, float(routed_scaling_factor))
+    args = (router_logits, top_k, scoring, correction_bias, n_group, topk_group, renormalize,
+            float(routed_scaling_factor))
+    _check(*args[:6])
+    if dispatch.direct_call_allowed(router_logits, correction_bias):
+        return _route(*args)
+    return torch.ops.ds_kernels.route(*args)
 
 
 def _check(logits, top_k, scoring, correction_bias, n_group, topk_group):
@@ -52,14 +55,16 @@ def _check(logits, top_k, scoring, correction_bias, n_group, topk_group):
         check_same_device("router_logits", logits, correction_bias=correction_bias)
 
 
-@torch.library.custom_op("ds_kernels::route", mutates_args=())
-def _route_op(router_logits: torch.Tensor, top_k: int, scoring: str,
+def _route(router_logits: torch.Tensor, top_k: int, scoring: str,
               correction_bias: torch.Tensor | None, n_group: int, topk_group: int,
               renormalize: bool, routed_scaling_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
     _check(router_logits, top_k, scoring, correction_bias, n_group, topk_group)
     impl = dispatch.implementation("route", router_logits.device)
     return impl(router_logits, top_k, scoring, correction_bias, n_group, topk_group,
                 renormalize, routed_scaling_factor)
+
+
+_route_op = torch.library.custom_op("ds_kernels::route", _route, mutates_args=())
 
 
 @_route_op.register_fake
