@@ -1,53 +1,189 @@
-"""Tile configs for the GEMM kernels: a heuristic, the hook where tuned configs plug in, and an
-override for tests and benchmarks.
+"""Kernel configs: tuned results on disk, heuristics, and an override for tests and benchmarks.
 
-Per-expert row counts change every step, so configs are keyed on shapes only (E, N, K, dtype
-and the average rows per expert T*k/E, bucketed by powers of two) - never on the routing
-itself, and never with a device synchronisation.
+Tuned results are JSON files, one per (op, backend, device name, dtype, triton and torch
+versions), under ``DS_KERNELS_TUNING_DIR`` (default ~/.cache/ds_kernels/tuning), with shipped
+defaults for measured devices in ds_kernels/configs/. ``python -m autotune sweep`` writes them;
+this module only reads them. A file is only used by the exact versions it was tuned with: a
+Triton upgrade changes code generation, and a config tuned for another version can be slower
+than the heuristic (a frequent complaint about vLLM's shipped configs). Such a file is reported
+once, never silently reused.
+
+Token counts change every step, so entries are keyed on shapes (E, N, K, ...) and on the
+power-of-two bucket of the rows per expert (or of T for CPU knobs); a lookup takes the
+nearest stored bucket. Nothing here synchronises with the device.
 """
 
 import contextlib
+import functools
+import json
+import logging
+import math
+import os
+import platform
+import re
 import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("ds_kernels")
+FORMAT = 1
+SHIPPED_DIR = Path(__file__).parent / "configs"
 
 _override = threading.local()
-# (op, bucket key) -> config; filled by tuned-config files (the autotune issue).
-TUNED: dict[tuple, dict] = {}
+_files: dict[Path, dict | None] = {}  # parsed tuning files, None for unreadable ones
+_resolved: dict[tuple, dict | None] = {}  # (op, backend, device, dtype, shape key) -> buckets
+_said: set[str] = set()
+
+
+def tuning_dir() -> Path:
+    return Path(os.environ.get("DS_KERNELS_TUNING_DIR") or Path.home() / ".cache" / "ds_kernels"
+                / "tuning")
+
+
+@functools.cache
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+        except OSError:
+            pass
+        return platform.processor() or platform.machine()
+    return device.type
+
+
+def versions() -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"triton": triton_version, "torch": torch.__version__.split("+")[0]}
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")
+
+
+def file_name(op: str, backend: str, device: str, dtype, version: dict) -> str:
+    """One file per op, backend, device, dtype and versions; versions in the name let configs
+    for an old Triton stay beside new ones instead of being overwritten or reused."""
+    dtype = str(dtype).replace("torch.", "")
+    return "__".join([op, backend, _slug(device), dtype, f"triton-{version['triton']}",
+                      f"torch-{version['torch']}"]) + ".json"
+
+
+def bucket(n: float) -> int:
+    """Power-of-two bucket of a row or token count (1, 2, 4, ...)."""
+    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
+
+
+def _say_once(key: str, message: str, *args, level=logging.INFO):
+    if key not in _said:
+        _said.add(key)
+        log.log(level, message, *args)
+
+
+def read_file(path: Path) -> dict | None:
+    """A tuning file's content, or None (reported once) if it is unreadable or malformed."""
+    if path not in _files:
+        try:
+            data = json.loads(path.read_text())
+            if not (isinstance(data, dict) and data.get("format") == FORMAT
+                    and isinstance(data.get("entries"), dict)):
+                raise ValueError(f"not a format-{FORMAT} tuning file")
+            _files[path] = data
+        except (OSError, ValueError) as error:
+            _say_once(str(path), "ds_kernels: ignoring tuning file %s (%s)", path, error,
+                      level=logging.WARNING)
+            _files[path] = None
+    return _files[path]
+
+
+def forget_files():
+    """Drop parsed files (after a sweep wrote new results, or in tests)."""
+    _files.clear()
+    _resolved.clear()
+    _said.clear()
+
+
+def tuned(op: str, backend: str, device: torch.device, dtype, shape_key: str,
+          n: float) -> dict | None:
+    """The stored config of the bucket nearest to ``n`` for ``shape_key``, or None."""
+    key = (op, backend, str(device), str(dtype), shape_key)
+    if key not in _resolved:
+        _resolved[key] = _find(op, backend, device, dtype, shape_key)
+    buckets = _resolved[key]
+    if not buckets:
+        return None
+    nearest = min(buckets, key=lambda b: (abs(math.log2(int(b)) - math.log2(bucket(n))), int(b)))
+    return buckets[nearest]
+
+
+def _find(op, backend, device, dtype, shape_key) -> dict | None:
+    """The {bucket: config} stored for this shape on this device and versions, if any."""
+    name = device_name(device)
+    wanted = file_name(op, backend, name, dtype, versions())
+    for folder in (tuning_dir(), SHIPPED_DIR):
+        data = read_file(folder / wanted) if (folder / wanted).exists() else None
+        buckets = (data or {}).get("entries", {}).get(shape_key)
+        if buckets:
+            _say_once(f"{wanted}:{shape_key}", "ds_kernels.%s: tuned config from %s (%s)",
+                      op, folder / wanted, shape_key)
+            return buckets
+    stale = wanted.split("__triton-")[0]
+    for folder in (tuning_dir(), SHIPPED_DIR):
+        for other in sorted(folder.glob(stale + "__*.json")) if folder.is_dir() else []:
+            _say_once(f"stale:{other}", "ds_kernels.%s: %s was tuned for other triton/torch "
+                      "versions and is not used; re-run `python -m autotune sweep --op %s`",
+                      op, other, op, level=logging.WARNING)
+    _say_once(f"none:{wanted}:{shape_key}", "ds_kernels.%s: no tuned config for %s on %s; "
+              "using the heuristic", op, shape_key, name)
+    return None
 
 
 @contextlib.contextmanager
 def override(**config):
-    """Use ``config`` (keys of the heuristic's dicts; missing keys keep the heuristic's) for
-    every GEMM launched inside the block."""
+    """Use ``config`` (keys of the heuristic's dicts, or "strategy" for a CPU path; missing keys
+    keep the chosen config's, and those of an enclosing override) inside the block."""
     previous = getattr(_override, "config", None)
-    _override.config = config
+    _override.config = {**(previous or {}), **config}
     try:
         yield
     finally:
         _override.config = previous
 
 
-def rows_bucket(rows_per_expert: float) -> int:
-    """Power-of-two bucket of the average rows per expert (1, 2, 4, ...)."""
-    bucket = 1
-    while bucket < rows_per_expert:
-        bucket *= 2
-    return bucket
-
-
-def gemm_config(op: str, rows_per_expert: float, E: int, N: int, K: int, dtype) -> dict:
-    """BLOCK_M/N/K, GROUP_M, num_warps, num_stages for a grouped GEMM launch."""
-    bucket = rows_bucket(rows_per_expert)
-    config = TUNED.get((op, bucket, E, N, K, str(dtype)))
-    if config is None:
-        config = _heuristic(bucket, N, K, dtype)
+def gemm_config(op: str, shape_key: str, n: float, rows_per_expert: float, N: int, K: int,
+                dtype, device: torch.device) -> dict:
+    """BLOCK_M/N/K, GROUP_M, num_warps, num_stages for a grouped GEMM launch: the tuned config
+    of ``shape_key`` at the bucket nearest ``n``, else the heuristic; then any override."""
+    config = (tuned(op, "triton", device, dtype, shape_key, n)
+              or gemm_heuristic(bucket(rows_per_expert), N, K, dtype))
     forced = getattr(_override, "config", None)
     return {**config, **forced} if forced else config
 
 
-def _heuristic(bucket: int, N: int, K: int, dtype) -> dict:
+def strategy(op: str, shape_key: str, n: float, dtype, device: torch.device,
+             default: str) -> str:
+    """A CPU path's tuned strategy for ``shape_key`` at the bucket nearest ``n`` (or the
+    override's "strategy"), else ``default``."""
+    forced = getattr(_override, "config", None)
+    if forced and "strategy" in forced:
+        return forced["strategy"]
+    config = tuned(op, "torch", device, dtype, shape_key, n)
+    return config["strategy"] if config else default
+
+
+def gemm_heuristic(rows_bucket: int, N: int, K: int, dtype) -> dict:
     # BLOCK_M follows the rows an expert really has: a decode step (a few rows per expert) gets
     # 16-row tiles, the smallest tl.dot takes, instead of padding each expert to 64 rows.
-    block_m = 16 if bucket <= 16 else 32 if bucket <= 32 else 64 if bucket <= 256 else 128
+    block_m = 16 if rows_bucket <= 16 else 32 if rows_bucket <= 32 else 64 if rows_bucket <= 256 else 128
     wide = dtype.itemsize <= 2
     block_n = 128 if (wide and N >= 128 and block_m >= 64) else 64
     block_k = 64 if (wide or K < 64) else 32

@@ -26,9 +26,23 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FAST_BACKENDS = ["torch", "triton"]
 
 
-@pytest.fixture(params=FAST_BACKENDS)
-def backend(request):
-    import ds_kernels
+def backend_fixture(*torch_strategies):
+    """A ``backend`` fixture over FAST_BACKENDS, with the torch path once per strategy
+    ("torch:<strategy>") for ops whose CPU path has several (see ds_kernels/tuning.py)."""
+    params = [f"torch:{s}" for s in torch_strategies] or ["torch"]
+    params += [b for b in FAST_BACKENDS if b != "torch"]
 
-    with ds_kernels.use_backend(request.param):
-        yield request.param
+    @pytest.fixture(params=params)
+    def backend(request):
+        import ds_kernels
+        from ds_kernels import tuning
+
+        name, _, strategy = request.param.partition(":")
+        forced = {"strategy": strategy} if strategy else {}
+        with ds_kernels.use_backend(name), tuning.override(**forced):
+            yield request.param
+
+    return backend
+
+
+backend = backend_fixture()

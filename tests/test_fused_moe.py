@@ -7,13 +7,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ds_kernels
-from conftest import DEVICE
+from conftest import DEVICE, backend_fixture
 from ds_kernels import tuning
 from ds_kernels.reference.fused_moe import fused_moe as reference
 from ds_kernels.reference.fused_moe import fused_moe_backward
 from numerics import assert_close
 
 SMALL_TILES = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)
+
+backend = backend_fixture("mm_loop", "grouped_mm")
 
 
 def make_problem(g, T, H, I, E, k, dtype, routing="uniform", strided=False):
@@ -79,7 +81,7 @@ def test_fused_moe_backward_matches_reference(backend, problem):
 
 def test_decode_sizes_use_small_tiles():
     # One token and k = 8 of 256 experts: 16-row tiles, not 64; 8 blocks, not 256.
-    config = tuning.gemm_config("fused_moe", 1 * 8 / 256, 256, 4096, 7168, torch.bfloat16)
+    config = tuning.gemm_heuristic(tuning.bucket(1 * 8 / 256), 4096, 7168, torch.bfloat16)
     assert config["BLOCK_M"] == 16
     alignment = ds_kernels.moe_align(torch.arange(8).view(1, 8), 256, config["BLOCK_M"])
     assert alignment.sorted_token_ids.numel() == 8 * 16

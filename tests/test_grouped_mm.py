@@ -7,13 +7,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ds_kernels
-from conftest import DEVICE
+from conftest import DEVICE, backend_fixture
 from ds_kernels import tuning
 from ds_kernels.reference.grouped_mm import grouped_mm as reference, grouped_mm_backward
 from numerics import assert_close
 
 # Small tiles keep the interpreter's program count low and still leave ragged tails.
 SMALL_TILES = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)
+
+backend = backend_fixture("mm_loop", "grouped_mm")
 
 
 @st.composite

@@ -7,19 +7,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ds_kernels
-from conftest import DEVICE
+from conftest import DEVICE, backend_fixture
+from ds_kernels import tuning
 from ds_kernels.reference.route import RENORM_EPS, choice_scores
 from ds_kernels.reference.route import route as reference_route
 from numerics import assert_close
 
 
-@pytest.fixture(params=["torch", "torch (topk path)", "triton"])
-def backend(request, monkeypatch):
-    """The backends of conftest, plus the torch path's large-T branch forced at every T."""
-    if request.param == "torch (topk path)":
-        monkeypatch.setattr("ds_kernels.cpu.route.SORT_BELOW_TOKENS", 0)
-    with ds_kernels.use_backend(request.param.split()[0]):
-        yield request.param
+backend = backend_fixture("sort", "topk")
 
 
 @st.composite

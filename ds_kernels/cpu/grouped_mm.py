@@ -1,8 +1,15 @@
-"""Grouped GEMM on the torch path: torch's own grouped_mm (one C++ call) where its layout rules
-allow, else one mm per group. Rows past offs[-1] come out 0, as in the reference."""
+"""Grouped GEMM on the torch path. Rows past offs[-1] come out 0, as in the reference.
+
+Two strategies (``python -m autotune sweep --op grouped_mm`` picks per machine and size):
+  "grouped_mm": torch's own grouped_mm, one C++ call, where its layout rules allow;
+  "mm_loop":    one torch.mm per non-empty group - MKL's best kernel for each group's size,
+                which beat torch's CPU grouped_mm at large groups (bench/bench_fused_moe.py).
+"""
 
 import torch
 import torch.nn.functional as F
+
+from ds_kernels import tuning
 
 _ALIGN_BYTES = 16  # torch._grouped_mm wants every stride but the unit one 16-byte aligned
 
@@ -21,36 +28,46 @@ def _torch_grouped_mm_takes(*tensors) -> bool:
     return True
 
 
-def grouped_matmul(a, b, offs):
+def groups(offs) -> list[tuple[int, int, int]]:
+    """(group, first row, end row) of each non-empty group."""
+    ends = offs.tolist()
+    starts = [0] + ends[:-1]
+    return [(e, s, t) for e, (s, t) in enumerate(zip(starts, ends)) if t > s]
+
+
+def grouped_matmul(a, b, offs, strategy):
     """[M, N]: rows offs[e-1]:offs[e] of a [M, K] times b[e] ([E, K, N], any strides)."""
-    if _torch_grouped_mm_takes(a, b):
+    if strategy == "grouped_mm" and _torch_grouped_mm_takes(a, b):
         return F.grouped_mm(a, b, offs=offs.to(torch.int32))
     out = a.new_empty(a.shape[0], b.shape[2])
-    start = 0
-    for e, end in enumerate(offs.tolist()):
-        torch.mm(a[start:end], b[e], out=out[start:end])
-        start = end
+    for e, s, t in groups(offs):
+        torch.mm(a[s:t], b[e], out=out[s:t])
     return out
 
 
-def grouped_matmul_tn(a, g, offs):
+def grouped_matmul_tn(a, g, offs, strategy):
     """[E, K, N]: for each group e, a[rows_e]^T @ g[rows_e] (the weight gradient)."""
-    if _torch_grouped_mm_takes(a.t(), g):
+    if strategy == "grouped_mm" and _torch_grouped_mm_takes(a.t(), g):
         return F.grouped_mm(a.t(), g, offs=offs.to(torch.int32))
-    out = a.new_empty(offs.shape[0], a.shape[1], g.shape[1])
-    start = 0
-    for e, end in enumerate(offs.tolist()):
-        torch.mm(a[start:end].t(), g[start:end], out=out[e])
-        start = end
+    out = a.new_zeros(offs.shape[0], a.shape[1], g.shape[1])
+    for e, s, t in groups(offs):
+        torch.mm(a[s:t].t(), g[s:t], out=out[e])
     return out
+
+
+def strategy_for(op, E, N, K, rows, a):
+    return tuning.strategy(op, f"E={E},N={N},K={K}", rows, a.dtype, a.device, "grouped_mm")
 
 
 def grouped_mm(a, b, offs):
-    out = grouped_matmul(a, b, offs)
+    strategy = strategy_for("grouped_mm", b.shape[0], b.shape[2], b.shape[1], a.shape[0], a)
+    out = grouped_matmul(a, b, offs, strategy)
     out[int(offs[-1]):] = 0
     return out
 
 
 def grouped_mm_backward(grad_out, a, b, offs):
-    grad_a = grouped_mm(grad_out, b.transpose(1, 2), offs)
-    return grad_a, grouped_matmul_tn(a, grad_out, offs)
+    strategy = strategy_for("grouped_mm", b.shape[0], b.shape[2], b.shape[1], a.shape[0], a)
+    grad_a = grouped_matmul(grad_out, b.transpose(1, 2), offs, strategy)
+    grad_a[int(offs[-1]):] = 0
+    return grad_a, grouped_matmul_tn(a, grad_out, offs, strategy)

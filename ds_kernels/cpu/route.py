@@ -9,12 +9,14 @@ columns only (half of DeepSeek-V3's row).
 
 import torch
 
+from ds_kernels import tuning
 from ds_kernels.reference import route as reference
 from ds_kernels.reference.route import RENORM_EPS, choice_scores, top_indices
 
-# Below this many tokens the reference's few whole-row sorts beat topk plus its tie repair
-# (fewer, larger ops: per-op overhead dominates a decode step). Measured on a 2-core x86 CPU
-# with E=256 (bench/bench_route.py); the autotune sweep retunes it per machine.
+# Strategies: "sort" is the reference's few whole-row sorts, which win at small T (per-op
+# overhead dominates a decode step); "topk" is the code below. The crossover was measured on a
+# 2-core x86 CPU with E=256 (bench/bench_route.py); `python -m autotune sweep --op route`
+# stores the best strategy per token bucket for the user's machine.
 SORT_BELOW_TOKENS = 64
 
 
@@ -43,7 +45,8 @@ def _two_best_sum(grouped: torch.Tensor) -> torch.Tensor:
 def route(logits, top_k, scoring, correction_bias, n_group, topk_group, renormalize,
           routed_scaling_factor):
     T, E = logits.shape
-    if T < SORT_BELOW_TOKENS:
+    default = "sort" if T < SORT_BELOW_TOKENS else "topk"
+    if tuning.strategy("route", f"E={E}", T, logits.dtype, logits.device, default) == "sort":
         return reference.route(logits, top_k, scoring, correction_bias, n_group, topk_group,
                                renormalize, routed_scaling_factor)
     s, c = choice_scores(logits, scoring, correction_bias)        # [T, E] each

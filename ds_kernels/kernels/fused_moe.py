@@ -23,7 +23,9 @@ def _plan(op, hidden, w13, topk_ids):
     T, H = hidden.shape
     E, two_i, _ = w13.shape
     k = topk_ids.shape[1]
-    config = gemm_config(op, T * k / E, E, two_i, H, hidden.dtype)
+    # Keyed like vLLM's tuned files (E, intermediate size; bucket = tokens) so they import.
+    config = gemm_config(op, f"E={E},I={two_i // 2},H={H},k={k}", T, T * k / E, two_i, H,
+                         hidden.dtype, hidden.device)
     return config, moe_align(topk_ids, E, config["BLOCK_M"])
 
 

@@ -1,0 +1,82 @@
+"""python -m autotune sweep --op OP [--shapes ...] [--quick] [--routing FILE] ...
+   python -m autotune import-vllm FILE... [--hidden-size 7168] [--top-k 8]"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from autotune import cases, sweep, vllm
+from ds_kernels import tuning
+
+
+def _shape(text: str) -> dict:
+    """"E=64,I=256,H=1024,k=6" -> {"E": 64, ...}"""
+    try:
+        return {k: int(v) for k, v in (part.split("=") for part in text.split(","))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape {text!r}: expected NAME=INT,NAME=INT,...")
+
+
+def _routing(path: Path) -> torch.Tensor:
+    """Recorded topk_ids [T, k] from .npy (never unpickled) or .safetensors ("topk_ids")."""
+    if path.suffix == ".npy":
+        ids = torch.from_numpy(np.load(path, allow_pickle=False))
+    elif path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        ids = load_file(path)["topk_ids"]
+    else:
+        raise SystemExit(f"--routing {path}: expected a .npy or .safetensors file")
+    if ids.dim() != 2 or ids.dtype not in (torch.int32, torch.int64):
+        raise SystemExit(f"--routing {path}: expected integer topk_ids [T, k], got "
+                         f"{ids.dtype} {tuple(ids.shape)}")
+    return ids
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m autotune", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("sweep", help="tune an op on this machine and store the results")
+    run.add_argument("--op", required=True, choices=sorted(cases.SHAPES))
+    run.add_argument("--shapes", nargs="+", type=_shape,
+                     help="e.g. E=256,I=2048,H=7168,k=8 (default: the op's default shapes)")
+    run.add_argument("--tokens", nargs="+", type=int, help="token buckets (default: per device)")
+    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    run.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    run.add_argument("--quick", action="store_true", help="few shapes and candidates")
+    run.add_argument("--routing", type=Path, help="recorded topk_ids to replay (.npy/.safetensors)")
+    run.add_argument("--out", type=Path, help=f"default: {tuning.tuning_dir()}")
+    imp = commands.add_parser("import-vllm", help="convert vLLM fused_moe tuned files")
+    imp.add_argument("files", nargs="+", type=Path)
+    imp.add_argument("--hidden-size", type=int, default=7168)
+    imp.add_argument("--top-k", type=int, default=8)
+    imp.add_argument("--dtype", default="bfloat16")
+    imp.add_argument("--out", type=Path, help=f"default: {tuning.tuning_dir()}")
+    args = parser.parse_args(argv)
+
+    if args.command == "import-vllm":
+        for path in args.files:
+            try:
+                written = vllm.import_file(path, hidden_size=args.hidden_size, top_k=args.top_k,
+                                           dtype=getattr(torch, args.dtype),
+                                           out_dir=args.out or tuning.tuning_dir())
+            except (OSError, ValueError) as error:
+                print(f"autotune: skipped {path}: {error}", file=sys.stderr)
+                continue
+            print(f"autotune: {path.name} -> {written}")
+        return
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    routing = _routing(args.routing) if args.routing else None
+    rows = sweep.sweep(args.op, device, dtype, shapes=args.shapes, buckets=args.tokens,
+                       quick=args.quick, routing=routing, out_dir=args.out)
+    print(sweep.format_summary(rows))
+
+
+if __name__ == "__main__":
+    main()
