@@ -19,7 +19,7 @@ GEMM_QUICK = dict(BLOCK_M=[16, 64, 128], BLOCK_N=[64, 128], BLOCK_K=[64], GROUP_
 # The torch path's strategies (ds_kernels/cpu/*.py name them and say when each wins).
 CPU_STRATEGIES = {
     "route": ["sort", "topk"],
-    "fused_moe": ["grouped_mm", "mm_loop"],
+    "fused_moe": ["grouped_mm", "mm_loop", "expert_threads"],
     "grouped_mm": ["grouped_mm", "mm_loop"],
 }
 

@@ -17,6 +17,10 @@ from bench import harness
 BENCHMARKS = {
     "route": "bench.bench_route",
     "moe_align": "bench.bench_moe_align",
+    "fused_moe": "bench.bench_fused_moe",
+    "grouped_mm": "bench.bench_grouped_mm",
+    "norm_rope": "bench.bench_norm_rope",
+    "mla_decode": "bench.bench_mla_decode",
 }
 
 

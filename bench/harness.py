@@ -41,6 +41,8 @@ class Row:
     gbytes_per_s: float | None = None
     baseline: str | None = None     # impl that speedup_vs compares against
     speedup_vs: float | None = None  # baseline median / this median; filled by add_speedups
+    tflops_per_s: float | None = None  # for GEMM-bound ops: the useful flops per second
+    pct_of_peak: float | None = None   # tflops_per_s as a percentage of the device's peak
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,23 +125,90 @@ def _us(median, p20, p80):
 
 def compare(impls: list[Impl], args: tuple, *, op: str, shape: dict, dtype, device,
             tokens: int, nbytes: int | None = None, baseline: str | None = None,
+            flops: float | None = None, peak_tflops: float | None = None,
             **timing) -> list[Row]:
     """Time every impl on the same ``args`` (see time_fns for ``timing``): one Row each.
 
-    ``tokens`` and ``nbytes`` (the bytes an ideal implementation moves) give the throughputs.
+    ``tokens``, ``nbytes`` (the bytes an ideal implementation moves) and ``flops`` (the useful
+    floating-point operations) give the throughputs; ``peak_tflops``, the percentage of peak.
     """
     times = time_fns({i.name: functools.partial(i, *args) for i in impls}, device, **timing)
     rows = []
     for name, t in times.items():
         seconds = t["median_us"] * 1e-6
+        tflops = None if flops is None else flops / seconds / 1e12
         rows.append(Row(op=op, impl=name, shape=dict(shape),
                         dtype=str(dtype).replace("torch.", ""), device=str(device),
                         tokens_per_s=round(tokens / seconds, 1),
                         gbytes_per_s=None if nbytes is None else round(nbytes / seconds / 1e9, 6),
-                        baseline=baseline, **t))
+                        baseline=baseline,
+                        # significant digits, not decimals: toy shapes must not round to 0
+                        tflops_per_s=None if tflops is None else float(f"{tflops:.6g}"),
+                        pct_of_peak=None if tflops is None or peak_tflops is None
+                        else round(100 * tflops / peak_tflops, 3),
+                        **t))
         print(f"[{op}] {format_shape(shape)} {name} {t['median_us']:.1f} us", file=sys.stderr,
               flush=True)
     return rows
+
+
+def skip(op: str, shape: dict, impl: str, reason: str) -> None:
+    """Say on stderr that ``impl`` has no row at this shape, and why."""
+    print(f"[{op}] {format_shape(shape)} {impl} SKIPPED: {reason}", file=sys.stderr, flush=True)
+
+
+def working(impls: list[Impl], args: tuple, check: Callable, *, op: str, shape: dict,
+            unavailable: set[str] | None = None) -> list[Impl]:
+    """The impls that run on ``args``, each called once (which also warms it up) and its result
+    passed to ``check(name, result)``, which raises on a wrong answer. An impl that raises
+    (unsupported here, out of memory, a missing kernel package) is skipped, not fatal; one that
+    raises ImportError joins ``unavailable`` and is not tried again."""
+    kept = []
+    unavailable = set() if unavailable is None else unavailable
+    for impl in impls:
+        if impl.name in unavailable:
+            continue
+        try:
+            result = impl(*args)
+        except Exception as error:  # noqa: BLE001 - any failure to run means no row, not a crash
+            message = str(error).strip().splitlines()
+            reason = f"{type(error).__name__}: {message[0] if message else ''}"[:300]
+            if isinstance(error, ImportError):
+                unavailable.add(impl.name)
+                reason += " (not tried again)"
+            skip(op, shape, impl.name, reason)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            continue
+        check(impl.name, result)
+        del result
+        kept.append(impl)
+    return kept
+
+
+_CHUNK = 1 << 24
+
+
+def assert_close(what: str, got, want, tol: float) -> None:
+    """``got`` matches ``want`` (tensors, or tuples of them) to ``tol`` in norm, relative to
+    ``want``'s norm: robust to the rounding of different summation orders, not to a wrong
+    answer, and meaningful for entries near 0."""
+    got = got if isinstance(got, (tuple, list)) else (got,)
+    want = want if isinstance(want, (tuple, list)) else (want,)
+    if len(got) != len(want):
+        raise AssertionError(f"{what}: {len(got)} results, expected {len(want)}")
+    for i, (g, w) in enumerate(zip(got, want)):
+        if g.shape != w.shape:
+            raise AssertionError(f"{what}[{i}]: shape {tuple(g.shape)}, expected {tuple(w.shape)}")
+        g, w = g.detach().reshape(-1), w.detach().reshape(-1)
+        diff2 = ref2 = 0.0
+        for start in range(0, w.numel(), _CHUNK):  # in slices: a weight gradient can be 30 GB
+            gs, ws = g[start:start + _CHUNK].double(), w[start:start + _CHUNK].double()
+            diff2 += float((gs - ws).square().sum())
+            ref2 += float(ws.square().sum())
+        error = (diff2 / max(ref2, 1e-60)) ** 0.5
+        if not error <= tol:  # also catches NaN
+            raise AssertionError(f"{what}[{i}]: relative error {error:.3g} > {tol:g}")
 
 
 def add_speedups(rows: list[Row]) -> None:
@@ -210,6 +279,10 @@ def format_table(rows: list[Row]) -> str:
         throughput = f"{_si(r.tokens_per_s)} tok/s"
         if r.gbytes_per_s is not None:
             throughput += f", {r.gbytes_per_s:.3g} GB/s"
+        if r.tflops_per_s is not None:
+            throughput += f", {r.tflops_per_s:.3g} TFLOP/s"
+        if r.pct_of_peak is not None:
+            throughput += f" ({r.pct_of_peak:.1f}% of peak)"
         speedup = "" if r.speedup_vs is None else f"{r.speedup_vs:.2f}x vs {r.baseline}"
         lines.append(f"| {r.op} | {format_shape(r.shape)} | {r.dtype} | {r.device} | {r.impl} "
                      f"| {r.median_us:.1f} | {r.p20_us:.1f}-{r.p80_us:.1f} | {throughput} "
@@ -230,11 +303,14 @@ def write_results(rows: list[Row], out_dir, name: str, machine: dict | None = No
     return json_path, md_path
 
 
-def plot(rows: list[Row], path, x_key: str = "T", *, title: str | None = None):
-    """Log-log median time vs shape[x_key], one line per impl, p20-p80 shaded.
+def plot(rows: list[Row], path, x_key: str | None = None, *, title: str | None = None):
+    """Log-log median time vs shape[x_key] (default "T", else the shape's first entry), one line
+    per impl, p20-p80 shaded.
 
     Rows whose other shape entries differ (say block_m) get separate lines, labelled with them.
     """
+    if x_key is None:
+        x_key = "T" if "T" in rows[0].shape else next(iter(rows[0].shape))
     import matplotlib
     matplotlib.use("Agg")  # files only: no display on benchmark machines
     import matplotlib.pyplot as plt

@@ -4,13 +4,20 @@ Every op dispatches on the device of its inputs (cuda -> Triton, npu -> Ascend, 
 vectorised torch path); ``DS_KERNELS_BACKEND`` or ``use_backend`` forces one. See API.md.
 """
 
+from ds_kernels import rope
 from ds_kernels.dispatch import BACKENDS, BackendUnavailableError, use_backend
 from ds_kernels.moe import MoE
+from ds_kernels.ops.apply_rope import apply_rope
 from ds_kernels.ops.fused_moe import fused_moe
 from ds_kernels.ops.grouped_mm import grouped_mm
+from ds_kernels.ops.mla_cache_write import mla_cache_write, mla_cache_write_fused
+from ds_kernels.ops.mla_decode import mla_decode
 from ds_kernels.ops.moe_align import MoEAlignment, moe_align
+from ds_kernels.ops.rms_norm import rms_norm
 from ds_kernels.ops.route import route
 
-__all__ = ["BACKENDS", "BackendUnavailableError", "MoE", "MoEAlignment", "fused_moe", "grouped_mm",
-           "moe_align", "route", "use_backend"]
+__all__ = ["BACKENDS", "BackendUnavailableError", "MoE", "MoEAlignment", "apply_rope",
+           "fused_moe", "grouped_mm", "mla_cache_write", "mla_cache_write_fused", "mla_decode",
+           "moe_align",
+           "rms_norm", "route", "rope", "use_backend"]
 __version__ = "0.1.0"

@@ -19,7 +19,6 @@ import importlib
 import importlib.util
 import logging
 import os
-import threading
 from typing import Callable
 
 import torch
@@ -42,6 +41,14 @@ _IMPLEMENTATIONS: dict[str, dict[str, str]] = {
     "grouped_mm_backward": _paths("grouped_mm", "grouped_mm_backward"),
     "fused_moe": _paths("fused_moe", "fused_moe"),
     "fused_moe_backward": _paths("fused_moe", "fused_moe_backward"),
+    "rms_norm": _paths("rms_norm", "rms_norm"),
+    "rms_norm_backward": _paths("rms_norm", "rms_norm_backward"),
+    "apply_rope": _paths("apply_rope", "apply_rope"),
+    "mla_cache_write": _paths("mla_cache_write", "mla_cache_write"),
+    "mla_cache_write_fused": _paths("mla_cache_write", "mla_cache_write_fused"),
+    "mla_decode": _paths("mla_decode", "mla_decode"),
+    "mla_prefill": _paths("mla_prefill", "mla_prefill"),
+    "mla_prefill_backward": _paths("mla_prefill", "mla_prefill_backward"),
 }
 
 # Devices whose tensors Triton compiles for (ROCm GPUs report "cuda" too).
@@ -49,7 +56,9 @@ _TRITON_DEVICES = ("cuda", "xpu")
 
 log = logging.getLogger("ds_kernels")
 _warned: set[tuple[str, str]] = set()
-_forced = threading.local()
+# Process-wide, not thread-local: autograd runs CUDA backward passes on its own threads, which
+# must see the backend that the forward was forced to.
+_forced: list[str | None] = [None]
 
 
 class BackendUnavailableError(RuntimeError):
@@ -61,17 +70,17 @@ def use_backend(name: str | None):
     """Force ``name`` for ops called inside the block (None: automatic); overrides the env var."""
     if name is not None and name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
-    previous = getattr(_forced, "name", None)
-    _forced.name = name
+    previous = _forced[0]
+    _forced[0] = name
     try:
         yield
     finally:
-        _forced.name = previous
+        _forced[0] = previous
 
 
 def forced_backend() -> str | None:
     """The backend forced by ``use_backend`` or ``DS_KERNELS_BACKEND``, else None."""
-    name = getattr(_forced, "name", None) or os.environ.get("DS_KERNELS_BACKEND") or None
+    name = _forced[0] or os.environ.get("DS_KERNELS_BACKEND") or None
     if name is not None and name not in BACKENDS:
         raise ValueError(f"DS_KERNELS_BACKEND={name!r} is not a backend; expected one of {BACKENDS}")
     return name
@@ -148,5 +157,9 @@ def direct_call_allowed(*tensors) -> bool:
     if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
         return False
     grad = torch.is_grad_enabled()
-    return all(t is None or (type(t) is torch.Tensor and not (grad and t.requires_grad))
+    return all(t is None or (type(t) in _PLAIN and not (grad and t.requires_grad))
                for t in tensors)
+
+
+# Tensor types that no subclass logic (fake tensors, DTensor, ...) needs to see.
+_PLAIN = (torch.Tensor, torch.nn.Parameter)

@@ -21,7 +21,6 @@ import math
 import os
 import platform
 import re
-import threading
 from pathlib import Path
 
 import torch
@@ -30,7 +29,8 @@ log = logging.getLogger("ds_kernels")
 FORMAT = 1
 SHIPPED_DIR = Path(__file__).parent / "configs"
 
-_override = threading.local()
+# Process-wide, like ds_kernels.use_backend: CUDA backward passes run on autograd's threads.
+_override: list[dict | None] = [None]
 _files: dict[Path, dict | None] = {}  # parsed tuning files, None for unreadable ones
 _resolved: dict[tuple, dict | None] = {}  # (op, backend, device, dtype, shape key) -> buckets
 _said: set[str] = set()
@@ -151,12 +151,12 @@ def _find(op, backend, device, dtype, shape_key) -> dict | None:
 def override(**config):
     """Use ``config`` (keys of the heuristic's dicts, or "strategy" for a CPU path; missing keys
     keep the chosen config's, and those of an enclosing override) inside the block."""
-    previous = getattr(_override, "config", None)
-    _override.config = {**(previous or {}), **config}
+    previous = _override[0]
+    _override[0] = {**(previous or {}), **config}
     try:
         yield
     finally:
-        _override.config = previous
+        _override[0] = previous
 
 
 def gemm_config(op: str, shape_key: str, n: float, rows_per_expert: float, N: int, K: int,
@@ -165,7 +165,7 @@ def gemm_config(op: str, shape_key: str, n: float, rows_per_expert: float, N: in
     of ``shape_key`` at the bucket nearest ``n``, else the heuristic; then any override."""
     config = (tuned(op, "triton", device, dtype, shape_key, n)
               or gemm_heuristic(bucket(rows_per_expert), N, K, dtype))
-    forced = getattr(_override, "config", None)
+    forced = _override[0]
     return {**config, **forced} if forced else config
 
 
@@ -173,7 +173,7 @@ def strategy(op: str, shape_key: str, n: float, dtype, device: torch.device,
              default: str) -> str:
     """A CPU path's tuned strategy for ``shape_key`` at the bucket nearest ``n`` (or the
     override's "strategy"), else ``default``."""
-    forced = getattr(_override, "config", None)
+    forced = _override[0]
     if forced and "strategy" in forced:
         return forced["strategy"]
     config = tuned(op, "torch", device, dtype, shape_key, n)

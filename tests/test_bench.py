@@ -1,5 +1,6 @@
 """Smoke test of the benchmark harness on a tiny op: timing, speedups, JSON, table, plot."""
 
+import functools
 import importlib
 import json
 
@@ -46,3 +47,82 @@ def test_harness_reports_a_tiny_op(tmp_path):
 @pytest.mark.parametrize("op", list(BENCHMARKS))
 def test_every_benchmark_module_has_run(op):
     assert callable(importlib.import_module(BENCHMARKS[op]).run)
+
+
+def test_moe_benchmarks_on_tiny_shapes(monkeypatch, tmp_path):
+    """bench_fused_moe and bench_grouped_mm end to end on CPU at toy sizes, timing cut short."""
+    pytest.importorskip("transformers")
+    from bench import bench_fused_moe, bench_grouped_mm
+
+    fast = functools.partial(harness.compare, warmup=1, reps=harness.MIN_REPS, budget_s=0)
+    for module in (bench_fused_moe, bench_grouped_mm):
+        monkeypatch.setattr(module, "compare", fast)
+    monkeypatch.setitem(bench_fused_moe.SHAPES, "cpu", dict(H=32, I=16, E=4, k=2))
+    for mode in (bench_fused_moe.FORWARD, bench_fused_moe.BACKWARD):
+        monkeypatch.setitem(bench_fused_moe.TOKENS, ("cpu", mode), ((3,), (3,)))
+    monkeypatch.setitem(bench_grouped_mm.SHAPES, "cpu", dict(K=32, N=16, E=4))
+    monkeypatch.setitem(bench_grouped_mm.ROWS, "cpu", ((8,), (8,)))
+
+    rows = (bench_fused_moe.run(torch.device("cpu"), quick=True)
+            + bench_grouped_mm.run(torch.device("cpu"), quick=True))
+    harness.add_speedups(rows)
+
+    got = {}
+    for r in rows:
+        got.setdefault((r.op, r.shape["mode"]), set()).add(r.impl)
+    assert {"ds_kernels", "transformers[eager]", "transformers[grouped_mm]", "torch.grouped_mm",
+            "reference"} <= got["fused_moe", "forward"]
+    assert {"ds_kernels", "transformers[grouped_mm]", "torch.grouped_mm"} <= got[
+        "fused_moe", "forward+backward"]
+    assert {"ds_kernels", "torch.grouped_mm", "reference"} <= got["grouped_mm", "forward"]
+    assert {"ds_kernels", "torch.grouped_mm"} <= got["grouped_mm", "forward+backward"]
+    for r in rows:
+        assert r.speedup_vs is not None and r.tflops_per_s > 0 and r.pct_of_peak is None
+        if r.op == "fused_moe":
+            assert r.baseline.startswith("transformers[")
+
+    pytest.importorskip("matplotlib")
+    for op in ("fused_moe", "grouped_mm"):  # grouped_mm's x axis is M: the shape's first entry
+        harness.plot([r for r in rows if r.op == op], tmp_path / f"{op}.png")
+
+
+def test_working_skips_impls_that_raise_and_fails_wrong_ones(capsys):
+    x = torch.randn(4, 3)
+
+    def boom(x):
+        raise RuntimeError("no kernel for this layout")
+
+    def missing(x):
+        raise ImportError("needs the kernels package")
+
+    def check(name, got):
+        harness.assert_close(name, got, x, 1e-6)
+
+    impls = [harness.Impl("ok", lambda x: x * 1.0), harness.Impl("boom", boom),
+             harness.Impl("missing", missing)]
+    unavailable = set()
+    kept = harness.working(impls, (x,), check, op="tiny", shape=dict(T=4), unavailable=unavailable)
+    assert [i.name for i in kept] == ["ok"] and unavailable == {"missing"}
+    assert "boom SKIPPED: RuntimeError: no kernel for this layout" in capsys.readouterr().err
+    with pytest.raises(AssertionError, match="relative error"):
+        harness.working([harness.Impl("wrong", lambda x: x + 1e-3)], (x,), check, op="tiny",
+                        shape=dict(T=4))
+
+
+def test_norm_rope_benchmark_on_tiny_shapes(monkeypatch):
+    pytest.importorskip("transformers")
+    from bench import bench_norm_rope
+
+    monkeypatch.setattr(bench_norm_rope, "compare", functools.partial(
+        harness.compare, warmup=1, reps=harness.MIN_REPS, budget_s=0))
+    monkeypatch.setattr(bench_norm_rope, "TOKENS", (3,))
+    monkeypatch.setattr(bench_norm_rope, "HIDDEN", 48)
+    monkeypatch.setattr(bench_norm_rope, "DC", 16)
+    monkeypatch.setitem(bench_norm_rope.HEADS, "cpu", 2)
+    rows = bench_norm_rope.run(torch.device("cpu"), quick=True)
+    harness.add_speedups(rows)
+    got = {(r.shape["kernel"], r.impl) for r in rows}
+    assert {("rms_norm", i) for i in ("ds_kernels", "transformers", "F.rms_norm", "reference")} <= got
+    assert {("apply_rope", i) for i in ("ds_kernels", "transformers", "reference")} <= got
+    assert {("mla_cache_write", i) for i in ("ds_kernels", "ds_kernels unfused", "reference")} <= got
+    assert all(r.op == "norm_rope" and r.speedup_vs is not None for r in rows)

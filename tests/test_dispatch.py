@@ -95,3 +95,22 @@ def test_both_paths_give_the_same_answer():
     direct = ds_kernels.route(logits, 4, n_group=4, topk_group=2)
     through_op = torch.ops.ds_kernels.route(logits, 4, "sigmoid", None, 4, 2, True, 1.0)
     assert all(torch.equal(a, b) for a, b in zip(direct, through_op))
+
+
+def test_parameters_take_the_direct_path_in_inference():
+    weight = torch.nn.Parameter(torch.randn(4, 4))
+    with torch.no_grad():
+        assert dispatch.direct_call_allowed(weight)
+    assert not dispatch.direct_call_allowed(weight)  # requires_grad under grad mode
+
+
+def test_a_forced_backend_is_seen_by_other_threads():
+    # autograd runs CUDA backward passes on its own threads
+    import threading
+
+    seen = []
+    with ds_kernels.use_backend("reference"):
+        worker = threading.Thread(target=lambda: seen.append(dispatch.forced_backend()))
+        worker.start()
+        worker.join()
+    assert seen == ["reference"]

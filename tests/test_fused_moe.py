@@ -15,7 +15,7 @@ from numerics import assert_close
 
 SMALL_TILES = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)
 
-backend = backend_fixture("mm_loop", "grouped_mm")
+backend = backend_fixture("mm_loop", "grouped_mm", "expert_threads")
 
 
 def make_problem(g, T, H, I, E, k, dtype, routing="uniform", strided=False):

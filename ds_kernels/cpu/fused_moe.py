@@ -4,10 +4,17 @@ GEMMs over each expert's contiguous run of rows.
 Strategies (``python -m autotune sweep --op fused_moe`` picks per machine and token count):
   "grouped_mm": two torch grouped_mm calls over all experts;
   "mm_loop":    per expert with rows: up-projection, SwiGLU, down-projection back to back,
-                so the [rows, 2I] intermediate is still in cache for the second GEMM.
+                so the [rows, 2I] intermediate is still in cache for the second GEMM;
+  "expert_threads": the same per-expert work, experts shared out over one single-threaded
+                worker per core instead of every GEMM split over all cores: medium GEMMs
+                (a few hundred rows) lose much of their speed to the cores' synchronisation.
+                torch's thread count is process-wide, so other threads of the process run
+                single-threaded for the duration of the call.
 The backward recomputes the first GEMM rather than keeping [T*k, 2I] activations alive
 between forward and backward (the same choice as the Triton path).
 """
+
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +38,16 @@ def _plan(hidden, w13, topk_ids):
     return order, offs, strategy
 
 
+_workers: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _workers
+    if _workers is None:
+        _workers = ThreadPoolExecutor(torch.get_num_threads(), thread_name_prefix="ds_kernels")
+    return _workers
+
+
 def _experts(x, w13, w2, offs, strategy):
     """[N, H]: w2[e] @ silu-gated (w13[e] @ x) for the rows of each expert e."""
     I = w2.shape[2]
@@ -38,9 +55,26 @@ def _experts(x, w13, w2, offs, strategy):
         gate, up = grouped_matmul(x, w13.transpose(1, 2), offs, strategy).chunk(2, dim=-1)
         return grouped_matmul(F.silu(gate) * up, w2.transpose(1, 2), offs, strategy)
     y = x.new_empty(x.shape[0], w2.shape[1])
-    for e, s, t in groups(offs):
-        gate_up = torch.mm(x[s:t], w13[e].t())                    # [rows, 2I]
-        torch.mm(F.silu(gate_up[:, :I]) * gate_up[:, I:], w2[e].t(), out=y[s:t])
+
+    def expert(group):
+        e, s, t = group
+        # Worker threads start with autograd on; the op computes values only (its backward
+        # is the fused_moe_backward op).
+        with torch.no_grad():
+            gate_up = torch.mm(x[s:t], w13[e].t())                # [rows, 2I]
+            torch.mm(F.silu(gate_up[:, :I]) * gate_up[:, I:], w2[e].t(), out=y[s:t])
+
+    work = groups(offs)
+    if strategy != "expert_threads" or torch.get_num_threads() == 1:
+        for group in work:
+            expert(group)
+        return y
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:  # largest experts first, so the workers finish together
+        list(_pool().map(expert, sorted(work, key=lambda g: g[1] - g[2])))
+    finally:
+        torch.set_num_threads(threads)
     return y
 
 

@@ -1,0 +1,222 @@
+"""fused_moe: ds_kernels.fused_moe against transformers' DeepseekV3Experts (every
+experts_implementation it registers), a plain torch version on F.grouped_mm, and the reference.
+
+Two modes, told apart by shape["mode"]: "forward" (inference) and "forward+backward" (the
+gradients of hidden, w13, w2 and topk_weights for a random output gradient, i.e. of
+(out * random).sum()). CPU: fp32 at the issue's goal shape. CUDA: bf16 at DeepSeek-V3's layer,
+with TFLOP/s and the percentage of PEAK_TFLOPS. Routing: k distinct uniformly random experts per
+token with softmax weights, so every expert is about equally loaded (what a balanced router
+aims for).
+
+Each shape's baseline is the fastest transformers implementation there ("transformers[...]").
+Every impl's output (and, with backward, its four gradients) is checked against ds_kernels' before
+it is timed; an impl that cannot run here (deepgemm and sonicmoe need the `kernels` package, a
+GPU and bf16) is reported on stderr and has no row. Left out on purpose, also reported on stderr:
+- "reference" above REFERENCE_MAX_T tokens (an fp64 loop over experts; it would dominate the run);
+- transformers' batched_mm where it would gather more than a few GiB of per-assignment weights
+  (it copies w13[e] and w2[e] for every (token, expert) pair: 3 MiB each here at fp32, 88 MiB on
+  the GPU shape);
+- with backward in --quick on CPU, transformers' eager and the reference: indexing w13[e] per
+  expert makes autograd build a full-size [E, 2I, H] zero gradient for every hit expert (~3-5 s a
+  call here), which would take the quick run far over its budget. Full runs time them.
+- "torch.compile(reference)" in --quick on CPU. Note that Dynamo breaks its graph at the
+  reference's data-dependent loop (nonzero, .tolist()), so it runs about as fast as the reference.
+"""
+
+import torch
+import torch.nn.functional as F
+
+import ds_kernels
+from bench.harness import Impl, Row, assert_close, compare, skip, working
+from ds_kernels.reference.fused_moe import fused_moe as reference_fused_moe
+
+OP = "fused_moe"
+FORWARD, BACKWARD = "forward", "forward+backward"
+# The issue's goal shape on CPU; DeepSeek-V3's routed experts (one layer, all 256) on CUDA.
+SHAPES = {"cpu": dict(H=1024, I=256, E=64, k=6), "cuda": dict(H=7168, I=2048, E=256, k=8)}
+# (full, quick) token counts per device and mode.
+TOKENS = {
+    ("cpu", FORWARD): ((1, 16, 256, 4096), (1, 16, 4096)),
+    ("cpu", BACKWARD): ((16, 256, 4096), (16, 4096)),
+    ("cuda", FORWARD): ((1, 16, 256, 4096, 16384), (1, 16, 256, 4096, 16384)),
+    ("cuda", BACKWARD): ((16, 256, 4096, 16384), (16, 4096)),
+}
+REFERENCE_MAX_T = 256
+# Dense bf16 peak the issue measures against (an H200's; the spec sheet's 989 assumes boost
+# clocks no sustained GEMM holds).
+PEAK_TFLOPS = {torch.bfloat16: 790.0}
+# Relative (norm-wise) error allowed against ds_kernels: summation order only, in each dtype.
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+# Largest copy of gathered expert weights transformers' batched_mm may make on CPU; on CUDA,
+# this fraction of the free memory.
+CPU_GATHER_BYTES, CUDA_GATHER_FRACTION = 2 << 30, 0.3
+
+
+def run(device: torch.device, quick: bool) -> list[Row]:
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    dtype = torch.bfloat16 if kind == "cuda" else torch.float32
+    H, I, E, K = SHAPES[kind].values()
+    g = torch.Generator(device=device).manual_seed(0)
+    # Scaled so every intermediate is O(1), as in a trained layer.
+    w13 = torch.randn(E, 2 * I, H, generator=g, device=device, dtype=dtype).div_(H**0.5)
+    w2 = torch.randn(E, H, I, generator=g, device=device, dtype=dtype).div_(I**0.5)
+    compiled = (torch.compile(reference_fused_moe, dynamic=False)
+                if kind == "cuda" or not quick else None)
+    unavailable: set[str] = set()  # impls whose packages are missing: tried once
+    rows = []
+    for mode in (FORWARD, BACKWARD):
+        for T in TOKENS[kind, mode][quick]:
+            hidden = torch.randn(T, H, generator=g, device=device, dtype=dtype)
+            ids = torch.rand(T, E, generator=g, device=device).argsort(dim=-1)[:, :K]  # [T, k]
+            weights = torch.randn(T, K, generator=g, device=device).softmax(dim=-1)    # fp32
+            shape = dict(T=T, H=H, I=I, E=E, k=K, mode=mode)
+            rows += _bench(mode, shape, hidden, w13, w2, weights, ids, compiled, quick,
+                           unavailable)
+    return rows
+
+
+def _bench(mode, shape, hidden, w13, w2, weights, ids, compiled, quick, unavailable):
+    T, H, I, E, K = (shape[k] for k in ("T", "H", "I", "E", "k"))
+    device, dtype = hidden.device, hidden.dtype
+    backward = mode == BACKWARD
+    if backward:
+        # One set of leaves for every impl: transformers' modules hold w13 and w2 themselves.
+        hidden = hidden.detach().requires_grad_()
+        weights = weights.detach().requires_grad_()
+        w13, w2 = torch.nn.Parameter(w13), torch.nn.Parameter(w2)
+        args = (hidden, w13, w2, weights, ids, torch.randn_like(hidden))
+    else:
+        args = (hidden, w13, w2, weights, ids)
+
+    ds_impl, others = _implementations(shape, w13, w2, compiled, quick, backward)
+    tol = TOLERANCE.get(dtype, 2e-2)
+
+    def check(name, got):
+        assert_close(f"{OP} ({mode}, T={T}) {name} vs ds_kernels", got, want, tol)
+
+    with torch.inference_mode(not backward):
+        want = ds_impl(*args)  # also the warm-up: Triton compiles and autotunes here
+        impls = [ds_impl] + working(others, args, check, op=OP, shape=shape,
+                                    unavailable=unavailable)
+        del want
+        timing = dict(warmup=1) if device.type == "cpu" and T >= 1024 else {}
+        flops = T * K * (2 * H * 2 * I + 2 * I * H) * (3 if backward else 1)
+        # Forward: read hidden and the hit experts' weights, write out, read the routing.
+        n_hit = int(ids.unique().numel())
+        nbytes = (None if backward else
+                  (2 * T * H + n_hit * 3 * I * H) * hidden.itemsize + ids.nbytes + weights.nbytes)
+        rows = compare(impls, args, op=OP, shape=shape, dtype=dtype, device=device, tokens=T,
+                       nbytes=nbytes, flops=flops,
+                       peak_tflops=PEAK_TFLOPS.get(dtype) if device.type == "cuda" else None,
+                       **timing)
+    hf = [r for r in rows if r.impl.startswith("transformers")]
+    baseline = min(hf, key=lambda r: r.median_us).impl if hf else None
+    for r in rows:
+        r.baseline = baseline
+    return rows
+
+
+def _implementations(shape, w13, w2, compiled, quick, backward):
+    """(ds_kernels, the others): each maps (hidden, w13, w2, weights, ids) to out [T, H], or with
+    ``backward`` (..., grad_out) to (out, d hidden, d w13, d w2, d weights)."""
+    T = shape["T"]
+    device = w13.device
+    wrap = _with_backward if backward else (lambda f: f)
+    ds_impl = Impl("ds_kernels", wrap(ds_kernels.fused_moe))
+    others = []
+    for name in _hf_names():
+        impl_name = f"transformers[{name}]"
+        if name == "batched_mm":
+            need = T * shape["k"] * 3 * shape["I"] * shape["H"] * w13.itemsize * (
+                3 if backward else 1)
+            limit = (CPU_GATHER_BYTES if device.type != "cuda"
+                     else CUDA_GATHER_FRACTION * torch.cuda.mem_get_info(device)[0])
+            if need > limit:
+                skip(OP, shape, impl_name, f"would gather {need / 2**30:.1f} GiB of expert "
+                     f"weights (limit {limit / 2**30:.1f} GiB)")
+                continue
+        if name == "eager" and backward and quick and device.type == "cpu":
+            skip(OP, shape, impl_name, "--quick on CPU: ~3-5 s a call (a full-size weight "
+                 "gradient per hit expert); timed in full runs")
+            continue
+        others.append(Impl(impl_name, wrap(_hf_experts(name, shape, w13, w2, backward))))
+    others.append(Impl("torch.grouped_mm", wrap(torch_grouped_mm_moe)))
+
+    references = []
+    if T > REFERENCE_MAX_T:
+        skip(OP, shape, "reference", f"T > {REFERENCE_MAX_T}: an fp64 loop over experts")
+    elif backward and quick and device.type == "cpu":
+        skip(OP, shape, "reference", "--quick on CPU: autograd through its loop costs ~3 s a "
+             "call (as transformers' eager); timed in full runs")
+    else:
+        # Forward: the public op on the reference backend, as users would compare. Backward:
+        # autograd straight through the reference (what its backward computes too): on CUDA,
+        # autograd runs backward on its own thread, which use_backend's setting does not reach.
+        references.append(Impl("reference", _with_backward(reference_fused_moe)) if backward
+                           else Impl("reference", ds_kernels.fused_moe, backend="reference"))
+    if compiled is not None:
+        references.append(Impl("torch.compile(reference)", wrap(compiled)))
+    if backward and references and device.type == "cuda":
+        # Autograd through the fp64 loop keeps an fp64 copy of every hit expert's weights and
+        # adds a full-size weight gradient per expert.
+        E, I, H = shape["E"], shape["I"], shape["H"]
+        need = E * 3 * I * H * (8 + 2 * w13.itemsize)
+        free = torch.cuda.mem_get_info(device)[0]
+        if need > 0.8 * free:
+            for impl in references:
+                skip(OP, shape, impl.name, f"needs ~{need / 2**30:.0f} GiB, "
+                     f"{free / 2**30:.0f} GiB free")
+            references = []
+    return ds_impl, others + references
+
+
+def _with_backward(forward):
+    def forward_backward(hidden, w13, w2, weights, ids, grad_out):
+        out = forward(hidden, w13, w2, weights, ids)
+        return (out, *torch.autograd.grad(out, (hidden, w13, w2, weights), grad_out))
+    return forward_backward
+
+
+def torch_grouped_mm_moe(hidden, w13, w2, weights, ids):
+    """The straightforward MoE on torch's grouped GEMM: sort the (token, expert) assignments by
+    expert, gather their tokens, two grouped GEMMs, silu(gate) * up, weight, scatter-add."""
+    grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
+    T, k = ids.shape
+    order = ids.reshape(-1).argsort(stable=True)                   # [T*k] assignments by expert
+    offs = torch.bincount(ids.reshape(-1), minlength=w13.shape[0]).cumsum(0).to(torch.int32)
+    token = order // k
+    gate, up = grouped_mm(hidden[token], w13.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+    y = grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offs)             # [T*k, H]
+    y = y * weights.reshape(-1)[order].unsqueeze(1).to(y.dtype)
+    return torch.zeros_like(hidden).index_add(0, token, y)
+
+
+def _hf_names():
+    """"eager" (the module's own loop) and every name in transformers' ExpertsInterface."""
+    try:
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+    except ImportError:
+        return ["eager"]
+    return list(dict.fromkeys(["eager", *ALL_EXPERTS_FUNCTIONS]))
+
+
+def _hf_experts(name, shape, w13, w2, backward):
+    """transformers' DeepseekV3Experts with ``name`` as experts_implementation, holding w13 and
+    w2 (the very tensors with backward, so gradients reach the shared leaves)."""
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Experts
+
+    config = DeepseekV3Config(n_routed_experts=shape["E"], hidden_size=shape["H"],
+                              moe_intermediate_size=shape["I"], num_experts_per_tok=shape["k"])
+    config._experts_implementation = name
+    with torch.device("meta"):  # no second copy of the weights
+        experts = DeepseekV3Experts(config)
+    if backward:
+        experts.gate_up_proj, experts.down_proj = w13, w2    # the leaves themselves
+    else:
+        experts.gate_up_proj = torch.nn.Parameter(w13, requires_grad=False)  # shares storage
+        experts.down_proj = torch.nn.Parameter(w2, requires_grad=False)
+
+    def forward(hidden, w13, w2, weights, ids):
+        return experts(hidden, ids, weights)
+    return forward

@@ -1,0 +1,225 @@
+"""Absorbed-weight MLA decode: split-KV flash-decoding over a paged latent cache.
+
+After absorption every query head attends to the same latent rows (MQA with one 576-wide KV
+head), so a program takes BLOCK_H heads of one sequence and each KV tile it loads serves all of
+them: the loaded K_nope tile is also the V tile. Scores are two dot products, q_nope x K_nope^T
+plus q_pe x K_pe^T, so nothing is padded to 1024 columns.
+
+  _mla_decode_kernel    grid (B, head groups, splits): one split of one sequence's tokens for
+                        BLOCK_H heads, BLOCK_N tokens a step, each token's page looked up in
+                        block_table; online softmax in exp2; the [BLOCK_H, Dc] fp32 accumulator
+                        stays in registers for the whole Dc (no V tiling: every V tile would
+                        need the full-width scores, so tiling V means loading K again).
+                        Writes the normalised partial output and its lse.
+  _merge_splits_kernel  grid (B, Hq): combines the splits by log-sum-exp. Skipped when one
+                        split per sequence already fills the GPU; then the first kernel
+                        writes out and lse directly.
+
+The split count depends only on B, Hq and the block table's width (not on cache_seqlens, so
+no device sync and CUDA-graph safe); each split takes 1/splits of its own sequence's tokens.
+Cache addresses are 64-bit: num_blocks * block_size * 576 passes 2**31 at ~58K pages of 64.
+Lengths are clamped to the table's capacity and pages outside [0, num_blocks) are skipped, so
+even unchecked bad input (CUDA graph capture skips the checks) never reads out of bounds.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
+
+# Tile sizes on a GPU, from ptxas on sm_90 and sm_80 (triton 3.9) at Dc=512, Dr=64; no
+# timings yet. Triton's mma.sync dots hold whole operands in registers, so the [BLOCK_N, 512]
+# K/V tile costs registers as well as shared memory: 16 heads x 32 bf16 tokens over 8 warps
+# take 226 registers a thread, no spills, 68 KB of shared memory; 64 tokens, or 4 warps, spill.
+# fp32 caches take 16 tokens a step: 32 would need 176 KB, past an A100's 163 KB.
+# 16 heads is tl.dot's smallest M (32 fits only at 254 registers); Hq=128 runs as 8 head
+# groups, which read each KV tile through L2.
+_BLOCK_H = 16
+# Splits only until the programs fill the multiprocessors, and none shorter than 256 tokens,
+# where writing and merging the [16, 512] fp32 partials would cost ~20% of reading the split's
+# cache.
+_GPU = dict(min_split_tokens=256, num_warps=8, num_stages=3)
+# Interpreter: a fixed small "GPU" and 16-token steps, so that the tests' tiny contexts still
+# cross several tiles and splits (and the merge kernel runs).
+_INTERPRETER = dict(block_n=16, min_split_tokens=16, num_warps=4, num_stages=1, sms=4)
+
+
+@triton.jit
+def _operand(x, UPCAST: tl.constexpr):
+    """A loaded tile as a dot operand: as it is, or in fp32 (bf16 under the interpreter, whose
+    bf16 arithmetic is wrong)."""
+    if UPCAST:
+        return x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _mla_decode_kernel(
+    q_nope_ptr, q_pe_ptr, cache_ptr, block_table_ptr, seqlens_ptr, out_ptr, lse_ptr,
+    Hq, num_blocks, max_blocks, num_splits, scale_log2,
+    stride_qnb, stride_qnh, stride_qnd, stride_qpb, stride_qph, stride_qpd,
+    stride_cb, stride_ct, stride_cd, stride_btb, stride_btp,
+    stride_ob, stride_oh, stride_os, stride_od, stride_lb, stride_lh, stride_ls,
+    DC: tl.constexpr, DR: tl.constexpr, DC_POW2: tl.constexpr, DR_POW2: tl.constexpr,
+    PAGE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """Split program_id(2) of sequence program_id(0)'s tokens, for heads program_id(1)*BLOCK_H...
+
+    q_nope_ptr: [B, Hq, DC], strides (stride_qnb, stride_qnh, stride_qnd); q_pe_ptr: [B, Hq, DR]
+    likewise. cache_ptr: [num_blocks, PAGE, DC + DR] latent cache, strides (stride_cb,
+    stride_ct, stride_cd), same dtype as q. block_table_ptr: int32 [B, max_blocks], strides
+    (stride_btb, stride_btp). seqlens_ptr: int32 [B]. out_ptr: [B, Hq, num_splits, DC] partial
+    (or, with one split, final) output, strides (stride_ob, stride_oh, stride_os, stride_od);
+    lse_ptr: fp32 [B, Hq, num_splits] natural-log lse of the split's scores, strides
+    (stride_lb, stride_lh, stride_ls). An empty split writes out 0 and lse -inf.
+    scale_log2: softmax_scale * log2(e). DC_POW2, DR_POW2: tile widths (powers of two >= 16).
+    PAGE: block_size. PRECISION: tl.dot input precision for fp32 operands. UPCAST: dot in fp32
+    whatever the input dtype.
+    """
+    b = tl.program_id(0).to(tl.int64)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)   # [BH]
+    split = tl.program_id(2)
+    dc = tl.arange(0, DC_POW2)                                   # [DCP]
+    dr = tl.arange(0, DR_POW2)                                   # [DRP]
+    h_ok, dc_ok, dr_ok = heads < Hq, dc < DC, dr < DR
+    q_nope = _operand(tl.load(q_nope_ptr + b * stride_qnb + heads[:, None] * stride_qnh
+                              + dc[None, :] * stride_qnd,
+                              mask=h_ok[:, None] & dc_ok[None, :], other=0.0), UPCAST)
+    q_pe = _operand(tl.load(q_pe_ptr + b * stride_qpb + heads[:, None] * stride_qph
+                            + dr[None, :] * stride_qpd,
+                            mask=h_ok[:, None] & dr_ok[None, :], other=0.0), UPCAST)
+
+    seqlen = tl.minimum(tl.maximum(tl.load(seqlens_ptr + b), 0), max_blocks * PAGE)
+    per_split = tl.cdiv(tl.cdiv(seqlen, num_splits), BLOCK_N) * BLOCK_N
+    start = split * per_split
+    end = tl.minimum(start + per_split, seqlen)
+
+    m = tl.full([BLOCK_H], float("-inf"), tl.float32)             # running max (log2 units)
+    l = tl.zeros([BLOCK_H], tl.float32)                           # running sum of exp2
+    acc = tl.zeros([BLOCK_H, DC_POW2], tl.float32)                # running weighted V
+    for n0 in range(start, end, BLOCK_N):
+        tok = n0 + tl.arange(0, BLOCK_N)                          # [BN]
+        page = tl.load(block_table_ptr + b * stride_btb + (tok // PAGE) * stride_btp,
+                       mask=tok < end, other=0)
+        t_ok = (tok < end) & (page >= 0) & (page < num_blocks)
+        row = cache_ptr + page.to(tl.int64) * stride_cb + (tok % PAGE).to(tl.int64) * stride_ct
+        kv = _operand(tl.load(row[:, None] + dc[None, :] * stride_cd,   # [BN, DCP] K_nope = V
+                              mask=t_ok[:, None] & dc_ok[None, :], other=0.0), UPCAST)
+        k_pe = _operand(tl.load(row[:, None] + (DC + dr)[None, :] * stride_cd,   # [BN, DRP]
+                                mask=t_ok[:, None] & dr_ok[None, :], other=0.0), UPCAST)
+        s = tl.dot(q_nope, tl.trans(kv), input_precision=PRECISION)      # [BH, BN]
+        s = tl.dot(q_pe, tl.trans(k_pe), s, input_precision=PRECISION)
+        s = tl.where(t_ok[None, :], s * scale_log2, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        # Only skipped (bad) pages leave a row at -inf; exp2 against 0 then gives 0, not NaN.
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_ref[:, None])                           # [BH, BN]
+        alpha = tl.exp2(m - m_ref)                                # [BH]
+        l = l * alpha + tl.sum(p, axis=1)
+        acc = tl.dot(p.to(kv.dtype), kv, acc * alpha[:, None], input_precision=PRECISION)
+        m = m_new
+
+    found = l > 0
+    l = tl.where(found, l, 1.0)
+    out = acc / l[:, None]
+    lse = tl.where(found, (m + tl.log2(l)) * _LN2, float("-inf"))
+    tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + split * stride_os
+             + dc[None, :] * stride_od, out.to(out_ptr.dtype.element_ty),
+             mask=h_ok[:, None] & dc_ok[None, :])
+    tl.store(lse_ptr + b * stride_lb + heads * stride_lh + split * stride_ls, lse, mask=h_ok)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    part_out_ptr, part_lse_ptr, out_ptr, lse_ptr, Hq, num_splits,
+    stride_ob, stride_oh, stride_od,
+    DC: tl.constexpr, DC_POW2: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """out[b, h] = sum_s w_s part_out[b, h, s] / sum_s w_s, w_s = exp(part_lse[b, h, s]);
+    lse[b, h] = log(sum_s w_s) (all splits empty: out 0, lse -inf).
+
+    part_out_ptr: fp32 [B, Hq, num_splits, DC] contiguous; part_lse_ptr: fp32 [B, Hq,
+    num_splits] contiguous, natural log. out_ptr: [B, Hq, DC] in q's dtype, strides (stride_ob,
+    stride_oh, stride_od); lse_ptr: fp32 [B, Hq] contiguous. BLOCK_S splits are read a step.
+    """
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    first = (b * Hq + h) * num_splits                             # row of split 0
+    dc = tl.arange(0, DC_POW2)
+    dc_ok = dc < DC
+    m = tl.full((), float("-inf"), tl.float32)
+    l = tl.zeros((), tl.float32)
+    acc = tl.zeros([DC_POW2], tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)                            # [BS]
+        lse_s = tl.load(part_lse_ptr + first + s, mask=s < num_splits,
+                        other=float("-inf")) * _LOG2E
+        part = tl.load(part_out_ptr + (first + s)[:, None] * DC + dc[None, :],
+                       mask=(s < num_splits)[:, None] & dc_ok[None, :], other=0.0)  # [BS, DCP]
+        m_new = tl.maximum(m, tl.max(lse_s, axis=0))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        w = tl.exp2(lse_s - m_ref)                                # [BS]
+        alpha = tl.exp2(m - m_ref)
+        acc = acc * alpha + tl.sum(w[:, None] * part, axis=0)
+        l = l * alpha + tl.sum(w, axis=0)
+        m = m_new
+    found = l > 0
+    l = tl.where(found, l, 1.0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + dc * stride_od,
+             (acc / l).to(out_ptr.dtype.element_ty), mask=dc_ok)
+    tl.store(lse_ptr + b * Hq + h, tl.where(found, (m + tl.log2(l)) * _LN2, float("-inf")))
+
+
+def num_splits(programs: int, capacity: int, sms: int, min_split_tokens: int) -> int:
+    """Splits per (sequence, head group): enough for ``programs`` * splits to fill ``sms``
+    multiprocessors, none shorter than ``min_split_tokens`` of the table's ``capacity``."""
+    if programs >= sms:
+        return 1
+    return max(1, min(triton.cdiv(sms, programs), capacity // min_split_tokens))
+
+
+def _config(device: torch.device, dtype: torch.dtype) -> dict:
+    if device.type == "cpu":
+        return _INTERPRETER
+    return dict(_GPU, block_n=32 if dtype.itemsize <= 2 else 16,
+                sms=torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+def mla_decode(q_nope, q_pe, kv_cache, block_table, cache_seqlens, softmax_scale):
+    B, Hq, Dc = q_nope.shape
+    num_blocks, page, D = kv_cache.shape
+    Dr = D - Dc
+    out = q_nope.new_empty(B, Hq, Dc)
+    lse = torch.empty(B, Hq, dtype=torch.float32, device=q_nope.device)
+    if B == 0:
+        return out, lse
+    config = _config(q_nope.device, q_nope.dtype)
+    head_groups = triton.cdiv(Hq, _BLOCK_H)
+    splits = num_splits(B * head_groups, block_table.shape[1] * page, config["sms"],
+                        config["min_split_tokens"])
+    if splits == 1:  # the partials are the answer
+        part_out, part_lse = out.unsqueeze(2), lse.unsqueeze(2)
+    else:
+        part_out = torch.empty(B, Hq, splits, Dc, dtype=torch.float32, device=out.device)
+        part_lse = torch.empty(B, Hq, splits, dtype=torch.float32, device=out.device)
+    fp32_precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    _mla_decode_kernel[(B, head_groups, splits)](
+        q_nope, q_pe, kv_cache, block_table, cache_seqlens, part_out, part_lse,
+        Hq, num_blocks, block_table.shape[1], splits, softmax_scale * _LOG2E.value,
+        *q_nope.stride(), *q_pe.stride(), *kv_cache.stride(), *block_table.stride(),
+        *part_out.stride(), *part_lse.stride(),
+        DC=Dc, DR=Dr, DC_POW2=max(16, triton.next_power_of_2(Dc)),
+        DR_POW2=max(16, triton.next_power_of_2(Dr)), PAGE=page, BLOCK_H=_BLOCK_H,
+        BLOCK_N=config["block_n"],
+        PRECISION=fp32_precision if q_nope.dtype == torch.float32 else "ieee",
+        UPCAST=q_nope.dtype == torch.bfloat16 and q_nope.device.type == "cpu",
+        num_warps=config["num_warps"], num_stages=config["num_stages"])
+    if splits > 1:
+        _merge_splits_kernel[(B, Hq)](
+            part_out, part_lse, out, lse, Hq, splits, *out.stride(),
+            DC=Dc, DC_POW2=triton.next_power_of_2(Dc),
+            BLOCK_S=min(16, triton.next_power_of_2(splits)))
+    return out, lse

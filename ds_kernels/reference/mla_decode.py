@@ -1,0 +1,26 @@
+"""Reference absorbed-weight MLA decode (FlashMLA semantics): one sequence at a time.
+
+Token t of sequence b is row kv_cache[block_table[b, t // block_size], t % block_size]; the
+whole Dc + Dr row is the key, its first Dc columns the value. Math in fp64 (the exact answer
+the kernels approach); out in q's dtype, lse (natural log) in fp32.
+"""
+
+import torch
+
+
+def mla_decode(q_nope, q_pe, kv_cache, block_table, cache_seqlens, softmax_scale):
+    B, Hq, Dc = q_nope.shape
+    block_size = kv_cache.shape[1]
+    out = torch.zeros(B, Hq, Dc, dtype=torch.float64, device=q_nope.device)
+    lse = torch.full((B, Hq), float("-inf"), dtype=torch.float64, device=q_nope.device)
+    for b in range(B):
+        t = torch.arange(int(cache_seqlens[b]), device=kv_cache.device)   # [n] tokens
+        if t.numel() == 0:
+            continue  # nothing to attend to: out 0, lse -inf
+        pages = block_table[b, t // block_size].long()
+        rows = kv_cache[pages, t % block_size].double()                 # [n, Dc + Dr]
+        q = torch.cat([q_nope[b], q_pe[b]], dim=-1).double()            # [Hq, Dc + Dr]
+        scores = softmax_scale * (q @ rows.t())                         # [Hq, n]
+        lse[b] = torch.logsumexp(scores, dim=-1)
+        out[b] = scores.softmax(dim=-1) @ rows[:, :Dc]                  # [Hq, Dc]
+    return out.to(q_nope.dtype), lse.float()

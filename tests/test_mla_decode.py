@@ -1,0 +1,331 @@
+"""mla_decode: absorbed decode against naive decompressed attention and against the reference,
+on every backend; ragged and empty sequences, shuffled page tables, garbage past the ends,
+splits, the true 512 + 64 width, errors, unchecked bad input, opcheck and torch.compile."""
+
+import functools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import ds_kernels
+import ds_kernels.kernels.mla_decode as kernel
+from conftest import DEVICE
+from ds_kernels.ops.mla_decode import mla_decode
+from ds_kernels.reference.mla_decode import mla_decode as reference
+from numerics import assert_close
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+GARBAGE = [float("nan"), float("inf"), -6e4]
+TOKENS = [0, 1, 2, 15, 16, 17, 31, 40, 64, 65, 100]
+
+
+@pytest.fixture(params=["torch", "torch (a page a chunk)", "triton"])
+def backend(request, monkeypatch):
+    """The backends of conftest, plus the torch path cutting contexts into one-page chunks
+    (its chunk loop otherwise needs contexts of thousands of tokens)."""
+    if request.param == "torch (a page a chunk)":
+        monkeypatch.setattr("ds_kernels.cpu.mla_decode._CHUNK_ELEMENTS", 1)
+    with ds_kernels.use_backend(request.param.split()[0]):
+        yield request.param
+
+
+@pytest.fixture(params=["reference", "torch", "triton"])
+def any_backend(request):
+    with ds_kernels.use_backend(request.param):
+        yield request.param
+
+
+def make_cache(g, lens, block_size, D, dtype, garbage=float("nan"), spare_pages=2,
+               spare_columns=1):
+    """(kv_cache, block_table, cache_seqlens) holding len(lens) sequences on shuffled pages.
+
+    Rows past each sequence's end, the spare pages, and the table entries past each sequence's
+    last page hold garbage, which must never reach the output."""
+    pages = [-(-n // block_size) for n in lens]                 # pages each sequence uses
+    num_blocks = sum(pages) + spare_pages
+    max_blocks = max(pages + [0]) + spare_columns
+    cache = torch.randn(num_blocks, block_size, D, generator=g)
+    order = torch.randperm(num_blocks, generator=g)
+    junk = torch.tensor([-1, num_blocks, 2**31 - 1, -(2**31)])
+    table = junk[torch.randint(0, 4, (len(lens), max_blocks), generator=g)]
+    used = torch.zeros(num_blocks, block_size, dtype=torch.bool)
+    taken = 0
+    for b, (n, p) in enumerate(zip(lens, pages)):
+        table[b, :p] = order[taken:taken + p]
+        rows = torch.arange(n)
+        used[table[b, rows // block_size], rows % block_size] = True
+        taken += p
+    cache[~used] = garbage
+    return (cache.to(DEVICE, dtype), table.to(DEVICE, torch.int32),
+            torch.tensor(lens, dtype=torch.int32, device=DEVICE))
+
+
+@st.composite
+def decode_problems(draw):
+    B = draw(st.integers(1, 4))
+    lens = draw(st.lists(st.sampled_from(TOKENS), min_size=B, max_size=B))
+    Hq = draw(st.integers(1, 16))
+    Dc = draw(st.sampled_from([32, 48, 64]))
+    Dr = draw(st.sampled_from([8, 16]))
+    block_size = draw(st.sampled_from([16, 32, 64]))
+    dtype = draw(st.sampled_from(DTYPES))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    cache = make_cache(g, lens, block_size, Dc + Dr, dtype, garbage=draw(st.sampled_from(GARBAGE)),
+                       spare_pages=draw(st.integers(0, 2)), spare_columns=draw(st.integers(0, 2)))
+    return g, Hq, Dc, Dr, dtype, cache
+
+
+def naive_decompressed(q_head, q_pe, w_uk, w_uv, kv_cache, block_table, cache_seqlens, scale):
+    """What a model without absorption computes: each head's K_nope and V expanded from the
+    latent through its own W_UK [Dc, Dn] and W_UV [Dc, Dv], then plain attention (fp64)."""
+    B, Hq, _ = q_head.shape
+    Dc, block_size = w_uk.shape[1], kv_cache.shape[1]
+    out = torch.zeros(B, Hq, w_uv.shape[2], dtype=torch.float64, device=q_head.device)
+    for b in range(B):
+        t = torch.arange(int(cache_seqlens[b]), device=kv_cache.device)
+        if t.numel() == 0:
+            continue
+        rows = kv_cache[block_table[b, t // block_size].long(), t % block_size].double()
+        latent, k_pe = rows[:, :Dc], rows[:, Dc:]                    # [n, Dc], [n, Dr]
+        k_nope = torch.einsum("nc,hcd->hnd", latent, w_uk)           # [Hq, n, Dn]
+        v = torch.einsum("nc,hcd->hnd", latent, w_uv)                # [Hq, n, Dv]
+        scores = scale * (torch.einsum("hd,hnd->hn", q_head[b], k_nope)
+                          + q_pe[b].double() @ k_pe.t())             # [Hq, n]
+        out[b] = torch.einsum("hn,hnd->hd", scores.softmax(dim=-1), v)
+    return out
+
+
+def check_absorbed_equals_naive(g, Hq, Dc, Dr, dtype, cache, Dn=24, Dv=20):
+    kv_cache, block_table, cache_seqlens = cache
+    B = block_table.shape[0]
+    w_uk = (torch.randn(Hq, Dc, Dn, generator=g, dtype=torch.float64) / Dc**0.5).to(DEVICE)
+    w_uv = (torch.randn(Hq, Dc, Dv, generator=g, dtype=torch.float64) / Dc**0.5).to(DEVICE)
+    q_head = torch.randn(B, Hq, Dn, generator=g, dtype=torch.float64).to(DEVICE)
+    q_pe = torch.randn(B, Hq, Dr, generator=g).to(DEVICE, dtype)
+    scale = (Dn + Dr) ** -0.5
+    q_nope = torch.einsum("bhn,hcn->bhc", q_head, w_uk).to(dtype)   # q_head @ W_UK[h]^T
+    out, lse = mla_decode(q_nope, q_pe, kv_cache, block_table, cache_seqlens, scale)
+    assert out.dtype == dtype and out.shape == (B, Hq, Dc)
+    assert lse.dtype == torch.float32 and lse.shape == (B, Hq)
+    absorbed = torch.einsum("bhc,hcv->bhv", out.double(), w_uv)    # out @ W_UV[h]
+    want = naive_decompressed(q_head, q_pe, w_uk, w_uv, kv_cache, block_table, cache_seqlens,
+                              scale)
+    assert_close(absorbed, want, dtype, reduction=Dc + int(cache_seqlens.max()), what="out @ W_UV")
+
+
+def check_against_reference(g, Hq, Dc, Dr, dtype, cache, scale=0.3):
+    kv_cache, block_table, cache_seqlens = cache
+    B = block_table.shape[0]
+    # Both query parts as views of one [B, Hq, Dc + Dr] tensor, as a model projects them.
+    q_nope, q_pe = torch.randn(B, Hq, Dc + Dr, generator=g).to(DEVICE, dtype).split([Dc, Dr], -1)
+    args = (q_nope, q_pe, kv_cache, block_table, cache_seqlens, scale)
+    out, lse = mla_decode(*args)
+    want_out, want_lse = reference(*args)
+    n = Dc + Dr + int(cache_seqlens.max())
+    assert_close(out, want_out, dtype, reduction=n, what="out")
+    assert_close(lse, want_lse, dtype, reduction=n, what="lse")
+    empty = cache_seqlens == 0
+    assert (out[empty] == 0).all() and (lse[empty] == float("-inf")).all()
+    assert not out.isnan().any() and not lse.isnan().any()
+
+
+@settings(max_examples=25)
+@given(problem=decode_problems())
+def test_absorbed_decode_equals_naive_decompressed_attention(any_backend, problem):
+    check_absorbed_equals_naive(*problem)
+
+
+@settings(max_examples=25)
+@given(problem=decode_problems())
+def test_matches_reference(backend, problem):
+    check_against_reference(*problem)
+
+
+def test_deepseek_v3_width(backend):
+    """Dc=512, Dr=64 (the real 576-wide rows), FlashMLA's 64-token pages, tiny B and context."""
+    g = torch.Generator().manual_seed(3)
+    cache = make_cache(g, [37, 130], 64, 576, torch.float32)
+    check_absorbed_equals_naive(g, 4, 512, 64, torch.float32, cache, Dn=128, Dv=128)
+    check_against_reference(g, 5, 512, 64, torch.float32, cache, scale=192**-0.5)
+
+
+@pytest.mark.parametrize("lens", [[1], [17], [0], [200]])
+def test_splits_with_empty_and_ragged_parts(backend, lens):
+    # One sequence: the interpreter's Triton path splits it 4 ways, so that 1 or 17 tokens
+    # leave whole splits empty; 20 heads are two head groups, the second ragged.
+    g = torch.Generator().manual_seed(4)
+    check_against_reference(g, 20, 32, 16, torch.float32,
+                            make_cache(g, lens, 16, 48, torch.float32, spare_columns=12))
+
+
+def test_more_splits_than_the_merge_reads_in_one_step(monkeypatch):
+    # 40 splits of 16 tokens: the merge kernel takes them 16 at a time (BLOCK_S).
+    monkeypatch.setitem(kernel._INTERPRETER, "sms", 40)
+    monkeypatch.setitem(kernel._GPU, "min_split_tokens", 16)
+    g = torch.Generator().manual_seed(9)
+    with ds_kernels.use_backend("triton"):
+        check_against_reference(g, 3, 32, 16, torch.float32,
+                                make_cache(g, [630], 16, 48, torch.float32))
+
+
+def test_split_count_fills_the_gpu_without_tiny_splits():
+    h100 = dict(sms=132, min_split_tokens=256)
+    assert kernel.num_splits(1, 8192, **h100) == 32          # capped by 256-token splits
+    assert kernel.num_splits(8, 32768, **h100) == 17         # Hq=128: 8 head groups of one sequence
+    assert kernel.num_splits(32, 8192, **h100) == 5
+    assert kernel.num_splits(132, 8192, **h100) == 1         # already full
+    assert kernel.num_splits(1, 100, **h100) == 1            # too short to split
+
+
+def test_garbage_never_leaks_and_huge_valid_scores_stay_finite(backend):
+    g = torch.Generator().manual_seed(5)
+    kv_cache, block_table, cache_seqlens = make_cache(g, [3, 0, 20], 16, 48, torch.float32,
+                                                      garbage=float("nan"))
+    q_nope = torch.randn(3, 2, 32, generator=g).to(DEVICE) * 100   # scores in the thousands
+    q_pe = torch.randn(3, 2, 16, generator=g).to(DEVICE)
+    args = (q_nope, q_pe, kv_cache, block_table, cache_seqlens, 1.0)
+    out, lse = mla_decode(*args)
+    assert out.isfinite().all() and not lse.isnan().any()
+    want_out, want_lse = reference(*args)
+    assert_close(out, want_out, torch.float32, reduction=100)
+    assert_close(lse, want_lse, torch.float32, reduction=100)
+
+
+def test_unchecked_bad_input_never_reads_out_of_bounds(monkeypatch):
+    """During CUDA graph capture the value checks are skipped: then the kernel clamps lengths
+    to the table and skips pages outside the cache, instead of reading wild addresses."""
+    monkeypatch.setattr("ds_kernels.ops.mla_decode.device_checks_allowed", lambda t: False)
+    g = torch.Generator().manual_seed(6)
+    kv_cache, block_table, _ = make_cache(g, [20, 20], 16, 48, torch.float32, spare_columns=0)
+    block_table[0, 1] = 10**6                                    # page outside the cache
+    block_table[1, 0] = -5
+    cache_seqlens = torch.tensor([10**5, -3], dtype=torch.int32, device=DEVICE)  # past the table
+    q_nope = torch.randn(2, 3, 32, generator=g).to(DEVICE)
+    q_pe = torch.randn(2, 3, 16, generator=g).to(DEVICE)
+    with ds_kernels.use_backend("triton"):
+        out, lse = mla_decode(q_nope, q_pe, kv_cache, block_table, cache_seqlens, 0.5)
+    # Sequence 0 sees its one valid page; sequence 1's length counts as 0.
+    want_out, want_lse = reference(q_nope[:1], q_pe[:1], kv_cache, block_table[:1, :1],
+                                   torch.tensor([16], dtype=torch.int32, device=DEVICE), 0.5)
+    assert_close(out[:1], want_out, torch.float32, reduction=64)
+    assert_close(lse[:1], want_lse, torch.float32, reduction=64)
+    assert (out[1] == 0).all() and (lse[1] == float("-inf")).all()
+
+
+def test_empty_batch(backend):
+    kv_cache = torch.zeros(2, 16, 48, device=DEVICE)
+    out, lse = mla_decode(torch.zeros(0, 4, 32, device=DEVICE),
+                          torch.zeros(0, 4, 16, device=DEVICE), kv_cache,
+                          torch.zeros(0, 3, dtype=torch.int32, device=DEVICE),
+                          torch.zeros(0, dtype=torch.int32, device=DEVICE), 0.1)
+    assert out.shape == (0, 4, 32) and lse.shape == (0, 4)
+
+
+def _small_args():
+    g = torch.Generator().manual_seed(7)
+    kv_cache, block_table, cache_seqlens = make_cache(g, [5, 0, 33], 16, 48, torch.float32)
+    return (torch.randn(3, 4, 32, generator=g).to(DEVICE),
+            torch.randn(3, 4, 16, generator=g).to(DEVICE), kv_cache, block_table, cache_seqlens,
+            0.25)
+
+
+def test_opcheck():
+    torch.library.opcheck(torch.ops.ds_kernels.mla_decode.default, _small_args())
+
+
+def test_torch_compile_fullgraph():
+    args = _small_args()
+
+    @torch.compile(fullgraph=True)
+    def step(q_nope, q_pe, kv_cache, block_table, cache_seqlens):
+        out, lse = mla_decode(q_nope, q_pe, kv_cache, block_table, cache_seqlens, args[-1])
+        return out * 2, lse
+
+    out, lse = step(*args[:5])
+    want_out, want_lse = reference(*args)
+    assert_close(out, 2 * want_out, torch.float32, reduction=64)
+    assert_close(lse, want_lse, torch.float32, reduction=64)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
+def test_cuda_graph_capture():
+    args = _small_args()
+    out, lse = mla_decode(*args)  # compiles outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = mla_decode(*args)
+    graph.replay()
+    torch.testing.assert_close(captured[0], out)
+    torch.testing.assert_close(captured[1], lse)
+
+
+def _bad(**change):
+    args = dict(q_nope=torch.zeros(2, 4, 32), q_pe=torch.zeros(2, 4, 16),
+                kv_cache=torch.zeros(6, 16, 48), block_table=torch.zeros(2, 3, dtype=torch.int32),
+                cache_seqlens=torch.tensor([5, 48], dtype=torch.int32), softmax_scale=0.1)
+    args.update(change)
+    return args
+
+
+@pytest.mark.parametrize("args,error,match", [
+    (_bad(q_nope=torch.zeros(2, 32)), ValueError, "q_nope must be 3-D"),
+    (_bad(q_pe=torch.zeros(2, 3, 16)), ValueError, r"q_pe must be \[B=2, Hq=4, Dr\]"),
+    (_bad(kv_cache=torch.zeros(6, 16, 47)), ValueError, r"Dc \+ Dr = 48"),
+    (_bad(kv_cache=torch.zeros(6, 24, 48)), ValueError, "power of two >= 16, got 24"),
+    (_bad(kv_cache=torch.zeros(6, 8, 48)), ValueError, "power of two >= 16, got 8"),
+    (_bad(q_pe=torch.zeros(2, 4, 16, dtype=torch.float16)), TypeError, "q_pe has dtype"),
+    (_bad(kv_cache=torch.zeros(6, 16, 48, dtype=torch.float16)), TypeError, "kv_cache has dtype"),
+    (_bad(q_nope=torch.zeros(2, 4, 32, dtype=torch.int32)), TypeError, "q_nope must have dtype"),
+    (_bad(block_table=torch.zeros(2, 3, dtype=torch.int64)), TypeError, "block_table must have"),
+    (_bad(cache_seqlens=torch.tensor([5, 48])), TypeError, "cache_seqlens must have dtype"),
+    (_bad(block_table=torch.zeros(3, 3, dtype=torch.int32)), ValueError, r"\[B=2, max_blocks\]"),
+    (_bad(cache_seqlens=torch.tensor([5], dtype=torch.int32)), ValueError, r"must be \[B=2\]"),
+    (_bad(cache_seqlens=torch.tensor([5, 49], dtype=torch.int32)), ValueError,
+     r"cache_seqlens must be in \[0, max_blocks \* block_size = 48\], got values in \[5, 49\]"),
+    (_bad(cache_seqlens=torch.tensor([-1, 4], dtype=torch.int32)), ValueError,
+     r"got values in \[-1, 4\]"),
+    (_bad(block_table=torch.tensor([[0, 6, 6], [1, 2, 6]], dtype=torch.int32)), ValueError,
+     r"block_table entries of the pages in use must be in \[0, num_blocks=6\), got \[6\]"),
+    (_bad(block_table=torch.tensor([[-1, 6, 6], [1, 2, 3]], dtype=torch.int32)), ValueError,
+     r"got \[-1\]"),
+    (_bad(softmax_scale=float("nan")), ValueError, "softmax_scale must be finite"),
+    (_bad(softmax_scale=None), TypeError, "softmax_scale must be a float"),
+    (_bad(q_nope=torch.zeros(2, 0, 32), q_pe=torch.zeros(2, 0, 16)), ValueError, "Hq >= 1"),
+])
+def test_bad_arguments_raise_clear_errors(args, error, match):
+    with pytest.raises(error, match=match):
+        mla_decode(**args)
+
+
+def test_unused_table_entries_are_not_checked():
+    # Sequence 0 uses one page: its other entries may hold anything (vLLM pads with -1).
+    args = _bad(block_table=torch.tensor([[0, -1, 99], [1, 2, 3]], dtype=torch.int32))
+    out, lse = mla_decode(**args)
+    assert out.isfinite().all() and lse.isfinite().all()
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a GPU")
+def test_tensors_on_different_devices_are_rejected():
+    args = _bad(q_nope=torch.zeros(2, 4, 32, device="cuda"))
+    with pytest.raises(ValueError, match="is on cpu but q_nope is on cuda"):
+        mla_decode(**args)
+
+
+def test_benchmark_on_tiny_shapes(monkeypatch):
+    """bench/bench_mla_decode.py end to end on CPU at toy sizes, timing cut short."""
+    from bench import bench_mla_decode, harness
+
+    monkeypatch.setattr(bench_mla_decode, "compare", functools.partial(
+        harness.compare, reps=harness.MIN_REPS, budget_s=0))
+    for name, value in dict(DC=32, DR=16, DN=8, DV=8, PAGE=16).items():
+        monkeypatch.setattr(bench_mla_decode, name, value)
+    monkeypatch.setitem(bench_mla_decode.CONTEXTS, "cpu", ((40,), (40,)))
+    monkeypatch.setitem(bench_mla_decode.HEADS, "cpu", (3,))
+    rows = bench_mla_decode.run(torch.device("cpu"), quick=True)
+    harness.add_speedups(rows)
+    assert {r.impl for r in rows} == {"ds_kernels", "decompress+attend", "reference",
+                                      "ds_kernels[attention]"}
+    assert all(r.speedup_vs is not None for r in rows)
+    assert next(r for r in rows if r.impl == "ds_kernels[attention]").gbytes_per_s > 0
