@@ -21,6 +21,7 @@ BENCHMARKS = {
     "grouped_mm": "bench.bench_grouped_mm",
     "norm_rope": "bench.bench_norm_rope",
     "mla_decode": "bench.bench_mla_decode",
+    "mla_prefill": "bench.bench_mla_prefill",
 }
 
 

@@ -12,12 +12,13 @@ from ds_kernels.ops.fused_moe import fused_moe
 from ds_kernels.ops.grouped_mm import grouped_mm
 from ds_kernels.ops.mla_cache_write import mla_cache_write, mla_cache_write_fused
 from ds_kernels.ops.mla_decode import mla_decode
+from ds_kernels.ops.mla_prefill import mla_prefill
 from ds_kernels.ops.moe_align import MoEAlignment, moe_align
 from ds_kernels.ops.rms_norm import rms_norm
 from ds_kernels.ops.route import route
 
 __all__ = ["BACKENDS", "BackendUnavailableError", "MoE", "MoEAlignment", "apply_rope",
            "fused_moe", "grouped_mm", "mla_cache_write", "mla_cache_write_fused", "mla_decode",
-           "moe_align",
+           "mla_prefill", "moe_align",
            "rms_norm", "route", "rope", "use_backend"]
 __version__ = "0.1.0"

@@ -159,22 +159,26 @@ def override(**config):
         _override[0] = previous
 
 
+def forced_config() -> dict:
+    """The keys set by enclosing ``override`` blocks (empty outside them)."""
+    return dict(_override[0] or {})
+
+
 def gemm_config(op: str, shape_key: str, n: float, rows_per_expert: float, N: int, K: int,
                 dtype, device: torch.device) -> dict:
     """BLOCK_M/N/K, GROUP_M, num_warps, num_stages for a grouped GEMM launch: the tuned config
     of ``shape_key`` at the bucket nearest ``n``, else the heuristic; then any override."""
     config = (tuned(op, "triton", device, dtype, shape_key, n)
               or gemm_heuristic(bucket(rows_per_expert), N, K, dtype))
-    forced = _override[0]
-    return {**config, **forced} if forced else config
+    return {**config, **forced_config()}
 
 
 def strategy(op: str, shape_key: str, n: float, dtype, device: torch.device,
              default: str) -> str:
     """A CPU path's tuned strategy for ``shape_key`` at the bucket nearest ``n`` (or the
     override's "strategy"), else ``default``."""
-    forced = _override[0]
-    if forced and "strategy" in forced:
+    forced = forced_config()
+    if "strategy" in forced:
         return forced["strategy"]
     config = tuned(op, "torch", device, dtype, shape_key, n)
     return config["strategy"] if config else default

@@ -48,7 +48,8 @@ def _grouped_gemm_kernel(
     ids, `sentinel` for padding. block_expert_ptr: int32 [num_blocks]. num_slots_ptr: int32
     [1], slots in use. row_scale_ptr: [sentinel] in ACC, C row r is multiplied by it (ROW_SCALE).
     PRECISION: tl.dot input precision for fp32 operands ("ieee" or "tf32"). ACC: accumulator
-    dtype, fp32 (fp64 for fp64 operands, which gradcheck uses).
+    dtype, fp32 (fp64 for fp64 operands, which gradcheck uses; triton 3.6 needs it spelled out
+    as tl.dot's out_dtype).
     """
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -79,10 +80,11 @@ def _grouped_gemm_kernel(
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b_ptrs = b_base + (k0 + kk)[:, None] * stride_bk + n[None, :] * stride_bn
         b_ok = k_ok[:, None] & n_ok[None, :]
-        acc = tl.dot(a, tl.load(b_ptrs, mask=b_ok, other=0.0), acc, input_precision=PRECISION)
+        acc = tl.dot(a, tl.load(b_ptrs, mask=b_ok, other=0.0), acc, input_precision=PRECISION,
+                     out_dtype=ACC)
         if SWIGLU:
             b_up = tl.load(b_ptrs + N * stride_bn, mask=b_ok, other=0.0)
-            up = tl.dot(a, b_up, up, input_precision=PRECISION)
+            up = tl.dot(a, b_up, up, input_precision=PRECISION, out_dtype=ACC)
 
     if SWIGLU:
         acc = acc * tl.sigmoid(acc) * up
@@ -132,7 +134,7 @@ def _grouped_wgrad_kernel(
         if ROW_SCALE:
             scale = tl.load(row_scale_ptr + ids, mask=row_ok, other=0.0)
             a = (a.to(ACC) * scale[:, None]).to(g.dtype)
-        acc = tl.dot(tl.trans(a), g, acc, input_precision=PRECISION)
+        acc = tl.dot(tl.trans(a), g, acc, input_precision=PRECISION, out_dtype=ACC)
     tl.store(d_ptr + e.to(tl.int64) * stride_de + k[:, None] * stride_dk + n[None, :] * stride_dn,
              acc.to(d_ptr.dtype.element_ty), mask=(k < K)[:, None] & (n < N)[None, :])
 

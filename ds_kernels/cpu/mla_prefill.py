@@ -1,0 +1,125 @@
+"""Variable-length attention on the torch path: batched matmuls over chunks of query rows.
+
+Each chunk is a run of query rows with one window of keys, computed as [Hq, rows, keys] score
+blocks by torch.bmm, so memory stays O(_SCORE_ELEMENTS + Hq * longest sequence), whatever T is:
+- a long sequence is cut into pieces of rows; each piece sees its sequence's keys up to its
+  last row (causal) or all of them. Causal pieces of about 1/_PIECES of the sequence skip most
+  of the upper triangle, which SDPA's math path computes and masks;
+- consecutive short sequences share a chunk whose window is the chunk itself, with a
+  block-diagonal mask, so many short sequences cost a few matmuls, not many tiny ones.
+Only the square block of keys that share the chunk's rows ever needs a mask.
+
+Softmax in base 2 (log2(e) folded into the scale; exp2 is ~2x cheaper than exp here), with the
+max subtracted per row; the backward recomputes probabilities from the saved lse (flash
+attention's formulas), so it also never holds more than one chunk of scores.
+"""
+
+import math
+
+import torch
+
+# Measured single-threaded on a 2-core EPYC at Hq=4, Dqk=192, Dv=128, T = 256..4096 in four
+# ragged sequences (bench/bench_mla_prefill.py); differences below ~15% were noise there.
+# Score elements per chunk: 2**22 fp32 is 16 MiB per [Hq, rows, keys] block.
+_SCORE_ELEMENTS = 1 << 22
+# Pieces per long sequence, each at least _MIN_ROWS rows (smaller matmuls lose more to
+# overhead than they save): 8 computes ~56% of the full square, 1 piece (no cut) 100% and
+# ran 1.5x slower at 4096 tokens.
+_PIECES, _MIN_ROWS = 8, 64
+# Packed chunks of short sequences hold at most this many scores (Hq * rows**2): 128 rows at
+# Hq = 4. Packing four sequences of 128-384 tokens into one square cost 2x.
+_PACK_ELEMENTS = 1 << 16
+_LOG2E = 1.0 / math.log(2.0)
+
+
+def _plan(cu_seqlens, num_heads, causal):
+    """The chunks covering every sequence's tokens: (rows, keys, blocked), rows and keys slices
+    of tokens, blocked a [rows, rows] bool mask of the key block keys[rows] (None: no mask)."""
+    device = cu_seqlens.device
+    pack_rows = max(1, math.isqrt(_PACK_ELEMENTS // num_heads))
+    plan, packed = [], []  # packed: lengths of the short sequences in the open chunk
+
+    def add(first, last, key_start, key_end, lengths):
+        n = last - first
+        blocked = torch.ones(n, n, dtype=torch.bool, device=device).triu(1) if causal else None
+        if len(lengths) > 1:  # short sequences sharing the chunk: block-diagonal
+            ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+            other = (ids[:, None] != ids[None, :]).to(device)         # [n, n]
+            blocked = other if blocked is None else blocked | other
+        plan.append((slice(first, last), slice(key_start, key_end), blocked))
+
+    def close_packed(end):
+        if packed:
+            add(end - sum(packed), end, end - sum(packed), end, packed)
+            packed.clear()
+
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        length = end - start
+        if length == 0:
+            continue
+        if length <= pack_rows:
+            if sum(packed) + length > pack_rows:
+                close_packed(start)
+            packed.append(length)
+            continue
+        close_packed(start)
+        rows = max(1, _SCORE_ELEMENTS // (num_heads * length))
+        if causal:
+            rows = min(rows, max(_MIN_ROWS, length // _PIECES))
+        for first in range(start, end, rows):
+            last = min(end, first + rows)
+            add(first, last, start, last if causal else end, [length])
+    close_packed(bounds[-1])
+    return plan
+
+
+def _scores(qh, kh, rows, keys, blocked, scale2):
+    """Base-2 scores [Hq, rows, keys] of one chunk, -inf where blocked."""
+    s = torch.bmm(qh[:, rows], kh[:, keys].transpose(1, 2)).mul_(scale2)
+    if blocked is not None:
+        s[:, :, rows.start - keys.start:].masked_fill_(blocked, float("-inf"))
+    return s
+
+
+def _heads_first(t, dtype):
+    return t.to(dtype).transpose(0, 1)                               # [Hq, T, D] view
+
+
+def mla_prefill(q, k, v, cu_seqlens, causal, softmax_scale):
+    T, Hq, Dv = v.shape
+    acc = torch.promote_types(q.dtype, torch.float32)
+    qh, kh, vh = (_heads_first(t, acc) for t in (q, k, v))
+    # Every token belongs to exactly one chunk, which writes its rows.
+    out = torch.empty(T, Hq, Dv, dtype=q.dtype, device=q.device)
+    lse = torch.empty(T, Hq, dtype=torch.float32, device=q.device)
+    scale2 = softmax_scale * _LOG2E
+    for rows, keys, blocked in _plan(cu_seqlens, Hq, causal):
+        p = _scores(qh, kh, rows, keys, blocked, scale2)             # [Hq, n, keys]
+        row_max = p.amax(dim=-1, keepdim=True)  # finite: each row sees at least its own key
+        p.sub_(row_max).exp2_()
+        total = p.sum(dim=-1, keepdim=True)                          # [Hq, n, 1]
+        out[rows] = torch.bmm(p, vh[:, keys]).div_(total).transpose(0, 1)
+        lse[rows] = ((row_max + total.log2()) / _LOG2E).squeeze(-1).t()
+    return out, lse
+
+
+def mla_prefill_backward(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens, causal,
+                         softmax_scale):
+    acc = torch.promote_types(q.dtype, torch.float32)
+    qh, kh, vh, doh = (_heads_first(t, acc) for t in (q, k, v, grad_out))
+    # delta = d(loss)/d(lse) folded into rowsum(dO * O): dS = P * (dP - delta).
+    delta = ((grad_out.to(acc) * out.to(acc)).sum(-1) - grad_lse).t()   # [Hq, T]
+    lse2 = lse.t().to(acc) * _LOG2E                                   # [Hq, T]
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)        # rows written once
+    dk, dv = (torch.zeros(t.shape, dtype=acc, device=t.device) for t in (k, v))  # summed
+    scale2 = softmax_scale * _LOG2E
+    for rows, keys, blocked in _plan(cu_seqlens, q.shape[1], causal):
+        p = _scores(qh, kh, rows, keys, blocked, scale2)
+        p.sub_(lse2[:, rows, None]).exp2_()                           # [Hq, n, keys]
+        dv[keys] += torch.bmm(p.transpose(1, 2), doh[:, rows]).transpose(0, 1)
+        ds = torch.bmm(doh[:, rows], vh[:, keys].transpose(1, 2))    # dP, then dS in place
+        ds.sub_(delta[:, rows, None]).mul_(p).mul_(softmax_scale)
+        dq[rows] = torch.bmm(ds, kh[:, keys]).transpose(0, 1)
+        dk[keys] += torch.bmm(ds.transpose(1, 2), qh[:, rows]).transpose(0, 1)
+    return dq, dk.to(k.dtype), dv.to(v.dtype)

@@ -1,0 +1,266 @@
+"""Run a live transformers 5 DeepSeek-V3 model on ds_kernels ops, and undo it exactly.
+
+    model = DeepseekV3ForCausalLM.from_pretrained(...)
+    patch_deepseek_v3(model)      # same parameters, same logits, kernels underneath
+    unpatch_deepseek_v3(model)    # transformers' own forwards again
+
+What is patched: each module of these classes gets an instance-level ``forward`` (a method bound
+to the module) that shadows its class's; unpatching deletes it, so the class forward is what
+runs again. Parameters, buffers, module objects, hooks and state_dict keys are untouched, so an
+optimizer, transformers' output recorders (router_logits) and a deepcopy keep working.
+- DeepseekV3RMSNorm -> rms_norm (transformers' order of casts, so outputs match).
+- DeepseekV3TopkRouter -> fp32 logits as transformers computes them, then route. Returns
+  (router_logits, topk_weights fp32, topk_ids int64) like the original; the experts come out
+  sorted by score where transformers' are unsorted, which only reorders a sum.
+- DeepseekV3Experts -> fused_moe (gate rows first in gate_up_proj, as transformers stores them).
+- DeepseekV3Attention -> q, the normalised latent and k_pe from the module's own projections,
+  apply_rope on transformers' cos/sin, then
+  * prefill (no tokens cached yet for this layer): k and v expanded from the latent through
+    kv_b_proj, mla_prefill over the batch as B equal-length sequences (differentiable);
+  * decode (one new token per sequence, tokens cached, gradients off): absorbed attention,
+    q_nope folded through W_UK, mla_decode over the cached latent rows, the result unfolded
+    through W_UV. The cache is never re-expanded per head; transformers' DynamicCache holds it
+    as one contiguous [B, 1, L, Dc] + [B, 1, L, Dr] pair per layer, which is copied into pages
+    every step (O(L * (Dc + Dr)) bytes per layer, far less than the expansion it replaces; a
+    paged cache, as ds_model keeps, avoids the copy).
+  The cache receives exactly what transformers writes (k_pe in its de-interleaved layout), so
+  patched and unpatched steps can share one cache.
+
+Calls that fall back to transformers' forward of that module, which is always correct:
+- attention with a mask that is not plain causal (left/right padding, packed sequences): the
+  mask would have to become cu_seqlens or per-sequence cache lengths, and left padding puts
+  padding rows at the start of the cache, which mla_decode cannot skip;
+- attention with several new tokens after cached ones (chunked prefill, assisted decoding),
+  with a cache other than DynamicCache (static, quantized), with an attention implementation
+  other than eager / sdpa (flash and flex pass padding and packing through other arguments),
+  with dropout while training, or a cached step with gradients enabled (mla_decode has no
+  backward);
+- an RMSNorm whose weight dtype differs from its input's (transformers returns the promoted
+  dtype there, rms_norm the input's).
+Checking a mask reads it back (one device sync per layer when transformers materialises it;
+with sdpa and no padding it passes None and nothing is read).
+
+The patched attention returns no attention weights (None), as sdpa and flash do.
+"""
+
+import types
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import DynamicCache
+from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf
+
+from ds_kernels.ops.apply_rope import apply_rope
+from ds_kernels.ops.fused_moe import fused_moe
+from ds_kernels.ops.mla_decode import mla_decode
+from ds_kernels.ops.mla_prefill import mla_prefill
+from ds_kernels.ops.rms_norm import rms_norm
+from ds_kernels.ops.route import route
+
+# Rows per page of the paged view of transformers' latent cache that mla_decode reads: FlashMLA's
+# page size (any power of two >= 16 is valid; the last page pads a sequence by < 64 rows).
+_PAGE = 64
+# Attention implementations whose masks _plain_causal reads: a 4-D bool or additive float mask,
+# or None only when sdpa has proven the attention plain causal.
+_MASK_IMPLEMENTATIONS = ("eager", "sdpa")
+
+
+def patch_deepseek_v3(model: hf.DeepseekV3PreTrainedModel) -> hf.DeepseekV3PreTrainedModel:
+    """Run ``model``'s RMSNorms, routers, experts and attention on ds_kernels ops, in place.
+
+    model: a transformers DeepseekV3 model (DeepseekV3ForCausalLM, DeepseekV3Model, or another
+    DeepseekV3PreTrainedModel). Patching again patches only modules not yet patched (a no-op on
+    a patched model). Nothing is changed if any module cannot be patched: a module that already
+    has an instance-level forward (another patch, accelerate's device hooks), experts whose
+    activation is not silu or that are expert-parallel. Returns ``model``.
+    """
+    todo = [(name, m) for name, m in _targets(model) if not _is_patched(m)]
+    for name, module in todo:
+        _check_patchable(name, module)
+    for _, module in todo:
+        module.forward = types.MethodType(_FORWARDS[type(module)], module)
+    return model
+
+
+def unpatch_deepseek_v3(model: hf.DeepseekV3PreTrainedModel) -> hf.DeepseekV3PreTrainedModel:
+    """Undo patch_deepseek_v3: every patched module runs its class's forward again (a no-op on
+    an unpatched model). Returns ``model``."""
+    for _, module in _targets(model):
+        if _is_patched(module):
+            del module.forward
+    return model
+
+
+def _rms_norm_forward(self, hidden_states):
+    if self.weight.dtype != hidden_states.dtype:
+        return type(self).forward(self, hidden_states)
+    return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+
+def _router_forward(self, hidden_states):
+    hidden_states = hidden_states.view(-1, self.hidden_dim)                   # [T, H]
+    router_logits = F.linear(hidden_states.float(), self.weight.float())      # [T, E]
+    topk_weights, topk_ids = route(
+        router_logits, self.top_k, correction_bias=self.e_score_correction_bias,
+        n_group=self.num_group, topk_group=self.topk_group, renormalize=self.norm_topk_prob,
+        routed_scaling_factor=self.routed_scaling_factor)                   # [T, k] each
+    # int64 ids, as transformers' experts forward (one_hot) needs them: a caller may hold the
+    # original experts, e.g. when some modules could not be patched.
+    return router_logits, topk_weights, topk_ids.long()
+
+
+def _experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    return fused_moe(hidden_states, self.gate_up_proj, self.down_proj, top_k_weights, top_k_index)
+
+
+def _attention_forward(self, hidden_states, position_embeddings, attention_mask, cache=None,
+                       **kwargs):
+    B, S = hidden_states.shape[:-1]
+    path = _kernel_path(self, S, attention_mask, cache)
+    if path is None:
+        return type(self).forward(self, hidden_states, position_embeddings, attention_mask,
+                                  cache=cache, **kwargs)
+
+    H, Dn, Dr, Dv = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
+    Dc, T = self.kv_lora_rank, B * S
+    if self.q_lora_rank is None:
+        q = self.q_proj(hidden_states)
+    else:
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
+    q_nope, q_pe = q.view(T, H, Dn + Dr).split([Dn, Dr], dim=-1)            # [T, H, Dn], [T, H, Dr]
+    latent, k_pe = self.kv_a_proj_with_mqa(hidden_states).view(T, Dc + Dr).split([Dc, Dr], dim=-1)
+    latent = self.kv_a_layernorm(latent)                                    # [T, Dc]
+    cos, sin = (_rope_table(t, B, S) for t in position_embeddings)          # [T, Dr/2] each
+    q_pe = _rope(q_pe, cos, sin, self.config.rope_interleave)               # [T, H, Dr]
+    k_pe = _rope(k_pe, cos, sin, self.config.rope_interleave)               # [T, Dr]
+    if cache is not None:
+        cached_latent, cached_k_pe = cache.update(latent.view(B, 1, S, Dc), k_pe.view(B, 1, S, Dr),
+                                                  self.layer_idx)            # [B, 1, L, Dc / Dr]
+    if path == "decode":
+        out = _absorbed_decode(self, q_nope, q_pe, cached_latent[:, 0], cached_k_pe[:, 0])
+    else:
+        out = _prefill(self, q_nope, q_pe, latent, k_pe, B, S)              # [T, H, Dv]
+    return self.o_proj(out.reshape(B, S, H * Dv)), None
+
+
+def _kernel_path(self, q_len, attention_mask, cache):
+    """Which kernels this call takes: "prefill", "decode", or None to keep transformers' forward
+    (the module docstring says why each case does)."""
+    if (self.config._attn_implementation not in _MASK_IMPLEMENTATIONS
+            or (self.training and self.attention_dropout > 0)
+            or (cache is not None and not isinstance(cache, DynamicCache))):
+        return None
+    past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
+    if past == 0:
+        path = "prefill"
+    elif q_len == 1 and not torch.is_grad_enabled():
+        path = "decode"
+    else:
+        return None
+    return path if _plain_causal(attention_mask, q_len, past + q_len) else None
+
+
+def _plain_causal(mask, q_len, kv_len):
+    """Whether transformers' attention mask lets query i see exactly keys 0 .. kv_len - q_len + i
+    of its own row: no padding, no packed sequences."""
+    if mask is None:
+        return True
+    if mask.dim() != 4 or tuple(mask.shape[-2:]) != (q_len, kv_len):
+        return False
+    causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=mask.device).tril(kv_len - q_len)
+    if mask.dtype != torch.bool:                    # additive: 0 where seen, dtype min elsewhere
+        causal = torch.zeros(causal.shape, dtype=mask.dtype, device=mask.device).masked_fill_(
+            ~causal, torch.finfo(mask.dtype).min)
+    return bool((mask == causal).all())
+
+
+def _rope_table(table, B, S):
+    """transformers' cos or sin, [B or 1, S, Dr] = cat(t, t), as apply_rope's [B * S, Dr/2] t."""
+    half = table[..., : table.shape[-1] // 2]
+    return half.expand(B, S, half.shape[-1]).reshape(B * S, half.shape[-1])
+
+
+def _rope(x, cos, sin, rope_interleave):
+    """x rotated as transformers rotates it, in its output layout. With rope_interleave it
+    rotates adjacent pairs but returns them de-interleaved, cat(x[0::2], x[1::2]) (see
+    ds_kernels/ops/apply_rope.py); its cache holds k_pe that way, so we do too."""
+    out = apply_rope(x, cos, sin, interleaved=rope_interleave)
+    if rope_interleave:
+        out = torch.cat([out[..., 0::2], out[..., 1::2]], dim=-1)
+    return out
+
+
+def _prefill(self, q_nope, q_pe, latent, k_pe, B, S):
+    """Attention of B sequences of S new tokens each; k and v expanded from the latent."""
+    T, H = q_nope.shape[:2]
+    k_nope, v = self.kv_b_proj(latent).view(T, H, -1).split(
+        [self.qk_nope_head_dim, self.v_head_dim], dim=-1)                   # [T, H, Dn], [T, H, Dv]
+    q = torch.cat([q_nope, q_pe], dim=-1)                                   # [T, H, Dn + Dr]
+    k = torch.cat([k_nope, k_pe[:, None].expand(-1, H, -1)], dim=-1)        # [T, H, Dn + Dr]
+    cu_seqlens = torch.arange(B + 1, dtype=torch.int32, device=q.device) * S  # [B + 1]
+    out, _ = mla_prefill(q, k, v, cu_seqlens, causal=True, softmax_scale=self.scaling)
+    return out
+
+
+def _absorbed_decode(self, q_nope, q_pe, latent, k_pe):
+    """One new token per sequence against its cached rows: q_nope [B, H, Dn], q_pe [B, H, Dr];
+    latent [B, L, Dc], k_pe [B, L, Dr] (this layer's whole cache, new token included)."""
+    H, Dn, Dv, Dc = self.num_heads, self.qk_nope_head_dim, self.v_head_dim, self.kv_lora_rank
+    w_uk, w_uv = self.kv_b_proj.weight.view(H, Dn + Dv, Dc).split([Dn, Dv], dim=1)  # [H, Dn|Dv, Dc]
+    q_latent = torch.einsum("bhn,hnc->bhc", q_nope, w_uk)                  # [B, H, Dc]
+    kv_cache, block_table, cache_seqlens = _pages(latent, k_pe)
+    out, _ = mla_decode(q_latent, q_pe, kv_cache, block_table, cache_seqlens, self.scaling)
+    return torch.einsum("bhc,hvc->bhv", out, w_uv)                         # [B, H, Dv]
+
+
+def _pages(latent, k_pe):
+    """A copy of the contiguous cache, latent [B, L, Dc] and k_pe [B, L, Dr], in mla_decode's
+    layout: (kv_cache [B * P, _PAGE, Dc + Dr], block_table int32 [B, P], cache_seqlens int32 [B]),
+    sequence b owning pages b * P .. b * P + P - 1."""
+    B, L, Dc = latent.shape
+    P = -(-L // _PAGE)
+    rows = latent.new_empty(B, P * _PAGE, Dc + k_pe.shape[-1])
+    rows[:, :L, :Dc] = latent
+    rows[:, :L, Dc:] = k_pe
+    rows[:, L:] = 0                                 # the last page's tail: never scored, but finite
+    block_table = torch.arange(B * P, dtype=torch.int32, device=latent.device).view(B, P)
+    cache_seqlens = torch.full((B,), L, dtype=torch.int32, device=latent.device)
+    return rows.view(B * P, _PAGE, -1), block_table, cache_seqlens
+
+
+_FORWARDS = {
+    hf.DeepseekV3RMSNorm: _rms_norm_forward,
+    hf.DeepseekV3TopkRouter: _router_forward,
+    hf.DeepseekV3Experts: _experts_forward,
+    hf.DeepseekV3Attention: _attention_forward,
+}
+
+
+def _targets(model):
+    """(name, module) of every module of a patched class; exact classes, as a subclass may
+    compute something else."""
+    if not isinstance(model, hf.DeepseekV3PreTrainedModel):
+        raise TypeError("patch_deepseek_v3 / unpatch_deepseek_v3 take a transformers DeepseekV3 "
+                        "model (DeepseekV3ForCausalLM, DeepseekV3Model), got "
+                        f"{type(model).__name__}")
+    return [(name, m) for name, m in model.named_modules() if type(m) in _FORWARDS]
+
+
+def _is_patched(module):
+    forward = module.__dict__.get("forward")
+    return isinstance(forward, types.MethodType) and forward.__func__ is _FORWARDS[type(module)]
+
+
+def _check_patchable(name, module):
+    if "forward" in module.__dict__:
+        raise ValueError(f"module {name!r} ({type(module).__name__}) already has its own forward "
+                         f"({module.__dict__['forward']!r}: another patch, or a hook such as "
+                         "accelerate's device_map dispatch), which patching would drop; patch "
+                         "before adding it")
+    if isinstance(module, hf.DeepseekV3Experts):
+        if module.config.hidden_act != "silu":
+            raise ValueError(f"module {name!r}: fused_moe implements silu experts, but "
+                             f"hidden_act={module.config.hidden_act!r}")
+        if module._is_expert_parallel:
+            raise ValueError(f"module {name!r}: expert-parallel experts (ids of other ranks' "
+                             "experts in top_k_index) are not supported")

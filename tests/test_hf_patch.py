@@ -1,0 +1,304 @@
+"""patch_deepseek_v3 on a live transformers DeepseekV3: the same logits, gradients and greedy
+tokens as unpatched, through ds_kernels' attention kernels where the masks allow; unpatch
+restores the model exactly. Every test undoes the patches it applies."""
+
+import copy
+
+import pytest
+import torch
+
+import ds_kernels
+from conftest import DEVICE
+from numerics import assert_close
+
+transformers = pytest.importorskip("transformers")
+from ds_kernels.integrations import hf as integration  # noqa: E402
+from ds_kernels.integrations.hf import patch_deepseek_v3, unpatch_deepseek_v3  # noqa: E402
+
+# A whole network's chain of sums: atol 1e-4, rtol 1e-3 on fp32 logits and gradients.
+NETWORK = 10_000
+PATCHED_CLASSES = ("DeepseekV3RMSNorm", "DeepseekV3TopkRouter", "DeepseekV3Experts",
+                   "DeepseekV3Attention")
+
+
+def _model(q_lora_rank=None, rope_interleave=True, attn="sdpa", seed=0):
+    """Two layers (one dense, one MoE with grouped routing), weights ~N(0, 0.2) so the logits
+    spread out, norm weights and the routing bias random too."""
+    config = transformers.DeepseekV3Config(
+        vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+        num_hidden_layers=2, first_k_dense_replace=1, num_attention_heads=4,
+        num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
+        topk_group=1, kv_lora_rank=32, q_lora_rank=q_lora_rank, qk_rope_head_dim=16,
+        qk_nope_head_dim=16, v_head_dim=16, rope_interleave=rope_interleave,
+        max_position_embeddings=256, initializer_range=0.2, pad_token_id=0)
+    config._attn_implementation = attn
+    torch.manual_seed(seed)
+    model = transformers.DeepseekV3ForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+        for name, b in model.named_buffers():
+            if "e_score_correction_bias" in name:
+                b.copy_(0.1 * torch.randn_like(b))
+    return model.eval().to(DEVICE)
+
+
+def _inputs(B=2, S=7, seed=1):
+    ids = torch.randint(1, 128, (B, S), generator=torch.Generator().manual_seed(seed))
+    return ids.to(DEVICE), torch.ones(B, S, dtype=torch.long, device=DEVICE)
+
+
+def _generate(model, ids, mask, steps=5):
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=mask, max_new_tokens=steps, do_sample=False,
+                              output_scores=True, return_dict_in_generate=True)
+
+
+def _patched_modules(model):
+    return [m for m in model.modules() if type(m).__name__ in PATCHED_CLASSES]
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """How often the patched attention called each kernel."""
+    counts = {"mla_prefill": 0, "mla_decode": 0}
+    for name in counts:
+        def counted(*args, _op=getattr(integration, name), _name=name, **kwargs):
+            counts[_name] += 1
+            return _op(*args, **kwargs)
+        monkeypatch.setattr(integration, name, counted)
+    return counts
+
+
+@pytest.mark.parametrize("q_lora_rank", [None, 24])
+@pytest.mark.parametrize("rope_interleave", [True, False])
+def test_logits_match(calls, q_lora_rank, rope_interleave):
+    model = _model(q_lora_rank, rope_interleave)
+    ids, _ = _inputs()
+    with torch.no_grad():
+        expected = model(ids).logits
+        patch_deepseek_v3(model)
+        try:
+            logits = model(ids).logits
+        finally:
+            unpatch_deepseek_v3(model)
+    assert_close(logits, expected, torch.float32, reduction=NETWORK, what="logits")
+    assert calls["mla_prefill"] == 2                               # one per layer
+
+
+@pytest.mark.parametrize("q_lora_rank", [None, 24])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])               # None / additive-float masks
+def test_greedy_generate_matches(calls, q_lora_rank, attn):
+    model = _model(q_lora_rank, attn=attn)
+    ids, mask = _inputs()
+    expected = _generate(model, ids, mask)
+    patch_deepseek_v3(model)
+    try:
+        out = _generate(model, ids, mask)
+    finally:
+        unpatch_deepseek_v3(model)
+    assert torch.equal(out.sequences, expected.sequences)
+    for step, (got, want) in enumerate(zip(out.scores, expected.scores)):
+        assert_close(got, want, torch.float32, reduction=NETWORK, what=f"step {step} logits")
+    # prefill then absorbed decode in both layers at every later step
+    assert calls == {"mla_prefill": 2, "mla_decode": 2 * (len(out.scores) - 1)}
+
+
+def test_padded_batch_falls_back_and_matches(calls):
+    model = _model(q_lora_rank=24)
+    ids, mask = _inputs()
+    mask[0, :3] = 0                                                 # left padding
+    expected = _generate(model, ids, mask)
+    patch_deepseek_v3(model)
+    try:
+        out = _generate(model, ids, mask)
+    finally:
+        unpatch_deepseek_v3(model)
+    assert torch.equal(out.sequences, expected.sequences)
+    assert calls == {"mla_prefill": 0, "mla_decode": 0}
+
+
+@pytest.mark.parametrize("q_lora_rank", [None, 24])
+def test_gradients_match(calls, q_lora_rank):
+    model = _model(q_lora_rank).train()
+    ids, _ = _inputs()
+
+    def grads():
+        model.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    expected = grads()
+    patch_deepseek_v3(model)
+    try:
+        got = grads()
+    finally:
+        unpatch_deepseek_v3(model)
+    assert calls["mla_prefill"] == 2
+    assert got.keys() == expected.keys()
+    for name, grad in got.items():
+        assert_close(grad, expected[name], torch.float32, reduction=NETWORK, what=name)
+
+
+def test_cache_is_shared_with_transformers(calls):
+    """Patched steps write the cache exactly as transformers does: prefill patched, then a
+    3-token chunk (falls back: new tokens after cached ones), then one token, then one more
+    with the model unpatched; every step's logits match an all-unpatched run."""
+    model = _model(q_lora_rank=24)
+    ids, _ = _inputs(S=9)
+    chunks = (ids[:, :4], ids[:, 4:7], ids[:, 7:8], ids[:, 8:])
+
+    def run(patch_steps):
+        cache, logits = None, []
+        with torch.no_grad():
+            for step, chunk in enumerate(chunks):
+                if step in patch_steps:
+                    patch_deepseek_v3(model)
+                try:
+                    out = model(chunk, cache=cache, use_cache=True)
+                finally:
+                    unpatch_deepseek_v3(model)
+                cache = out.cache
+                logits.append(out.logits)
+        return logits
+
+    expected = run(patch_steps=())
+    for step, (got, want) in enumerate(zip(run(patch_steps=(0, 1, 2)), expected)):
+        assert_close(got, want, torch.float32, reduction=NETWORK, what=f"step {step} logits")
+    assert calls == {"mla_prefill": 2, "mla_decode": 2}
+
+
+def test_base_model():
+    model = _model().model                                          # DeepseekV3Model
+    ids, _ = _inputs()
+    with torch.no_grad():
+        expected = model(ids).last_hidden_state
+        patch_deepseek_v3(model)
+        try:
+            got = model(ids).last_hidden_state
+        finally:
+            unpatch_deepseek_v3(model)
+    assert_close(got, expected, torch.float32, reduction=NETWORK, what="hidden states")
+
+
+def test_bfloat16_model(calls):
+    model = _model(q_lora_rank=24).to(torch.bfloat16)
+    ids, mask = _inputs()
+    with torch.no_grad():
+        expected = model(ids).logits
+    expected_tokens = _generate(model, ids, mask, steps=2)
+    patch_deepseek_v3(model)
+    try:
+        with torch.no_grad():
+            logits = model(ids).logits
+        tokens = _generate(model, ids, mask, steps=2)
+    finally:
+        unpatch_deepseek_v3(model)
+    # transformers rotates in bf16, apply_rope in fp32: a few bf16 roundings apart
+    assert_close(logits, expected, torch.bfloat16, reduction=64, what="logits")
+    assert tokens.sequences.shape == expected_tokens.sequences.shape   # ties may break apart
+    assert calls == {"mla_prefill": 2 * 2, "mla_decode": 2}
+
+
+def test_triton_backend():
+    """The Triton kernels (the interpreter on CPU) on the strided views the patch passes them."""
+    model = _model(q_lora_rank=24)
+    ids, mask = _inputs(S=5)
+    expected = _generate(model, ids, mask, steps=2)
+    patch_deepseek_v3(model)
+    try:
+        with ds_kernels.use_backend("triton"):
+            out = _generate(model, ids, mask, steps=2)
+    finally:
+        unpatch_deepseek_v3(model)
+    assert torch.equal(out.sequences, expected.sequences)
+    for got, want in zip(out.scores, expected.scores):
+        assert_close(got, want, torch.float32, reduction=NETWORK, what="logits")
+
+
+def test_unpatch_restores_exactly():
+    model = _model(q_lora_rank=24)
+    ids, _ = _inputs()
+    modules = list(model.modules())
+    params = list(model.parameters())
+    with torch.no_grad():
+        before = model(ids).logits
+    patch_deepseek_v3(model)
+    targets = _patched_modules(model)
+    assert len(targets) == 2 * (1 + 4) + 1 + 2      # per layer attention + 4 norms; final norm; MoE
+    assert all(m.forward.__func__ is not type(m).forward for m in targets)
+    unpatch_deepseek_v3(model)
+    assert list(model.modules()) == modules
+    assert all(a is b for a, b in zip(model.parameters(), params, strict=True))
+    for m in targets:
+        assert "forward" not in m.__dict__
+        assert m.forward.__func__ is type(m).forward
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
+
+
+def test_patching_twice_is_a_no_op():
+    model = _model()
+    unpatch_deepseek_v3(model)                                      # unpatched: nothing to undo
+    patch_deepseek_v3(model)
+    forwards = [m.__dict__["forward"] for m in _patched_modules(model)]
+    assert patch_deepseek_v3(model) is model
+    again = [m.__dict__["forward"] for m in _patched_modules(model)]
+    assert all(a is b for a, b in zip(again, forwards, strict=True))
+    unpatch_deepseek_v3(model)
+    assert all("forward" not in m.__dict__ for m in _patched_modules(model))
+
+
+def test_deepcopy_of_a_patched_model_runs_its_own_modules():
+    model = patch_deepseek_v3(_model())
+    try:
+        clone = copy.deepcopy(model)
+        assert all(m.forward.__self__ is m for m in _patched_modules(clone))
+        unpatch_deepseek_v3(clone)
+        assert all("forward" in m.__dict__ for m in _patched_modules(model))
+    finally:
+        unpatch_deepseek_v3(model)
+
+
+def test_rms_norm_with_a_wider_weight_keeps_transformers_dtype():
+    model = patch_deepseek_v3(_model())
+    try:
+        norm = model.model.norm
+        x = torch.randn(3, 64, device=DEVICE, dtype=torch.bfloat16)
+        out = norm(x)                                               # fp32 weight, bf16 input
+        assert out.dtype == torch.float32
+        assert torch.equal(out, type(norm).forward(norm, x))
+    finally:
+        unpatch_deepseek_v3(model)
+
+
+def test_rejects_other_models():
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2))
+    for bad in (llama, torch.nn.Linear(2, 2)):
+        with pytest.raises(TypeError, match="DeepseekV3 model.*got (LlamaForCausalLM|Linear)"):
+            patch_deepseek_v3(bad)
+        with pytest.raises(TypeError, match="DeepseekV3 model"):
+            unpatch_deepseek_v3(bad)
+
+
+def test_refuses_a_module_with_its_own_forward_and_changes_nothing():
+    model = _model()
+    norm = model.model.norm
+    norm.forward = lambda x: x                                      # e.g. a hook's wrapper
+    try:
+        with pytest.raises(ValueError, match="'model.norm'.*already has its own forward"):
+            patch_deepseek_v3(model)
+        assert all("forward" not in m.__dict__ for m in _patched_modules(model) if m is not norm)
+    finally:
+        del norm.forward
+
+
+def test_refuses_non_silu_experts():
+    model = _model()
+    model.config.hidden_act = "gelu"
+    with pytest.raises(ValueError, match="silu.*'gelu'"):
+        patch_deepseek_v3(model)
+    assert all("forward" not in m.__dict__ for m in _patched_modules(model))
