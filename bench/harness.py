@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 import ds_kernels
-from ds_kernels import dispatch
+from ds_kernels import dispatch, tuning
 
 # Fewer samples than this make the p20/p80 columns meaningless.
 MIN_REPS = 5
@@ -227,7 +227,7 @@ def machine_info(device="cpu") -> dict:
     device = torch.device(device)
     return dict(
         platform=platform.platform(),
-        cpu=_cpu_model(),
+        cpu=tuning.device_name(torch.device("cpu")),
         cores=os.cpu_count(),
         torch_threads=torch.get_num_threads(),
         # Other work on the machine shows up as stalls in CPU timings; this says if there was.
@@ -247,16 +247,6 @@ def _version(package: str) -> str | None:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         return None
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def format_shape(shape: dict) -> str:

@@ -1,6 +1,6 @@
 """assert_close with the library's dtype tolerance table (ds_kernels/testing.py)."""
 
-from ds_kernels.testing import mismatches, tolerance  # noqa: F401 - tolerance re-exported
+from ds_kernels.testing import mismatches
 
 
 def assert_close(actual, expected, dtype, reduction: int = 1, what: str = "values"):

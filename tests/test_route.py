@@ -8,7 +8,6 @@ from hypothesis import strategies as st
 
 import ds_kernels
 from conftest import DEVICE, backend_fixture
-from ds_kernels import tuning
 from ds_kernels.reference.route import RENORM_EPS, choice_scores
 from ds_kernels.reference.route import route as reference_route
 from numerics import assert_close

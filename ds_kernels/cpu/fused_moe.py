@@ -1,15 +1,20 @@
 """The MoE experts on the torch path: sort the T*k assignments by expert once, then the two
-GEMMs over each expert's contiguous run of rows.
+GEMMs over each expert's run of rows.
 
 Strategies (``python -m autotune sweep --op fused_moe`` picks per machine and token count):
-  "grouped_mm": two torch grouped_mm calls over all experts;
-  "mm_loop":    per expert with rows: up-projection, SwiGLU, down-projection back to back,
-                so the [rows, 2I] intermediate is still in cache for the second GEMM;
-  "expert_threads": the same per-expert work, experts shared out over one single-threaded
-                worker per core instead of every GEMM split over all cores: medium GEMMs
-                (a few hundred rows) lose much of their speed to the cores' synchronisation.
-                torch's thread count is process-wide, so other threads of the process run
-                single-threaded for the duration of the call.
+  "grouped_mm": two torch grouped_mm calls over all experts, on a permuted copy of the
+                tokens, then an un-permute and a sum over k;
+  "mm_loop":    per expert with rows: gather its tokens, up-projection, SwiGLU,
+                down-projection, routing weight, and index_add into the output - no [T*k, H]
+                buffers at all: fresh 100 MB buffers cost more in page faults and memory passes
+                than the GEMMs' own overhead (bench/bench_fused_moe.py, T=4096);
+  "expert_threads": the same per-expert work with the experts shared out over one
+                single-threaded worker per core (largest first, assigned by expert size, so
+                the result does not depend on timing), each adding into its own output, summed
+                at the end. Medium GEMMs lose much of their speed to synchronising cores, and a
+                core taken by another process stalls every multi-threaded GEMM. torch's thread
+                count is process-wide: other threads of the process run single-threaded for
+                the duration of the call.
 The backward recomputes the first GEMM rather than keeping [T*k, 2I] activations alive
 between forward and backward (the same choice as the Triton path).
 """
@@ -41,53 +46,61 @@ def _plan(hidden, w13, topk_ids):
 _workers: ThreadPoolExecutor | None = None
 
 
-def _pool() -> ThreadPoolExecutor:
+def _pool(size: int) -> ThreadPoolExecutor:
     global _workers
-    if _workers is None:
-        _workers = ThreadPoolExecutor(torch.get_num_threads(), thread_name_prefix="ds_kernels")
+    if _workers is None or _workers._max_workers != size:
+        _workers = ThreadPoolExecutor(size, thread_name_prefix="ds_kernels")
     return _workers
 
 
-def _experts(x, w13, w2, offs, strategy):
-    """[N, H]: w2[e] @ silu-gated (w13[e] @ x) for the rows of each expert e."""
-    I = w2.shape[2]
-    if strategy == "grouped_mm":
-        gate, up = grouped_matmul(x, w13.transpose(1, 2), offs, strategy).chunk(2, dim=-1)
-        return grouped_matmul(F.silu(gate) * up, w2.transpose(1, 2), offs, strategy)
-    y = x.new_empty(x.shape[0], w2.shape[1])
-
-    def expert(group):
-        e, s, t = group
-        # Worker threads start with autograd on; the op computes values only (its backward
-        # is the fused_moe_backward op).
-        with torch.no_grad():
-            gate_up = torch.mm(x[s:t], w13[e].t())                # [rows, 2I]
-            torch.mm(F.silu(gate_up[:, :I]) * gate_up[:, I:], w2[e].t(), out=y[s:t])
-
-    work = groups(offs)
-    if strategy != "expert_threads" or torch.get_num_threads() == 1:
-        for group in work:
-            expert(group)
-        return y
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:  # largest experts first, so the workers finish together
-        list(_pool().map(expert, sorted(work, key=lambda g: g[1] - g[2])))
-    finally:
-        torch.set_num_threads(threads)
-    return y
+def _shares(work, workers: int):
+    """Experts dealt to workers largest first, each to the least loaded: balanced, and the
+    same split for the same routing."""
+    shares, loads = [[] for _ in range(workers)], [0] * workers
+    for group in sorted(work, key=lambda g: g[1] - g[2]):
+        w = loads.index(min(loads))
+        shares[w].append(group)
+        loads[w] += group[2] - group[1]
+    return shares
 
 
 def fused_moe(hidden, w13, w2, topk_weights, topk_ids):
     T, H = hidden.shape
     k = topk_ids.shape[1]
+    I = w2.shape[2]
     order, offs, strategy = _plan(hidden, w13, topk_ids)
-    y = _experts(hidden[order // k], w13, w2, offs, strategy)     # [N, H]
     acc = torch.promote_types(hidden.dtype, torch.float32)
-    weighted = y.to(acc) * topk_weights.reshape(-1)[order].to(acc).unsqueeze(1)
-    by_assignment = torch.empty_like(weighted)
-    by_assignment[order] = weighted
-    return by_assignment.view(T, k, H).sum(dim=1).to(hidden.dtype)
+    weight = topk_weights.reshape(-1)[order].to(acc)              # [N] per slot
+    token = order // k                                            # [N] per slot
+    if strategy == "grouped_mm":
+        gate, up = grouped_matmul(hidden[token], w13.transpose(1, 2), offs, strategy).chunk(2, -1)
+        y = grouped_matmul(F.silu(gate) * up, w2.transpose(1, 2), offs, strategy)  # [N, H]
+        by_assignment = torch.empty_like(y, dtype=acc)
+        by_assignment[order] = y.to(acc) * weight.unsqueeze(1)
+        return by_assignment.view(T, k, H).sum(dim=1).to(hidden.dtype)
+
+    def add_experts(share, out):
+        # Worker threads start with autograd on; the op computes values only (its backward
+        # is the fused_moe_backward op).
+        with torch.no_grad():
+            for e, s, t in share:
+                rows = token[s:t]
+                gate_up = torch.mm(hidden[rows], w13[e].t())      # [rows, 2I]
+                y = torch.mm(F.silu(gate_up[:, :I]) * gate_up[:, I:], w2[e].t())  # [rows, H]
+                out.index_add_(0, rows, y.to(acc) * weight[s:t].unsqueeze(1))
+        return out
+
+    work = groups(offs)
+    threads = torch.get_num_threads()
+    if strategy != "expert_threads" or threads == 1 or len(work) < 2:
+        return add_experts(work, hidden.new_zeros(T, H, dtype=acc)).to(hidden.dtype)
+    outs = [hidden.new_zeros(T, H, dtype=acc) for _ in range(threads)]
+    torch.set_num_threads(1)
+    try:
+        list(_pool(threads).map(add_experts, _shares(work, threads), outs))
+    finally:
+        torch.set_num_threads(threads)
+    return torch.stack(outs).sum(dim=0).to(hidden.dtype)
 
 
 def fused_moe_backward(grad_out, hidden, w13, w2, topk_weights, topk_ids):
