@@ -22,6 +22,7 @@ BENCHMARKS = {
     "norm_rope": "bench.bench_norm_rope",
     "mla_decode": "bench.bench_mla_decode",
     "mla_prefill": "bench.bench_mla_prefill",
+    "model": "bench.bench_model",
 }
 
 

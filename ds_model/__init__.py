@@ -1,5 +1,13 @@
 """ds_model: a thin DeepSeek-V3-family network built only from ds_kernels ops.
 
-Not built yet (its issue builds on the routing, fused-MoE and MLA issues); importing it gives
-an empty package so that the repository layout of API.md holds from the first commit.
+    model = DeepSeekForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    logits = model(input_ids)                               # [B, S, V]
+    out = model.generate(prompts, max_new_tokens=64)        # greedy; paged latent cache
+
+``python -m ds_model generate --preset tiny`` runs it from the command line.
 """
+
+from ds_model.config import PRESETS, ModelConfig
+from ds_model.model import DeepSeekForCausalLM, KVCache
+
+__all__ = ["DeepSeekForCausalLM", "KVCache", "ModelConfig", "PRESETS"]

@@ -126,3 +126,22 @@ def test_norm_rope_benchmark_on_tiny_shapes(monkeypatch):
     assert {("apply_rope", i) for i in ("ds_kernels", "transformers", "reference")} <= got
     assert {("mla_cache_write", i) for i in ("ds_kernels", "ds_kernels unfused", "reference")} <= got
     assert all(r.op == "norm_rope" and r.speedup_vs is not None for r in rows)
+
+
+def test_model_benchmark_on_a_toy_config(monkeypatch, tmp_path):
+    """bench_model end to end on CPU at a toy size, timing cut short."""
+    pytest.importorskip("transformers")
+    from bench import bench_model
+    monkeypatch.setattr(bench_model, "time_fns",
+                        functools.partial(harness.time_fns, reps=harness.MIN_REPS, budget_s=0))
+    monkeypatch.setattr(bench_model, "CONFIG", {**bench_model.CONFIG, "hidden_size": 64,
+                                                "num_hidden_layers": 2, "vocab_size": 256})
+    monkeypatch.setattr(bench_model, "CONTEXTS", ((16,), (16,)))
+    rows = bench_model.run(torch.device("cpu"), quick=True)
+    harness.add_speedups(rows)
+    assert sorted((r.shape["phase"], r.impl) for r in rows) == [
+        ("decode", "ds_model"), ("decode", "transformers"), ("prefill", "ds_model"),
+        ("prefill", "transformers")]
+    assert all(r.op == "model" and r.speedup_vs is not None and r.median_us > 0 for r in rows)
+    pytest.importorskip("matplotlib")
+    harness.plot(rows, tmp_path / "model.png")

@@ -1,0 +1,123 @@
+"""model: ds_model's generate against transformers' generate, on the same checkpoint.
+
+One random DeepseekV3ForCausalLM, saved with save_pretrained and loaded by both: 11.6M
+parameters, 7.5M active per token (4 layers, the first dense; hidden 256; 8 heads with
+DeepSeek-V3's head dims, Dn = Dv = 128 and Dr = 64; kv_lora_rank Dc = 128, no q_lora; 16 routed
+experts of width 128, top 2, one shared; vocab 4096). Batch 1, greedy, no EOS; fp32 on CPU,
+bf16 on CUDA.
+
+Rows (op "model"), at each context length ctx:
+- phase=prefill: generate(ctx-token prompt, max_new_tokens=1): the prompt's forward and one
+  token; its tokens/s counts prompt tokens.
+- phase=decode: one decode step after the prompt: ds_model.decode over its paged latent cache,
+  and transformers' forward of one token with its DynamicCache, as each generate runs it
+  every step (the per-step bookkeeping of the two generate loops is left out; timing whole
+  generate calls and subtracting drowns the steps in the prefill's noise at long contexts).
+ds_model decodes absorbed, reading (Dc + Dr) values per cached token; transformers re-expands
+its whole latent cache through kv_b_proj into per-head K and V every step, Hq * (Dn + Dv) more
+per token.
+
+Cache bytes per token (all layers) are printed to stderr: ds_model's from its KVCache, and
+transformers' measured on the cache its generate returns, plus the K/V it expands (one layer at
+a time) every step. Before timing, both models' logits on a short prompt must agree.
+"""
+
+import sys
+import tempfile
+
+import torch
+
+from bench.harness import Row, assert_close, time_fns
+from ds_model import DeepSeekForCausalLM
+
+CONFIG = dict(vocab_size=4096, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
+              num_hidden_layers=4, first_k_dense_replace=1, n_routed_experts=16,
+              num_experts_per_tok=2, n_group=1, topk_group=1, n_shared_experts=1,
+              num_attention_heads=8, num_key_value_heads=8, q_lora_rank=None,
+              kv_lora_rank=128, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+              max_position_embeddings=16384, eos_token_id=None, bos_token_id=None)
+CONTEXTS = ((256, 2048, 8192), (256, 2048))                         # (full, quick)
+STEPS = 20                                                           # timed decode steps, at most
+BASELINE = "transformers"
+OP = "model"
+
+
+def run(device: torch.device, quick: bool) -> list[Row]:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    hf, ours = _models(device, dtype)
+    g = torch.Generator().manual_seed(0)
+    probe = torch.randint(CONFIG["vocab_size"], (1, 64), generator=g).to(device)
+    with torch.inference_mode():
+        assert_close("model logits: ds_model vs transformers", ours(probe).float(),
+                     hf(probe).logits.float(), 1e-4 if dtype == torch.float32 else 3e-2)
+    rows = []
+    for ctx in CONTEXTS[quick]:
+        ids = torch.randint(CONFIG["vocab_size"], (1, ctx), generator=g).to(device)
+        with torch.inference_mode():
+            _cache_bytes(hf, ours, ids)
+            prefill = time_fns({"ds_model": lambda: ours.generate(ids, 1),
+                                BASELINE: lambda: hf.generate(ids, max_new_tokens=1,
+                                                              do_sample=False, pad_token_id=0)},
+                               device, warmup=1, reps=20, budget_s=2.0)
+            decode = time_fns(_decode_steps(hf, ours, ids), device, warmup=1, reps=STEPS,
+                              budget_s=1.0)
+        for name in prefill:
+            rows.append(_row(name, dict(ctx=ctx, B=1, phase="prefill"), dtype, device, ctx,
+                             prefill[name]))
+            rows.append(_row(name, dict(ctx=ctx, B=1, phase="decode"), dtype, device, 1,
+                             decode[name]))
+            print(f"[model] ctx={ctx} {name}: prefill {prefill[name]['median_us'] / 1e3:.1f} ms,"
+                  f" decode {decode[name]['median_us'] / 1e3:.2f} ms/token", file=sys.stderr,
+                  flush=True)
+    return rows
+
+
+def _decode_steps(hf, ours, ids):
+    """One decode step each, after the prompt ids [1, ctx] is cached; every call appends one
+    more token (at most 1 + STEPS calls: the warm-up and the timed ones)."""
+    ctx = ids.shape[1]
+    cache = ours.new_cache([ctx + 1 + STEPS])
+    ours.prefill(ids[0], torch.tensor([0, ctx], dtype=torch.int32, device=ids.device), cache)
+    hf_cache = hf(ids, use_cache=True).cache
+    token, seq_ids = ids[:, -1], torch.zeros(1, dtype=torch.long, device=ids.device)
+    return {"ds_model": lambda: ours.decode(token, seq_ids, cache),
+            BASELINE: lambda: hf(token[:, None], cache=hf_cache, use_cache=True).logits}
+
+
+def _models(device, dtype):
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    torch.manual_seed(0)
+    hf = DeepseekV3ForCausalLM(DeepseekV3Config(**CONFIG))
+    with tempfile.TemporaryDirectory() as folder:
+        hf.save_pretrained(folder)
+        ours = DeepSeekForCausalLM.from_pretrained(folder, dtype=dtype, device=device)
+    total, active = ours.config.num_parameters()
+    print(f"[model] {total / 1e6:.1f}M parameters ({active / 1e6:.1f}M active per token)",
+          file=sys.stderr, flush=True)
+    return hf.to(device, dtype).eval(), ours
+
+
+def _cache_bytes(hf, ours, ids):
+    """Print both caches' bytes per token, measured on what each holds after a generate."""
+    ctx = ids.shape[1]
+    cache = ours.new_cache([ctx])
+    c = ours.config
+    with torch.inference_mode():
+        out = hf.generate(ids[:, :64], max_new_tokens=1, do_sample=False, pad_token_id=0,
+                          return_dict_in_generate=True)
+    held = sum(t.nbytes for layer in out.cache.layers
+               for t in (layer.keys, layer.values)) // out.cache.get_seq_length()
+    expanded = (c.num_attention_heads * (c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim)
+                * ours.lm_head.weight.element_size())
+    print(f"[model] ctx={ctx} cache bytes per token: ds_model {cache.bytes_per_token():,} "
+          f"(paged latent; {cache.nbytes() / 2**20:.1f} MiB for {ctx} tokens); transformers "
+          f"{held:,} held + {expanded:,} per layer re-expanded every step "
+          f"({ctx * expanded / 2**20:.1f} MiB at this ctx)", file=sys.stderr, flush=True)
+
+
+def _row(impl, shape, dtype, device, tokens, t):
+    return Row(op=OP, impl=impl, shape=shape, dtype=str(dtype).replace("torch.", ""),
+               device=str(device), median_us=round(t["median_us"], 3),
+               p20_us=round(t["p20_us"], 3), p80_us=round(t["p80_us"], 3),
+               tokens_per_s=round(tokens / (t["median_us"] * 1e-6), 1), baseline=BASELINE)

@@ -1,0 +1,106 @@
+"""generate: batched decoding of prompts of different lengths (DeepSeekForCausalLM.generate).
+
+One varlen prefill writes every prompt into a paged latent cache that holds prompt +
+max_new_tokens tokens per sequence; then each step decodes one token for every sequence still
+running, each at its own cache length. A sequence stops at an EOS token (which it keeps) or
+after max_new_tokens; a finished sequence leaves the batch and costs nothing more.
+
+Outputs follow transformers' generate: for a [B, S] tensor, [B, S + n] with n the longest
+continuation, rows that stopped early padded with the (first) EOS id; for a list of prompts,
+a list of 1-D tensors, each its prompt followed by its continuation.
+"""
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.inference_mode()
+def generate(model, input_ids, max_new_tokens: int, *, temperature: float = 0.0,
+             top_p: float = 1.0, eos_token_id: int | list[int] | None = None,
+             generator: torch.Generator | None = None,
+             on_step: Callable[[int], None] | None = None):
+    """Continue each prompt by up to max_new_tokens tokens (model: a DeepSeekForCausalLM).
+
+    input_ids: an integer tensor [B, S], or a list of B prompts (1-D tensors or lists of ids),
+    each at least one token long. temperature 0 is greedy (argmax); above 0, tokens are drawn
+    (with ``generator``) from softmax(logits / temperature) cut to the top_p nucleus: the most
+    likely tokens until their probabilities add up to top_p. eos_token_id: an id or a list of
+    them; None takes model.config.eos_token_id, and None there never stops early. on_step(n)
+    is called after each of the n steps (the first is the prefill), e.g. for a progress bar.
+    """
+    prompts = _prompts(input_ids, model)
+    if type(max_new_tokens) is not int or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    eos = model.config.eos_token_id if eos_token_id is None else eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    device = prompts[0].device
+    eos_ids = torch.tensor(eos, dtype=torch.long, device=device)         # [num_eos]
+
+    B = len(prompts)
+    lengths = torch.tensor([len(p) for p in prompts], device=device)    # [B]
+    new = torch.full((B, max_new_tokens), eos[0] if eos else 0, device=device)  # [B, new]
+    counts = torch.zeros(B, dtype=torch.long, device=device)            # [B] tokens generated
+    if max_new_tokens:
+        cache = model.new_cache([len(p) + max_new_tokens for p in prompts])
+        cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)   # [B + 1]
+        logits = model.prefill(torch.cat(prompts), cu_seqlens, cache)   # [B, V]
+        active = torch.arange(B, device=device)                         # [n] still running
+        for step in range(max_new_tokens):
+            tokens = _sample(logits, temperature, top_p, generator)     # [n]
+            new[active, step] = tokens
+            counts[active] = step + 1
+            running = ~torch.isin(tokens, eos_ids)                      # [n]
+            if on_step is not None:
+                on_step(step + 1)
+            if step + 1 == max_new_tokens or not bool(running.any()):
+                break
+            active, tokens = active[running], tokens[running]
+            logits = model.decode(tokens, active, cache)                # [n, V]
+
+    if isinstance(input_ids, torch.Tensor):
+        return torch.cat([input_ids, new[:, :int(counts.max())].to(input_ids)], dim=1)
+    return [torch.cat([p, new[b, :n]]) for b, (p, n) in enumerate(zip(prompts, counts.tolist()))]
+
+
+def _prompts(input_ids, model) -> list[torch.Tensor]:
+    """The prompts as 1-D int64 tensors on the model's device, checked."""
+    device = model.lm_head.weight.device
+    if isinstance(input_ids, torch.Tensor):
+        if input_ids.dim() != 2 or input_ids.is_floating_point():
+            raise ValueError(f"input_ids must be an integer [B, S] tensor or a list of prompts, "
+                             f"got {input_ids.dtype} {tuple(input_ids.shape)}")
+        input_ids = list(input_ids)
+    if not isinstance(input_ids, (list, tuple)) or not input_ids:
+        raise ValueError("input_ids must be an integer [B, S] tensor or a non-empty list of "
+                         f"prompts, got {type(input_ids).__name__} {input_ids!r:.80}")
+    prompts = [torch.as_tensor(p) for p in input_ids]
+    for b, p in enumerate(prompts):
+        if p.dim() != 1 or len(p) == 0 or p.is_floating_point():
+            raise ValueError(f"prompt {b} must be a non-empty 1-D list of integer ids, got "
+                             f"{p.dtype} of shape {tuple(p.shape)}")
+    prompts = [p.to(device, torch.long) for p in prompts]
+    ids = torch.cat(prompts)
+    vocab = model.config.vocab_size
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab:
+        raise ValueError(f"token ids must be in [0, vocab_size={vocab}), got values in "
+                         f"[{low}, {high}]")
+    return prompts
+
+
+def _sample(logits, temperature, top_p, generator):                    # [n, V]
+    if temperature == 0:
+        return logits.argmax(dim=-1)                                    # [n]
+    probs = torch.softmax(logits.float() / temperature, dim=-1)         # [n, V]
+    if top_p < 1:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # keep a token while the mass before it is below top_p: the most likely always stays
+        sorted_probs[sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p] = 0
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # [n]

@@ -1,0 +1,306 @@
+"""DeepSeekForCausalLM: the DeepSeek-V3 family's network on ds_kernels ops (gpt-fast's tone).
+
+Every heavy line is a ds_kernels call or a Linear. Parameter names are transformers 5's
+DeepseekV3ForCausalLM state_dict keys, so its checkpoints load as they are (loading.py).
+
+Tokens travel as one flat batch [T, H], no padding, with a Batch saying where each one sits:
+- prefill: whole sequences packed back to back (cu_seqlens). K and V are decompressed from the
+  latent through kv_b_proj and ds_kernels.mla_prefill attends within each sequence;
+- decode: one new token per sequence, appended to a paged latent cache. Attention is absorbed:
+  W_UK (kv_b_proj's K rows) is folded into the query, ds_kernels.mla_decode scores the cached
+  [latent | k_pe] rows themselves, and W_UV maps its [Hq, Dc] output to values. The cache is
+  never expanded per head: (Dc + Dr) values per token per layer (576 in DeepSeek-V3), not
+  Hq * (Dn + Dr + Dv) (40,960).
+
+RoPE: config.rope_interleave (DeepSeek's weights; transformers' default) rotates adjacent
+pairs. transformers returns the rotated pairs de-interleaved, in q and k alike, so every score
+and everything after it is the same; only k_pe's column order in the cache differs from theirs.
+"""
+
+import dataclasses
+
+import torch
+from torch import nn
+
+import ds_kernels
+from ds_kernels.moe import MoE, SharedExperts
+from ds_kernels.rope import (mla_softmax_scale, rope_attention_factor, rope_cos_sin,
+                             rope_frequencies)
+from ds_model.config import ModelConfig
+from ds_model.generate import generate as _generate
+from ds_model.loading import from_pretrained as _from_pretrained
+
+# transformers and DeepSeek's model.py give q_a_layernorm and kv_a_layernorm RMSNorm's default
+# eps, whatever config.rms_norm_eps says.
+LATENT_NORM_EPS = 1e-6
+
+
+@dataclasses.dataclass
+class Batch:
+    """Where the tokens of a flat batch sit. Prefill sets cu_seqlens; decode (one token per
+    sequence) sets block_table and seqlens."""
+
+    positions: torch.Tensor                  # [T] int64 position in its sequence
+    slots: torch.Tensor | None = None        # [T] int64 cache row to write (None: no cache)
+    cu_seqlens: torch.Tensor | None = None   # [B + 1] int32 sequence bounds
+    block_table: torch.Tensor | None = None  # [B, max_pages] int32 pages of each sequence
+    seqlens: torch.Tensor | None = None      # [B] int32 cached tokens, this step's included
+
+
+class KVCache:
+    """Paged latent cache: per layer [num_blocks, block_size, Dc + Dr] rows [latent | k_pe];
+    token t of sequence b lives in page block_table[b, t // block_size], row t % block_size.
+    Sequence b gets pages for capacities[b] tokens (no more: ragged batches waste at most a
+    page each)."""
+
+    def __init__(self, config: ModelConfig, capacities: list[int], *, block_size: int = 64,
+                 dtype=torch.float32, device=None):
+        if block_size < 16 or block_size & (block_size - 1):
+            raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
+        pages = [-(-c // block_size) for c in capacities]
+        width = config.kv_lora_rank + config.qk_rope_head_dim
+        self.block_size = block_size
+        self.layers = [torch.zeros(sum(pages), block_size, width, dtype=dtype, device=device)
+                       for _ in range(config.num_hidden_layers)]
+        table = torch.zeros(len(pages), max(pages, default=0), dtype=torch.int32)
+        first = 0
+        for b, n in enumerate(pages):  # entries past a sequence's pages are never read
+            table[b, :n] = torch.arange(first, first + n, dtype=torch.int32)
+            first += n
+        self.block_table = table.to(device)                              # [B, max_pages]
+        self.seqlens = torch.zeros(len(pages), dtype=torch.int32, device=device)  # [B]
+        self.capacities = torch.tensor(capacities, device=device)        # [B]
+        # Host-side bound on every length: decode hands mla_decode only the table's columns
+        # in use (the torch path gathers every column it is given).
+        self.longest = 0
+
+    def fill(self, cu_seqlens) -> Batch:
+        """Where B whole sequences (bounds cu_seqlens [B + 1]) go: sequences 0..B-1, empty
+        until now."""
+        B, T = cu_seqlens.shape[0] - 1, int(cu_seqlens[-1])
+        starts, lengths = cu_seqlens[:-1].long(), cu_seqlens.diff()      # [B], [B]
+        seq_ids = torch.repeat_interleave(torch.arange(B, device=starts.device), lengths)  # [T]
+        positions = torch.arange(T, device=starts.device) - starts[seq_ids]  # [T]
+        batch = Batch(positions, self.slots(seq_ids, positions), cu_seqlens=cu_seqlens)
+        self.seqlens[:B] = lengths
+        self.longest = max(self.longest, int(lengths.max()))
+        return batch
+
+    def append(self, seq_ids) -> Batch:
+        """Where one more token of each of sequences seq_ids (int64 [n], distinct) goes, and
+        the pages decode reads."""
+        positions = self.seqlens[seq_ids].long()                         # [n]
+        slots = self.slots(seq_ids, positions)
+        self.seqlens[seq_ids] += 1
+        self.longest += 1
+        pages = -(-self.longest // self.block_size)
+        return Batch(positions, slots, block_table=self.block_table[seq_ids, :pages],
+                     seqlens=self.seqlens[seq_ids])
+
+    def slots(self, seq_ids, positions):                                 # [T], [T]
+        if bool((positions >= self.capacities[seq_ids]).any()):
+            raise ValueError(f"KV cache full: a sequence would pass its capacity "
+                             f"{self.capacities.tolist()}")
+        page = self.block_table[seq_ids, positions // self.block_size].long()   # [T]
+        return page * self.block_size + positions % self.block_size             # [T]
+
+    def bytes_per_token(self) -> int:
+        """Cache bytes one token takes, all layers together: layers * (Dc + Dr) * itemsize."""
+        return sum(layer[0, 0].nbytes for layer in self.layers)
+
+    def nbytes(self) -> int:
+        """Bytes allocated, all pages of all layers."""
+        return sum(layer.nbytes for layer in self.layers)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        return ds_kernels.rms_norm(x, self.weight, self.eps)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos, sin [T, Dr/2] fp32 at each token's position (YaRN if config.rope_scaling says)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.dim, self.base, self.scaling = (config.qk_rope_head_dim, config.rope_theta,
+                                             config.rope_scaling)
+        self.attention_factor = rope_attention_factor(config.rope_scaling)
+        self.register_buffer("inv_freq", torch.empty(self.dim // 2), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        # Derived from the config, never stored in checkpoints: from_pretrained calls this
+        # once the model leaves the meta device.
+        with torch.no_grad():
+            self.inv_freq.copy_(rope_frequencies(self.dim, self.base, self.scaling))
+
+    def forward(self, positions):                                        # [T]
+        return rope_cos_sin(positions, self.inv_freq, self.attention_factor)
+
+
+class Attention(nn.Module):
+    """Multi-head latent attention, with (q_a_proj, q_b_proj) or without (q_proj) q_lora_rank."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        H, self.heads = config.hidden_size, config.num_attention_heads
+        self.dn, self.dr = config.qk_nope_head_dim, config.qk_rope_head_dim
+        self.dv, self.dc = config.v_head_dim, config.kv_lora_rank
+        q_width, bias = self.heads * (self.dn + self.dr), config.attention_bias
+        self.q_lora = bool(config.q_lora_rank)
+        if self.q_lora:
+            self.q_a_proj = nn.Linear(H, config.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(config.q_lora_rank, LATENT_NORM_EPS)
+            self.q_b_proj = nn.Linear(config.q_lora_rank, q_width, bias=False)
+        else:
+            self.q_proj = nn.Linear(H, q_width, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(H, self.dc + self.dr, bias=bias)
+        self.kv_a_layernorm = RMSNorm(self.dc, LATENT_NORM_EPS)
+        self.kv_b_proj = nn.Linear(self.dc, self.heads * (self.dn + self.dv), bias=False)
+        self.o_proj = nn.Linear(self.heads * self.dv, H, bias=bias)
+        self.softmax_scale = mla_softmax_scale(self.dn + self.dr, config.rope_scaling)
+        self.interleaved = config.rope_interleave
+
+    def forward(self, x, cos, sin, batch: Batch, kv_cache=None):         # x [T, H]
+        T = x.shape[0]
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora else self.q_proj(x)
+        q_nope, q_pe = q.view(T, self.heads, -1).split([self.dn, self.dr], dim=-1)  # [T, Hq, *]
+        q_pe = ds_kernels.apply_rope(q_pe, cos, sin, interleaved=self.interleaved)
+        kv = self.kv_a_proj_with_mqa(x)                                    # [T, Dc + Dr]
+        latent, k_pe = kv.split([self.dc, self.dr], dim=-1)                # [T, Dc], [T, Dr]
+        if kv_cache is None:
+            latent = self.kv_a_layernorm(latent)                            # [T, Dc]
+            k_pe = ds_kernels.apply_rope(k_pe, cos, sin, interleaved=self.interleaved)
+        else:
+            latent, k_pe = ds_kernels.mla_cache_write_fused(
+                latent, k_pe, self.kv_a_layernorm.weight, LATENT_NORM_EPS, cos, sin, kv_cache,
+                batch.slots, interleaved=self.interleaved)
+        if batch.block_table is None:
+            out = self._prefill(q_nope, q_pe, latent, k_pe, batch.cu_seqlens)
+        else:
+            out = self._decode(q_nope, q_pe, kv_cache, batch)
+        return self.o_proj(out.reshape(T, self.heads * self.dv))           # [T, H]
+
+    def _prefill(self, q_nope, q_pe, latent, k_pe, cu_seqlens):
+        T = latent.shape[0]
+        kv = self.kv_b_proj(latent).view(T, self.heads, self.dn + self.dv)  # [T, Hq, Dn + Dv]
+        k_nope, v = kv.split([self.dn, self.dv], dim=-1)                     # [T, Hq, Dn | Dv]
+        q = torch.cat([q_nope, q_pe], dim=-1)                                # [T, Hq, Dn + Dr]
+        k = torch.cat([k_nope, k_pe[:, None].expand(-1, self.heads, -1)], dim=-1)
+        out, _ = ds_kernels.mla_prefill(q, k, v, cu_seqlens, causal=True,
+                                        softmax_scale=self.softmax_scale)    # [T, Hq, Dv]
+        return out
+
+    def _decode(self, q_nope, q_pe, kv_cache, batch):
+        w = self.kv_b_proj.weight.view(self.heads, self.dn + self.dv, self.dc)  # [Hq, Dn + Dv, Dc]
+        w_uk, w_uv = w.split([self.dn, self.dv], dim=1)                      # [Hq, Dn | Dv, Dc]
+        q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)   # [B, Hq, Dc]
+        out, _ = ds_kernels.mla_decode(q_latent, q_pe, kv_cache, batch.block_table,
+                                       batch.seqlens, self.softmax_scale)    # [B, Hq, Dc]
+        return torch.bmm(out.transpose(0, 1), w_uv.mT).transpose(0, 1)       # [B, Hq, Dv]
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        H = config.hidden_size
+        self.self_attn = Attention(config)
+        self.mlp = (MoE.from_hf_config(config) if layer_idx >= config.first_k_dense_replace
+                    else SharedExperts(H, config.intermediate_size))  # the dense SwiGLU MLP
+        self.input_layernorm = RMSNorm(H, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(H, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, batch, kv_cache=None):                 # x [T, H]
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DeepSeekModel(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i)
+                                    for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+
+    def forward(self, input_ids, batch: Batch, cache: KVCache | None = None):  # [T]
+        x = self.embed_tokens(input_ids)                                  # [T, H]
+        cos, sin = self.rotary_emb(batch.positions)                       # [T, Dr/2] each
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, batch, None if cache is None else cache.layers[i])
+        return self.norm(x)                                               # [T, H]
+
+
+class DeepSeekForCausalLM(nn.Module):
+    from_pretrained = classmethod(_from_pretrained)   # see ds_model/loading.py
+    generate = _generate                              # see ds_model/generate.py
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.hidden_act != "silu":
+            raise ValueError(f"hidden_act={config.hidden_act!r}: only 'silu' is supported")
+        self.config = config
+        self.model = DeepSeekModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits [B, S, V] of input_ids [B, S] (every row a whole sequence; no cache)."""
+        if input_ids.dim() != 2 or input_ids.shape[1] < 1 or input_ids.is_floating_point():
+            raise ValueError(f"input_ids must be integer [B, S >= 1], got {input_ids.dtype} "
+                             f"{tuple(input_ids.shape)}")
+        B, S = input_ids.shape
+        device = input_ids.device
+        positions = torch.arange(S, device=device).repeat(B)             # [B * S]
+        cu_seqlens = torch.arange(0, B * S + 1, S, dtype=torch.int32, device=device)  # [B + 1]
+        hidden = self.model(input_ids.reshape(-1), Batch(positions, cu_seqlens=cu_seqlens))
+        return self.lm_head(hidden).view(B, S, -1)                       # [B, S, V]
+
+    def new_cache(self, capacities: list[int], *, block_size: int = 64) -> KVCache:
+        """An empty cache for len(capacities) sequences of at most capacities[b] tokens."""
+        weight = self.lm_head.weight
+        return KVCache(self.config, capacities, block_size=block_size, dtype=weight.dtype,
+                       device=weight.device)
+
+    def prefill(self, input_ids, cu_seqlens, cache: KVCache) -> torch.Tensor:
+        """Logits [B, V] at the last token of each of B whole sequences packed in input_ids
+        [T] (bounds cu_seqlens int32 [B + 1], every length >= 1), whose latents fill the
+        cache's (empty) sequences 0..B-1."""
+        hidden = self.model(input_ids, cache.fill(cu_seqlens), cache)    # [T, H]
+        return self.lm_head(hidden[cu_seqlens[1:].long() - 1])           # [B, V]
+
+    def decode(self, input_ids, seq_ids, cache: KVCache) -> torch.Tensor:
+        """Logits [n, V] of one new token input_ids[i] [n] appended to cached sequence
+        seq_ids[i] (int64 [n], distinct)."""
+        return self.lm_head(self.model(input_ids, cache.append(seq_ids), cache))  # [n, V]
+
+    def to_dtype(self, dtype: torch.dtype) -> "DeepSeekForCausalLM":
+        """Cast to dtype, except what stays fp32 as in transformers: the routers' weight and
+        bias (expert choice is sensitive to their rounding) and the RoPE frequencies."""
+        self.to(dtype)
+        for layer in self.model.layers:
+            if isinstance(layer.mlp, MoE):
+                layer.mlp.gate.float()
+        self.model.rotary_emb.float().reset_parameters()
+        return self
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None):
+        """Random weights as transformers initialises them: N(0, std) matrices, unit norms,
+        zero biases and router correction biases. For presets run without a checkpoint."""
+        for name, tensor in self.state_dict().items():
+            if name.endswith("norm.weight"):
+                tensor.fill_(1.0)
+            elif name.endswith(("bias", "e_score_correction_bias")):
+                tensor.zero_()
+            else:
+                tensor.normal_(0.0, std, generator=generator)
+        return self

@@ -1,0 +1,109 @@
+"""DeepSeekForCausalLM.generate against transformers' generate (greedy, EOS), ragged batches
+against one-by-one generation, sampling, bad arguments, and the CLI."""
+
+import pytest
+import torch
+
+from ds_model import DeepSeekForCausalLM
+from ds_model.__main__ import main
+from tiny_deepseek import hf_model
+
+NEW = 12
+
+
+@pytest.fixture(scope="module", params=[32, None], ids=["q_lora", "no_q_lora"])
+def models(request, tmp_path_factory):
+    hf = hf_model(q_lora_rank=request.param)
+    folder = tmp_path_factory.mktemp("checkpoint")
+    hf.save_pretrained(folder)
+    return hf, DeepSeekForCausalLM.from_pretrained(folder), folder
+
+
+def hf_generate(hf, ids, eos=None):
+    return hf.generate(ids, max_new_tokens=NEW, do_sample=False, eos_token_id=eos,
+                       pad_token_id=0 if eos is None else eos)
+
+
+def test_greedy_tokens_match_transformers(models):
+    hf, model, _ = models
+    ids = torch.randint(0, 128, (4, 9), generator=torch.Generator().manual_seed(0))
+    want = hf_generate(hf, ids)
+    got = model.generate(ids, NEW)
+    assert got.shape == (4, 9 + NEW)
+    assert torch.equal(got, want)
+
+
+def test_eos_stops_each_sequence_like_transformers(models):
+    """With an EOS that one sequence emits mid-way: that row stops and is padded with EOS,
+    the others run on, as transformers' generate does."""
+    hf, model, _ = models
+    ids = torch.randint(0, 128, (4, 9), generator=torch.Generator().manual_seed(0))
+    free = model.generate(ids, NEW)[:, 9:]
+    eos = int(free[1, 4])
+    want = hf_generate(hf, ids, eos)
+    got = model.generate(ids, NEW, eos_token_id=eos)
+    assert torch.equal(got, want)
+    stop = free[1].tolist().index(eos)
+    assert (got[1, 9 + stop:] == eos).all()
+    out = model.generate(list(ids), NEW, eos_token_id=[eos, 127])
+    assert len(out[1]) == 9 + stop + 1 and int(out[1][-1]) == eos
+
+
+def test_ragged_batch_equals_one_by_one(models):
+    """Prompts of 1 to 70 tokens (more than a 64-token page) in one batch."""
+    _, model, _ = models
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 128, (n,), generator=g) for n in (5, 70, 1, 33)]
+    batched = model.generate(prompts, NEW)
+    alone = [model.generate([p], NEW)[0] for p in prompts]
+    assert [len(o) for o in batched] == [len(p) + NEW for p in prompts]
+    for b, (x, y) in enumerate(zip(batched, alone)):
+        assert torch.equal(x, y), f"sequence {b}"
+    assert torch.equal(model.generate([p.tolist() for p in prompts], 3)[2], alone[2][:4])
+
+
+def test_sampling(models):
+    _, model, _ = models
+    ids = torch.randint(0, 128, (3, 6), generator=torch.Generator().manual_seed(2))
+    greedy = model.generate(ids, NEW)
+
+    def sample(seed, **options):
+        return model.generate(ids, NEW, generator=torch.Generator().manual_seed(seed),
+                              **options)
+
+    assert torch.equal(sample(0, temperature=1.0, top_p=1e-6), greedy)  # nucleus of one
+    assert torch.equal(sample(5, temperature=0.7, top_p=0.9), sample(5, temperature=0.7,
+                                                                      top_p=0.9))
+    hot = sample(0, temperature=100.0)
+    assert not torch.equal(hot, greedy) and hot.max() < 128 and hot.min() >= 0
+    assert torch.equal(model.generate(ids, 0), ids)
+
+
+@pytest.mark.parametrize("args, match", [
+    ((torch.zeros(2, 3), 4), "input_ids must be an integer"),
+    (([], 4), "non-empty list of prompts"),
+    (([[1, 2], []], 4), r"prompt 1 must be a non-empty 1-D list of integer ids"),
+    (([[1, 2], [0.5]], 4), r"prompt 1 must be a non-empty 1-D list of integer ids"),
+    (([[1, 128]], 4), r"token ids must be in \[0, vocab_size=128\), got values in \[1, 128\]"),
+    (([[1]], -1), "max_new_tokens must be an int >= 0, got -1"),
+    (([[1]], 4, dict(temperature=-1.0)), "temperature must be >= 0"),
+    (([[1]], 4, dict(top_p=0.0)), r"top_p must be in \(0, 1\]"),
+])
+def test_bad_arguments(models, args, match):
+    _, model, _ = models
+    prompts, new, options = (*args, {}) if len(args) == 2 else args
+    with pytest.raises(ValueError, match=match):
+        model.generate(prompts, new, **options)
+
+
+def test_cli(models, capsys):
+    main(["generate", "--batch", "2", "--prompt-len", "5", "--max-new-tokens", "3"])
+    out, err = capsys.readouterr()
+    assert "model: tiny" in err and "3/3 steps" in err
+    assert "prefill: 2 x 5 tokens" in out and "decode: 4 tokens in 2 steps" in out
+    assert out.count("sequence ") == 2
+    _, _, folder = models
+    main(["generate", "--checkpoint", str(folder), "--batch", "1", "--prompt-len", "3",
+          "--max-new-tokens", "2", "--temperature", "0.5", "--dtype", "bfloat16"])
+    out, err = capsys.readouterr()
+    assert f"model: {folder}" in err and "bfloat16" in err and "sequence 0:" in out

@@ -1,0 +1,138 @@
+"""ds_model.DeepSeekForCausalLM against transformers' DeepseekV3ForCausalLM: the same
+state_dict keys and logits; the cached prefill and the absorbed decode against the uncached
+forward; the paged cache; the presets' parameter counts."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import ds_kernels
+from ds_model import DeepSeekForCausalLM, ModelConfig
+from ds_model.config import PRESETS
+from tiny_deepseek import hf_model
+
+# Unequal mscales: cos/sin get a factor (transformers) besides the softmax scale's.
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128,
+        "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 0.8,
+        "rope_theta": 10000.0}
+VARIANTS = {
+    "q_lora": {},
+    "no_q_lora": dict(q_lora_rank=None),
+    "halves_rope+bias": dict(rope_interleave=False, attention_bias=True),
+    "yarn+tied": dict(rope_parameters=YARN, tie_word_embeddings=True),
+}
+
+
+def ours(hf) -> DeepSeekForCausalLM:
+    model = DeepSeekForCausalLM(ModelConfig.from_hf_config(hf.config)).eval()
+    model.load_state_dict(hf.state_dict())
+    return model
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_state_dict_keys_and_shapes_are_transformers(variant):
+    hf = hf_model(**VARIANTS[variant])
+    model = DeepSeekForCausalLM(ModelConfig.from_hf_config(hf.config))
+    want = {k: tuple(v.shape) for k, v in hf.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == want
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_logits_match_transformers(variant):
+    hf = hf_model(**VARIANTS[variant])
+    model = ours(hf)
+    ids = torch.randint(0, 128, (3, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = hf(ids).logits                                     # [3, 40, V]
+        got = model(ids)
+    assert want.std() > 1  # not degenerate
+    torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["q_lora", "yarn+tied"])
+def test_cached_prefill_and_absorbed_decode_match_the_forward(variant):
+    """Ragged prompts across 16-token pages: prefill's last logits, then three absorbed decode
+    steps (the last for a subset of sequences), equal the uncached forward of each sequence."""
+    model = ours(hf_model(**VARIANTS[variant]))
+    g = torch.Generator().manual_seed(2)
+    full = [torch.randint(0, 128, (n,), generator=g) for n in (4, 19, 37)]  # prompt + 3 new
+    prompts = [s[:-3] for s in full]
+    cache = model.new_cache([len(s) for s in full], block_size=16)
+    cu_seqlens = torch.tensor([0, 1, 17, 51], dtype=torch.int32)
+    with torch.no_grad():
+        want = [model(s[None])[0] for s in full]                   # [n, V] each
+        got = model.prefill(torch.cat(prompts), cu_seqlens, cache)    # [3, V]
+        torch.testing.assert_close(got, torch.stack([w[len(p) - 1] for w, p in
+                                                     zip(want, prompts)]), atol=1e-4, rtol=1e-4)
+        for step, seq_ids in enumerate(([0, 1, 2], [0, 1, 2], [2, 0])):
+            seq_ids = torch.tensor(seq_ids)
+            tokens = torch.stack([full[b][len(prompts[b]) + step] for b in seq_ids])
+            got = model.decode(tokens, seq_ids, cache)             # [n, V]
+            expected = torch.stack([want[b][len(prompts[b]) + step] for b in seq_ids])
+            torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert cache.seqlens.tolist() == [4, 18, 37]
+
+
+def test_kv_cache_is_paged_latent_rows():
+    config = ModelConfig.preset("tiny")
+    cache = DeepSeekForCausalLM(config).new_cache([10, 40, 16], block_size=16)
+    width = config.kv_lora_rank + config.qk_rope_head_dim
+    assert [tuple(layer.shape) for layer in cache.layers] == [(1 + 3 + 1, 16, width)] * 3
+    assert cache.bytes_per_token() == config.num_hidden_layers * width * 4
+    assert cache.nbytes() == 5 * 16 * cache.bytes_per_token()
+    assert cache.block_table[:, :1].tolist() == [[0], [1], [4]]
+    slots = cache.slots(torch.tensor([1, 1]), torch.tensor([15, 16]))
+    assert slots.tolist() == [1 * 16 + 15, 2 * 16]
+    with pytest.raises(ValueError, match="KV cache full"):
+        cache.slots(torch.tensor([0]), torch.tensor([10]))
+    with pytest.raises(ValueError, match="block_size must be a power of two >= 16, got 24"):
+        DeepSeekForCausalLM(config).new_cache([8], block_size=24)
+
+
+def test_to_dtype_keeps_routers_fp32():
+    model = DeepSeekForCausalLM(ModelConfig.preset("tiny")).to_dtype(torch.bfloat16)
+    for name, tensor in model.state_dict().items():
+        fp32 = name.endswith(("gate.weight", "e_score_correction_bias"))
+        assert tensor.dtype == (torch.float32 if fp32 else torch.bfloat16), name
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+    ids = torch.randint(0, 1024, (2, 5))
+    with torch.no_grad():
+        assert model.init_weights()(ids).dtype == torch.bfloat16
+
+
+def test_bad_input():
+    model = DeepSeekForCausalLM(ModelConfig.preset("tiny"))
+    for bad in (torch.zeros(2, 0, dtype=torch.long), torch.zeros(4, dtype=torch.long),
+                torch.zeros(2, 3)):
+        with pytest.raises(ValueError, match="input_ids must be integer"):
+            model(bad)
+    with pytest.raises(ValueError, match="hidden_act='gelu'"):
+        DeepSeekForCausalLM(dataclasses.replace(ModelConfig.preset("tiny"), hidden_act="gelu"))
+
+
+def test_presets_parameter_counts():
+    """num_parameters() counts what the model holds; V3 is 671B / 37.6B, R2 (hypothetical)
+    within 3% of the rumoured 1.2T / 78B."""
+    for name in PRESETS:
+        config = ModelConfig.preset(name)
+        with torch.device("meta"):
+            model = DeepSeekForCausalLM(config)
+        assert sum(t.numel() for t in model.state_dict().values()) == config.num_parameters()[0]
+    total, active = ModelConfig.preset("deepseek-v3-671b").num_parameters()
+    assert round(total / 1e9, 1) == 671.0 and 37.0e9 < active < 38.0e9
+    total, active = ModelConfig.preset("r2-hypothetical-1.2t").num_parameters()
+    assert abs(total / 1.2e12 - 1) < 0.03 and abs(active / 78e9 - 1) < 0.03
+
+
+def test_triton_backend():
+    """A forward and a short generation with every op on its Triton kernel (the interpreter
+    on CPU): prefill, the fused cache write and absorbed decode included."""
+    hf = hf_model(num_hidden_layers=2, n_routed_experts=4, n_group=1, topk_group=1)
+    model = ours(hf)
+    ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want_logits, want_tokens = hf(ids).logits, model.generate(ids, 3)
+    with torch.no_grad(), ds_kernels.use_backend("triton"):
+        torch.testing.assert_close(model(ids), want_logits, atol=1e-3, rtol=1e-4)
+        assert torch.equal(model.generate(ids, 3), want_tokens)
