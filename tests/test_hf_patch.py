@@ -71,18 +71,23 @@ def calls(monkeypatch):
     return counts
 
 
+def _before_and_after_patching(model, run):
+    """run() on the unpatched model, then on the patched one (unpatched again afterwards)."""
+    with torch.no_grad():
+        expected = run()
+        patch_deepseek_v3(model)
+        try:
+            return expected, run()
+        finally:
+            unpatch_deepseek_v3(model)
+
+
 @pytest.mark.parametrize("q_lora_rank", [None, 24])
 @pytest.mark.parametrize("rope_interleave", [True, False])
 def test_logits_match(calls, q_lora_rank, rope_interleave):
     model = _model(q_lora_rank, rope_interleave)
     ids, _ = _inputs()
-    with torch.no_grad():
-        expected = model(ids).logits
-        patch_deepseek_v3(model)
-        try:
-            logits = model(ids).logits
-        finally:
-            unpatch_deepseek_v3(model)
+    expected, logits = _before_and_after_patching(model, lambda: model(ids).logits)
     assert_close(logits, expected, torch.float32, reduction=NETWORK, what="logits")
     assert calls["mla_prefill"] == 2                               # one per layer
 
@@ -172,13 +177,7 @@ def test_cache_is_shared_with_transformers(calls):
 def test_base_model():
     model = _model().model                                          # DeepseekV3Model
     ids, _ = _inputs()
-    with torch.no_grad():
-        expected = model(ids).last_hidden_state
-        patch_deepseek_v3(model)
-        try:
-            got = model(ids).last_hidden_state
-        finally:
-            unpatch_deepseek_v3(model)
+    expected, got = _before_and_after_patching(model, lambda: model(ids).last_hidden_state)
     assert_close(got, expected, torch.float32, reduction=NETWORK, what="hidden states")
 
 
