@@ -21,15 +21,15 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     topk_weights [T, k] (any float dtype); topk_ids [T, k] int32/int64 in [0, E).
     Accumulates in fp32; output in hidden's dtype.
     """
-    _check(hidden, w13, w2, topk_weights, topk_ids, activation)
+    if activation not in ACTIVATIONS:  # not an argument of the op: checked here
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     if dispatch.direct_call_allowed(hidden, w13, w2, topk_weights, topk_ids):
-        return _fused_moe(hidden, w13, w2, topk_weights, topk_ids)
+        return _fused_moe(hidden, w13, w2, topk_weights, topk_ids)  # checks the arguments itself
+    _check(hidden, w13, w2, topk_weights, topk_ids)  # before torch.ops, whose errors name nothing
     return torch.ops.ds_kernels.fused_moe(hidden, w13, w2, topk_weights, topk_ids)
 
 
-def _check(hidden, w13, w2, topk_weights, topk_ids, activation="silu"):
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+def _check(hidden, w13, w2, topk_weights, topk_ids):
     check_tensor("hidden", hidden, dim=2, dtypes=GEMM_DTYPES)
     check_tensor("w13", w13, dim=3, dtypes=GEMM_DTYPES)
     check_tensor("w2", w2, dim=3, dtypes=GEMM_DTYPES)

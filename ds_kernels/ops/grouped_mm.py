@@ -14,9 +14,9 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Te
     offs: int32 [E], non-decreasing cumulative row ends (offs[-1] <= M). Rows past offs[-1]
     come out 0. Accumulates in fp32; output in a's dtype.
     """
-    _check(a, b, offs)
     if dispatch.direct_call_allowed(a, b):
-        return _grouped_mm(a, b, offs)
+        return _grouped_mm(a, b, offs)  # checks the arguments itself
+    _check(a, b, offs)  # before torch.ops, whose own type errors name no argument
     return torch.ops.ds_kernels.grouped_mm(a, b, offs)
 
 

@@ -31,9 +31,9 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> MoEAlig
     Ids outside [0, num_experts) - such as -1 for experts held by another rank under expert
     parallelism - are excluded: they appear in no run and no count, and never address memory.
     """
-    _check(topk_ids, num_experts, block_m)
     if dispatch.direct_call_allowed(topk_ids):
-        return MoEAlignment(*_moe_align(topk_ids, num_experts, block_m))
+        return MoEAlignment(*_moe_align(topk_ids, num_experts, block_m))  # checks itself
+    _check(topk_ids, num_experts, block_m)  # before torch.ops, whose type errors name nothing
     return MoEAlignment(*torch.ops.ds_kernels.moe_align(topk_ids, num_experts, block_m))
 
 

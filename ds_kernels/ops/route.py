@@ -28,9 +28,9 @@ def route(router_logits: torch.Tensor, top_k: int, *, scoring: str = "sigmoid",
     """
     args = (router_logits, top_k, scoring, correction_bias, n_group, topk_group, renormalize,
             float(routed_scaling_factor))
-    _check(*args[:6])
     if dispatch.direct_call_allowed(router_logits, correction_bias):
-        return _route(*args)
+        return _route(*args)  # checks the arguments itself
+    _check(*args[:6])  # before torch.ops, whose own type errors name no argument
     return torch.ops.ds_kernels.route(*args)
 
 
