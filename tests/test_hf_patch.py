@@ -97,12 +97,7 @@ def test_logits_match(calls, q_lora_rank, rope_interleave):
 def test_greedy_generate_matches(calls, q_lora_rank, attn):
     model = _model(q_lora_rank, attn=attn)
     ids, mask = _inputs()
-    expected = _generate(model, ids, mask)
-    patch_deepseek_v3(model)
-    try:
-        out = _generate(model, ids, mask)
-    finally:
-        unpatch_deepseek_v3(model)
+    expected, out = _before_and_after_patching(model, lambda: _generate(model, ids, mask))
     assert torch.equal(out.sequences, expected.sequences)
     for step, (got, want) in enumerate(zip(out.scores, expected.scores)):
         assert_close(got, want, torch.float32, reduction=NETWORK, what=f"step {step} logits")
@@ -114,12 +109,7 @@ def test_padded_batch_falls_back_and_matches(calls):
     model = _model(q_lora_rank=24)
     ids, mask = _inputs()
     mask[0, :3] = 0                                                 # left padding
-    expected = _generate(model, ids, mask)
-    patch_deepseek_v3(model)
-    try:
-        out = _generate(model, ids, mask)
-    finally:
-        unpatch_deepseek_v3(model)
+    expected, out = _before_and_after_patching(model, lambda: _generate(model, ids, mask))
     assert torch.equal(out.sequences, expected.sequences)
     assert calls == {"mla_prefill": 0, "mla_decode": 0}
 

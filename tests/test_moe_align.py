@@ -118,3 +118,12 @@ def test_too_many_assignments_for_int32_slots():
     huge = torch.empty(2**28, 8, dtype=torch.int32, device="meta")
     with pytest.raises(ValueError, match="beyond the int32 indices"):
         ds_kernels.moe_align(huge, 256, 64)
+
+
+def test_strided_ids(backend):
+    # a [T, 1] slice of a wider tensor reshapes to a strided view, not a copy
+    topk_ids = torch.tensor([[0, 1], [0, 1], [1, 0]], device=DEVICE)[:, :1]
+    got = ds_kernels.moe_align(topk_ids, 2, 1)
+    assert got.expert_counts.tolist() == [2, 1]
+    for a, b in zip(got, reference_moe_align(topk_ids, 2, 1)):
+        assert torch.equal(a, b)

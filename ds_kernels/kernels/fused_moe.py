@@ -37,7 +37,7 @@ def fused_moe(hidden, w13, w2, topk_weights, topk_ids):
     config, layout = _plan("fused_moe", hidden, w13, topk_ids)
     P = layout[0].shape[0]
     acc = torch.promote_types(hidden.dtype, torch.float32)
-    weights = topk_weights.reshape(-1).to(acc)                    # [N]
+    weights = topk_weights.reshape(-1).to(acc).contiguous()       # [N], indexed densely
     act = hidden.new_empty(P, two_i // 2)                         # [P, I]
     grouped_gemm(hidden, w13.transpose(1, 2), act, layout, N, config, a_row_div=k,
                  c_by_slot=True, swiglu=True)
@@ -57,7 +57,7 @@ def fused_moe_backward(grad_out, hidden, w13, w2, topk_weights, topk_ids):
     slot_ids = layout[0].long()                                   # [P], N for padding
     P = slot_ids.shape[0]
     acc = torch.promote_types(hidden.dtype, torch.float32)
-    weights = topk_weights.reshape(-1).to(acc)                    # [N]
+    weights = topk_weights.reshape(-1).to(acc).contiguous()       # [N], indexed densely
     slot_weight = torch.cat([weights, weights.new_zeros(1)])[slot_ids].unsqueeze(1)  # [P, 1]
 
     gate_up = hidden.new_empty(P, two_i)                          # [P, 2I] recomputed

@@ -117,7 +117,9 @@ def _fill_blocks_kernel(run_ends_ptr, expert_counts_ptr, sorted_ids_ptr, expert_
 
 def moe_align(topk_ids, num_experts, block_m, chunk=None):
     """``chunk`` (power of two) overrides the chunk size, for tests of the multi-chunk scan."""
-    flat = topk_ids.reshape(-1)                                   # [N = T*k]
+    # contiguous: reshape can return a strided view (e.g. of an argsort(...)[:, :k] slice), and
+    # the kernels index the ids as a dense array.
+    flat = topk_ids.reshape(-1).contiguous()                      # [N = T*k]
     N, E, device = flat.numel(), num_experts, flat.device
     P = padded_length(N, E, block_m)
     sorted_ids = torch.empty(P, dtype=torch.int32, device=device)

@@ -24,6 +24,12 @@ def check_same_device(reference_name: str, reference: torch.Tensor, **others):
             raise ValueError(f"{name} is on {t.device} but {reference_name} is on {reference.device}")
 
 
+def check_same_dtype(reference_name: str, reference: torch.Tensor, **others):
+    for name, t in others.items():
+        if t.dtype != reference.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but {reference_name} has {reference.dtype}")
+
+
 def check_int(name: str, value, *, low: int, high: int | None = None):
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")

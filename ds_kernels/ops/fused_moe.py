@@ -6,7 +6,7 @@ import torch
 
 from ds_kernels import dispatch
 from ds_kernels.ops.checks import (GEMM_DTYPES, INDEX_DTYPES, check_ids_in_range,
-                                   check_same_device, check_tensor)
+                                   check_same_device, check_same_dtype, check_tensor)
 
 ACTIVATIONS = ("silu",)
 
@@ -35,9 +35,7 @@ def _check(hidden, w13, w2, topk_weights, topk_ids):
     check_tensor("w2", w2, dim=3, dtypes=GEMM_DTYPES)
     check_tensor("topk_weights", topk_weights, dim=2, dtypes=GEMM_DTYPES)
     check_tensor("topk_ids", topk_ids, dim=2, dtypes=INDEX_DTYPES)
-    for name, t in (("w13", w13), ("w2", w2)):
-        if t.dtype != hidden.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but hidden has {hidden.dtype}")
+    check_same_dtype("hidden", hidden, w13=w13, w2=w2)
     T, H = hidden.shape
     E, two_i, h13 = w13.shape
     if h13 != H or two_i % 2:

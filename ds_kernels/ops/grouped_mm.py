@@ -4,8 +4,8 @@ differentiable in a and b (backward: ``torch.ops.ds_kernels.grouped_mm_backward`
 import torch
 
 from ds_kernels import dispatch
-from ds_kernels.ops.checks import (GEMM_DTYPES, check_same_device, check_tensor,
-                                   device_checks_allowed)
+from ds_kernels.ops.checks import (GEMM_DTYPES, check_same_device, check_same_dtype,
+                                   check_tensor, device_checks_allowed)
 
 
 def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -24,8 +24,7 @@ def _check(a, b, offs):
     check_tensor("a", a, dim=2, dtypes=GEMM_DTYPES)
     check_tensor("b", b, dim=3, dtypes=GEMM_DTYPES)
     check_tensor("offs", offs, dim=1, dtypes=(torch.int32,))
-    if b.dtype != a.dtype:
-        raise TypeError(f"b has dtype {b.dtype} but a has {a.dtype}")
+    check_same_dtype("a", a, b=b)
     if b.shape[1] != a.shape[1]:
         raise ValueError(f"a is [M, K] = {tuple(a.shape)} but b is [E, K, N] = {tuple(b.shape)}: "
                          "K differs")

@@ -7,8 +7,8 @@ import torch
 
 from ds_kernels import dispatch
 from ds_kernels.ops.apply_rope import check_rope
-from ds_kernels.ops.checks import (FLOAT_DTYPES, INDEX_DTYPES, check_same_device, check_tensor,
-                                   device_checks_allowed)
+from ds_kernels.ops.checks import (FLOAT_DTYPES, INDEX_DTYPES, check_same_device,
+                                   check_same_dtype, check_tensor, device_checks_allowed)
 from ds_kernels.ops.rms_norm import check_norm
 
 
@@ -55,9 +55,7 @@ def _check(latent, k_pe, kv_cache, slot_mapping, latent_name="latent"):
     check_tensor("k_pe", k_pe, dim=2, dtypes=FLOAT_DTYPES)
     check_tensor("kv_cache", kv_cache, dim=3, dtypes=FLOAT_DTYPES)
     check_tensor("slot_mapping", slot_mapping, dim=1, dtypes=INDEX_DTYPES)
-    for name, t in (("k_pe", k_pe), ("kv_cache", kv_cache)):
-        if t.dtype != latent.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but {latent_name} has {latent.dtype}")
+    check_same_dtype(latent_name, latent, k_pe=k_pe, kv_cache=kv_cache)
     T, Dc = latent.shape
     Dr = k_pe.shape[1]
     if k_pe.shape[0] != T or Dr < 2 or Dr % 2:

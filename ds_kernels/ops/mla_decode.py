@@ -7,8 +7,8 @@ import math
 import torch
 
 from ds_kernels import dispatch
-from ds_kernels.ops.checks import (FLOAT_DTYPES, check_same_device, check_tensor,
-                                   device_checks_allowed)
+from ds_kernels.ops.checks import (FLOAT_DTYPES, check_same_device, check_same_dtype,
+                                   check_tensor, device_checks_allowed)
 
 
 def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
@@ -39,9 +39,7 @@ def _check(q_nope, q_pe, kv_cache, block_table, cache_seqlens, softmax_scale):
     check_tensor("kv_cache", kv_cache, dim=3, dtypes=FLOAT_DTYPES)
     check_tensor("block_table", block_table, dim=2, dtypes=(torch.int32,))
     check_tensor("cache_seqlens", cache_seqlens, dim=1, dtypes=(torch.int32,))
-    for name, t in (("q_pe", q_pe), ("kv_cache", kv_cache)):
-        if t.dtype != q_nope.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but q_nope has {q_nope.dtype}")
+    check_same_dtype("q_nope", q_nope, q_pe=q_pe, kv_cache=kv_cache)
     B, Hq, Dc = q_nope.shape
     if Hq < 1 or Dc < 1:
         raise ValueError(f"q_nope must be [B, Hq >= 1, Dc >= 1], got {tuple(q_nope.shape)}")

@@ -7,8 +7,8 @@ import math
 import torch
 
 from ds_kernels import dispatch
-from ds_kernels.ops.checks import (GEMM_DTYPES, check_same_device, check_tensor,
-                                   device_checks_allowed)
+from ds_kernels.ops.checks import (GEMM_DTYPES, check_same_device, check_same_dtype,
+                                   check_tensor, device_checks_allowed)
 
 MAX_HEAD_DIM = 256
 
@@ -34,9 +34,7 @@ def mla_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: t
 def _check(q, k, v, cu_seqlens, causal, softmax_scale):
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, dim=3, dtypes=GEMM_DTYPES)
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}")
+    check_same_dtype("q", q, k=k, v=v)
     T, Hq, Dqk = q.shape
     if k.shape != q.shape:
         raise ValueError(f"k must have q's shape [T, Hq, Dqk] = {tuple(q.shape)}, "
