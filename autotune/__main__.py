@@ -43,8 +43,13 @@ def main(argv=None):
     run = commands.add_parser("sweep", help="tune an op on this machine and store the results")
     run.add_argument("--op", required=True, choices=sorted(cases.SHAPES))
     run.add_argument("--shapes", nargs="+", type=_shape,
-                     help="e.g. E=256,I=2048,H=7168,k=8 (default: the op's default shapes)")
-    run.add_argument("--tokens", nargs="+", type=int, help="token buckets (default: per device)")
+                     help="e.g. E=256,I=2048,H=7168,k=8 for fused_moe; "
+                     "Hq=16,Dc=512,Dr=64,page=64,context=4096 for mla_decode; "
+                     "H=16,Dqk=192,Dv=128,causal=1,seqs=4 for mla_prefill "
+                     "(default: the op's default shapes)")
+    run.add_argument("--tokens", nargs="+", type=int,
+                     help="buckets: tokens (rows for grouped_mm, sequences for mla_decode); "
+                     "default per op and device")
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     run.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
     run.add_argument("--quick", action="store_true", help="few shapes and candidates")
@@ -73,8 +78,11 @@ def main(argv=None):
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     routing = _routing(args.routing) if args.routing else None
-    rows = sweep.sweep(args.op, device, dtype, shapes=args.shapes, buckets=args.tokens,
-                       quick=args.quick, routing=routing, out_dir=args.out)
+    try:
+        rows = sweep.sweep(args.op, device, dtype, shapes=args.shapes, buckets=args.tokens,
+                           quick=args.quick, routing=routing, out_dir=args.out)
+    except ValueError as error:  # a shape or routing that does not fit the op
+        raise SystemExit(f"autotune: {error}")
     print(sweep.format_summary(rows))
 
 

@@ -1,8 +1,9 @@
-"""What a sweep runs, per op: default shapes, token buckets, inputs, the shape key and bucket
-under which ds_kernels looks the result up, and how to call and check the op.
+"""What a sweep runs, per op: default shapes, buckets, inputs, the shape key and bucket under
+which ds_kernels looks the result up, and how to call and check the op.
 
-The shape keys here must equal the ones the ops build at run time (ds_kernels/kernels/*.py,
-ds_kernels/cpu/*.py): a result stored under another key is never found.
+Shape keys come from ds_kernels.tuning.SHAPE_KEYS, the table the ops use at run time, so a
+stored result is always found. The bucket is the token count T, except M rows for grouped_mm
+and B sequences for mla_decode.
 """
 
 import dataclasses
@@ -12,23 +13,43 @@ import torch
 
 import ds_kernels
 from autotune import spaces
+from ds_kernels import tuning
 
-# Default shapes: DeepSeek-V3 on a GPU; on CPU the issue's benchmark shape, smaller experts.
+# Default shapes: DeepSeek-V3 on a GPU (MLA with 16 heads, as with 8-way tensor parallelism,
+# and with all 128); on CPU the benchmark shapes, with smaller experts and fewer heads.
+_V3_MLA = dict(Dc=512, Dr=64, page=64)
+_V3_PREFILL = dict(Dqk=192, Dv=128, causal=1, seqs=4)
 SHAPES = {
     "fused_moe": {"cuda": [dict(E=256, I=2048, H=7168, k=8)],
                   "cpu": [dict(E=64, I=256, H=1024, k=6)]},
     "grouped_mm": {"cuda": [dict(E=256, N=4096, K=7168)], "cpu": [dict(E=64, N=512, K=1024)]},
     "route": {"cuda": [dict(E=256, n_group=8, topk_group=4, k=8)],
               "cpu": [dict(E=256, n_group=8, topk_group=4, k=8)]},
+    "mla_decode": {"cuda": [dict(_V3_MLA, Hq=16, context=4096),
+                            dict(_V3_MLA, Hq=128, context=4096)],
+                   "cpu": [dict(_V3_MLA, Hq=16, context=2048)]},
+    "mla_prefill": {"cuda": [dict(_V3_PREFILL, H=16), dict(_V3_PREFILL, H=128)],
+                    "cpu": [dict(_V3_PREFILL, H=4)]},
 }
-BUCKETS = {"cuda": [1, 4, 16, 64, 256, 1024, 4096, 16384],
-           "cpu": [1, 16, 256, 4096]}
-QUICK_BUCKETS = {"cuda": [1, 64, 4096], "cpu": [1, 64, 4096]}
+_TOKENS = {"cuda": [1, 4, 16, 64, 256, 1024, 4096, 16384], "cpu": [1, 16, 256, 4096]}
+_QUICK_TOKENS = {"cuda": [1, 64, 4096], "cpu": [1, 64, 4096]}
+# (full, quick) buckets per op and device.
+BUCKETS = {
+    **{op: {d: (_TOKENS[d], _QUICK_TOKENS[d]) for d in _TOKENS}
+       for op in ("fused_moe", "grouped_mm", "route")},
+    "mla_decode": {"cuda": ([1, 2, 4, 8, 16, 32, 64, 128], [1, 8, 64]),
+                   "cpu": ([1, 4, 16], [1, 8])},
+    "mla_prefill": {"cuda": ([256, 1024, 4096, 8192], [1024, 8192]),
+                    "cpu": ([256, 1024, 4096], [256, 2048])},
+}
+# The kernels of an op that are tuned apart (each has its own entries and override).
+KERNELS = {("mla_prefill", "triton"): ["fwd", "dkdv", "dq"],
+           ("mla_prefill", "torch"): ["fwd", "bwd"]}
 
 
 @dataclasses.dataclass
 class Case:
-    """One (shape, bucket) of an op: inputs made once, the reference answer, and a runner."""
+    """One (shape, bucket, kernel) of an op: inputs made once, the reference answer, a runner."""
 
     op: str
     shape_key: str
@@ -37,6 +58,7 @@ class Case:
     expected: torch.Tensor
     reduction: int  # reduction length, for the tolerance
     candidates: list[dict]
+    kernel: str | None = None  # for an op with several kernels: the one the candidates tune
 
 
 def _routing(T, E, k, device, replay):
@@ -54,47 +76,126 @@ def _reference(fn):
         return fn()
 
 
-def make_case(op: str, shape: dict, n: int, backend: str, device, dtype, *, quick: bool,
-              routing=None) -> Case:
-    g = torch.Generator().manual_seed(n)
-    if op == "fused_moe":
-        E, I, H, k = shape["E"], shape["I"], shape["H"], shape["k"]
-        hidden = torch.randn(n, H, generator=g).to(device, dtype)          # [T, H]
-        w13 = (torch.randn(E, 2 * I, H, generator=g) / H**0.5).to(device, dtype)
-        w2 = (torch.randn(E, H, I, generator=g) / I**0.5).to(device, dtype)
-        ids = _routing(n, E, k, device, routing)                            # [T, k]
-        weights = torch.rand(n, k, generator=g).to(device)
+def _lengths(total: int, seqs: int, g) -> list[int]:
+    """``seqs`` ragged lengths (each 1/2 to 3/2 of the mean) summing to ``total``."""
+    weights = 0.5 + torch.rand(seqs, generator=g)
+    cuts = (weights.cumsum(0) / weights.sum() * total).round().long()
+    return torch.diff(cuts, prepend=torch.zeros(1, dtype=torch.long)).tolist()
 
-        def run():
-            return ds_kernels.fused_moe(hidden, w13, w2, weights, ids)
-        key, reduction, gemm = f"E={E},I={I},H={H},k={k}", H + I, (n * k / E, 2 * I, H, True)
-    elif op == "grouped_mm":
-        E, N, K = shape["E"], shape["N"], shape["K"]
-        a = torch.randn(n, K, generator=g).to(device, dtype)                # [M, K]
-        b = (torch.randn(E, K, N, generator=g) / K**0.5).to(device, dtype)
-        sizes = torch.bincount(torch.randint(0, E, (n,), generator=g), minlength=E)
-        offs = sizes.cumsum(0).to(device=device, dtype=torch.int32)
 
-        def run():
-            return ds_kernels.grouped_mm(a, b, offs)
-        key, reduction, gemm = f"E={E},N={N},K={K}", K, (n / E, N, K, False)
-    elif op == "route":
-        logits = torch.randn(n, shape["E"], generator=g).to(device, dtype)
+def _fused_moe(shape, n, device, dtype, g, routing):
+    E, I, H, k = shape["E"], shape["I"], shape["H"], shape["k"]
+    hidden = torch.randn(n, H, generator=g).to(device, dtype)              # [T, H]
+    w13 = (torch.randn(E, 2 * I, H, generator=g) / H**0.5).to(device, dtype)
+    w2 = (torch.randn(E, H, I, generator=g) / I**0.5).to(device, dtype)
+    ids = _routing(n, E, k, device, routing)                                # [T, k]
+    weights = torch.rand(n, k, generator=g).to(device)
 
-        def run():
-            weights, ids = ds_kernels.route(logits, shape["k"], n_group=shape["n_group"],
-                                            topk_group=shape["topk_group"])
-            return torch.cat([weights, ids.float()], dim=1)  # ids must match exactly
-        key, reduction, gemm = f"E={shape['E']}", 1, None
-    else:
-        raise ValueError(f"no sweep for op {op!r}; ops: {sorted(SHAPES)}")
+    def run():
+        return ds_kernels.fused_moe(hidden, w13, w2, weights, ids)
+    return run, H + I
 
-    if backend == "torch":
-        candidates = [dict(strategy=s) for s in spaces.CPU_STRATEGIES[op]]
-    elif gemm is not None:
-        rows, N_, K_, swiglu = gemm
-        candidates = spaces.gemm_candidates(rows, N_, K_, dtype, torch.device(device),
-                                            quick=quick, swiglu=swiglu)
-    else:
-        raise ValueError(f"{op} has no {backend} tuning space")
-    return Case(op, key, n, run, _reference(run), reduction, candidates)
+
+def _grouped_mm(shape, n, device, dtype, g):
+    E, N, K = shape["E"], shape["N"], shape["K"]
+    a = torch.randn(n, K, generator=g).to(device, dtype)                    # [M, K]
+    b = (torch.randn(E, K, N, generator=g) / K**0.5).to(device, dtype)
+    sizes = torch.bincount(torch.randint(0, E, (n,), generator=g), minlength=E)
+    offs = sizes.cumsum(0).to(device=device, dtype=torch.int32)
+
+    def run():
+        return ds_kernels.grouped_mm(a, b, offs)
+    return run, K
+
+
+def _route(shape, n, device, dtype, g):
+    logits = torch.randn(n, shape["E"], generator=g).to(device, dtype)
+
+    def run():
+        weights, ids = ds_kernels.route(logits, shape["k"], n_group=shape["n_group"],
+                                        topk_group=shape["topk_group"])
+        return torch.cat([weights, ids.float()], dim=1)  # ids must match exactly
+    return run, 1
+
+
+def _mla_decode(shape, n, device, dtype, g):
+    Hq, Dc, Dr, page, context = (shape[x] for x in ("Hq", "Dc", "Dr", "page", "context"))
+    lens = torch.randint(context // 2, context + 1, (n,), generator=g)      # [B]
+    pages = -(-context // page)
+    block_table = torch.randperm(n * pages, generator=g).view(n, pages)    # [B, pages] shuffled
+    kv_cache = torch.randn(n * pages, page, Dc + Dr, generator=g).to(device, dtype)
+    q_nope = torch.randn(n, Hq, Dc, generator=g).to(device, dtype)
+    q_pe = torch.randn(n, Hq, Dr, generator=g).to(device, dtype)
+    args = (q_nope, q_pe, kv_cache, block_table.to(device, torch.int32),
+            lens.to(device, torch.int32), (Dc + Dr) ** -0.5)
+
+    def run():
+        out, lse = ds_kernels.mla_decode(*args)
+        return torch.cat([out.float().flatten(), lse.flatten()])
+    return run, context + Dc + Dr
+
+
+def _mla_prefill(shape, n, device, dtype, g, kernel):
+    H, Dqk, Dv, causal = shape["H"], shape["Dqk"], shape["Dv"], bool(shape["causal"])
+    lengths = _lengths(n, shape["seqs"], g)
+    cu_seqlens = torch.tensor([0] + lengths).cumsum(0).to(device, torch.int32)
+    q, k = (torch.randn(n, H, Dqk, generator=g).to(device, dtype) for _ in range(2))
+    v = torch.randn(n, H, Dv, generator=g).to(device, dtype)
+    grad_out = torch.randn(n, H, Dv, generator=g).to(device, dtype)
+
+    def run():
+        inputs = [t.detach().requires_grad_(kernel != "fwd") for t in (q, k, v)]
+        out, _ = ds_kernels.mla_prefill(*inputs, cu_seqlens, causal=causal,
+                                        softmax_scale=Dqk**-0.5)
+        if kernel == "fwd":
+            return out
+        out.backward(grad_out)
+        return torch.cat([t.grad.flatten() for t in inputs])
+    return run, max(lengths) + Dqk + (Dv if kernel != "fwd" else 0)
+
+
+_BUILDERS = {"fused_moe": _fused_moe, "grouped_mm": _grouped_mm, "route": _route,
+             "mla_decode": _mla_decode, "mla_prefill": _mla_prefill}
+
+
+def make_cases(op: str, shape: dict, n: int, backend: str, device, dtype, *, quick: bool,
+               routing=None) -> list[Case]:
+    """The cases of ``op`` at ``shape`` and bucket ``n``: one per kernel tuned apart."""
+    if op not in _BUILDERS:
+        raise ValueError(f"no sweep for op {op!r}; ops: {sorted(_BUILDERS)}")
+    needed = set(SHAPES[op]["cpu"][0])
+    if set(shape) != needed:
+        raise ValueError(f"a {op} shape needs exactly {', '.join(sorted(needed))}; got "
+                         f"{', '.join(sorted(shape))}")
+    device = torch.device(device)
+    cases = []
+    for kernel in KERNELS.get((op, backend), [None]):
+        g = torch.Generator().manual_seed(n)
+        options = {"fused_moe": dict(routing=routing), "mla_prefill": dict(kernel=kernel)}
+        run, reduction = _BUILDERS[op](shape, n, device, dtype, g, **options.get(op, {}))
+        fits = _fits(op, backend, shape, n, kernel, dtype, device)
+        cases.append(Case(op, tuning.shape_key(op, kernel=kernel, **shape), n, run,
+                          _reference(run), reduction,
+                          spaces.candidates(op, backend, quick=quick, fits=fits), kernel))
+    return cases
+
+
+def _fits(op, backend, shape, n, kernel, dtype, device):
+    """The static pruning of ``op``'s Triton candidates at this shape and bucket (None: none)."""
+    if backend != "triton":
+        return None
+    if op in ("fused_moe", "grouped_mm"):
+        if op == "fused_moe":
+            rows, N, K, swiglu = n * shape["k"] / shape["E"], 2 * shape["I"], shape["H"], True
+        else:
+            rows, N, K, swiglu = n / shape["E"], shape["N"], shape["K"], False
+        return lambda c: spaces.gemm_fits(c, rows, N, K, dtype, device, swiglu=swiglu)
+    if op == "mla_decode":
+        from ds_kernels.kernels import mla_decode
+
+        return lambda c: mla_decode.fits(c, shape["Dc"], shape["Dr"], dtype, device)
+    if op == "mla_prefill":
+        from ds_kernels.kernels import mla_prefill
+
+        return lambda c: mla_prefill.fits(kernel, c, shape["Dqk"], shape["Dv"], dtype, device)
+    return None

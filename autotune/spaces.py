@@ -1,48 +1,65 @@
 """Candidate configs per op and backend, as data, with static pruning.
 
-Triton candidates are pruned before anything is compiled: a tile that tl.dot cannot take
-(< 16), a pipeline whose shared memory exceeds the device's, or an accumulator that cannot stay
-in registers would fail with "out of resources" on a smaller GPU or spill, and a BLOCK_M far
-above the rows an expert has only multiplies padding.
+A space maps each config key to its values; the candidates are their product, minus those
+pruned before anything is compiled: a tile that tl.dot cannot take (< 16), a pipeline whose
+shared memory exceeds the device's, or tiles whose accumulators cannot stay in registers would
+fail with "out of resources" on a smaller GPU or spill, and a BLOCK_M far above the rows an
+expert has only multiplies padding. The kernels' own resource models (``fits``) do the MLA
+pruning, so that a heuristic and a sweep never disagree about what fits.
 """
 
 import itertools
 
 import torch
 
-# GEMM tiles for grouped_mm and fused_moe (the same kernel).
-GEMM_SPACE = dict(BLOCK_M=[16, 32, 64, 128], BLOCK_N=[32, 64, 128, 256], BLOCK_K=[32, 64, 128],
-                  GROUP_M=[1, 8, 16], num_warps=[4, 8], num_stages=[2, 3, 4, 5])
-GEMM_QUICK = dict(BLOCK_M=[16, 64, 128], BLOCK_N=[64, 128], BLOCK_K=[64], GROUP_M=[8],
-                  num_warps=[4, 8], num_stages=[3, 4])
+from ds_kernels import tuning
 
-# The torch path's strategies (ds_kernels/cpu/*.py name them and say when each wins).
-CPU_STRATEGIES = {
-    "route": ["sort", "topk"],
-    "fused_moe": ["grouped_mm", "mm_loop", "expert_threads"],
-    "grouped_mm": ["grouped_mm", "mm_loop"],
+# (full, quick) spaces per (op, backend). fused_moe and grouped_mm run the same GEMM kernel.
+_GEMM = (dict(BLOCK_M=[16, 32, 64, 128], BLOCK_N=[32, 64, 128, 256], BLOCK_K=[32, 64, 128],
+              GROUP_M=[1, 8, 16], num_warps=[4, 8], num_stages=[2, 3, 4, 5]),
+         dict(BLOCK_M=[16, 64, 128], BLOCK_N=[64, 128], BLOCK_K=[64], GROUP_M=[8],
+              num_warps=[4, 8], num_stages=[3, 4]))
+SPACES = {
+    ("fused_moe", "triton"): _GEMM,
+    ("grouped_mm", "triton"): _GEMM,
+    ("mla_decode", "triton"): (
+        dict(BLOCK_N=[16, 32, 64], min_split_tokens=[64, 128, 256, 512, 1024],
+             num_warps=[4, 8], num_stages=[1, 2, 3, 4]),
+        dict(BLOCK_N=[16, 32], min_split_tokens=[128, 256, 512], num_warps=[8],
+             num_stages=[2, 3])),
+    ("mla_prefill", "triton"): (
+        dict(BLOCK_M=[16, 32, 64, 128], BLOCK_N=[16, 32, 64, 128], num_warps=[4, 8],
+             num_stages=[1, 2, 3, 4]),
+        dict(BLOCK_M=[32, 64, 128], BLOCK_N=[32, 64], num_warps=[4, 8], num_stages=[2, 3])),
+    # The torch path's knobs (ds_kernels/cpu/*.py name them and say when each wins).
+    ("route", "torch"): (dict(strategy=["sort", "topk"]),) * 2,
+    ("fused_moe", "torch"): (dict(strategy=["grouped_mm", "mm_loop", "expert_threads"]),) * 2,
+    ("grouped_mm", "torch"): (dict(strategy=["grouped_mm", "mm_loop"]),) * 2,
+    ("mla_decode", "torch"): (
+        dict(chunk_elements=[1 << 16, 1 << 18, 1 << 19, 1 << 20, 1 << 21, 1 << 22, 1 << 24]),
+        dict(chunk_elements=[1 << 18, 1 << 20, 1 << 22])),
+    ("mla_prefill", "torch"): (
+        dict(score_elements=[1 << 20, 1 << 22, 1 << 24], pieces=[1, 4, 8, 16],
+             pack_elements=[1 << 14, 1 << 16, 1 << 18]),
+        dict(score_elements=[1 << 20, 1 << 22], pieces=[4, 8], pack_elements=[1 << 16])),
 }
 
 _REGISTERS_PER_THREAD = 255
 _FALLBACK_SHARED_BYTES = 99 * 1024  # the smallest opt-in limit among recent NVIDIA GPUs
 
 
+def candidates(op: str, backend: str, *, quick: bool, fits=None) -> list[dict]:
+    """The product of ``op``'s space for ``backend``, keeping the configs ``fits`` accepts."""
+    if (op, backend) not in SPACES:
+        raise ValueError(f"{op} has no {backend} tuning space")
+    space = SPACES[op, backend][1 if quick else 0]
+    configs = (dict(zip(space, values)) for values in itertools.product(*space.values()))
+    return [c for c in configs if fits is None or fits(c)]
+
+
 def shared_memory_bytes(device: torch.device) -> int:
-    if device.type != "cuda":
-        return _FALLBACK_SHARED_BYTES
-    props = torch.cuda.get_device_properties(device)
-    return getattr(props, "shared_memory_per_block_optin", _FALLBACK_SHARED_BYTES)
-
-
-def gemm_candidates(rows_per_expert: float, N: int, K: int, dtype, device: torch.device, *,
-                    quick: bool, swiglu: bool = False) -> list[dict]:
-    space = GEMM_QUICK if quick else GEMM_SPACE
-    keep = []
-    for values in itertools.product(*space.values()):
-        config = dict(zip(space, values))
-        if gemm_fits(config, rows_per_expert, N, K, dtype, device, swiglu=swiglu):
-            keep.append(config)
-    return keep
+    """The device's opt-in shared memory per block; off a GPU (tests), the smallest limit."""
+    return tuning.shared_memory_bytes(device) if device.type == "cuda" else _FALLBACK_SHARED_BYTES
 
 
 def gemm_fits(config: dict, rows_per_expert: float, N: int, K: int, dtype,

@@ -8,9 +8,10 @@ Triton upgrade changes code generation, and a config tuned for another version c
 than the heuristic (a frequent complaint about vLLM's shipped configs). Such a file is reported
 once, never silently reused.
 
-Token counts change every step, so entries are keyed on shapes (E, N, K, ...) and on the
-power-of-two bucket of the rows per expert (or of T for CPU knobs); a lookup takes the
-nearest stored bucket. Nothing here synchronises with the device.
+Token counts change every step, so entries are keyed on shapes (SHAPE_KEYS) and on a token
+count's power-of-two bucket (rows for grouped_mm, sequences for mla_decode); a lookup takes
+the nearest stored bucket. An empty entry records that no candidate beat the heuristic.
+Nothing here synchronises with the device.
 """
 
 import contextlib
@@ -36,6 +37,23 @@ _resolved: dict[tuple, dict | None] = {}  # (op, backend, device, dtype, shape k
 _said: set[str] = set()
 
 
+# What a tuned entry is keyed on, per op (besides the bucket: T for fused_moe, route and
+# mla_prefill, M for grouped_mm, B for mla_decode). The ops build these keys at run time and
+# autotune stores under them; a "_backward" op shares its forward's key.
+SHAPE_KEYS = {
+    "fused_moe": "E={E},I={I},H={H},k={k}",
+    "grouped_mm": "E={E},N={N},K={K}",
+    "route": "E={E}",
+    "mla_decode": "Hq={Hq},Dc={Dc},Dr={Dr},page={page}",
+    "mla_prefill": "{kernel}:H={H},Dqk={Dqk},Dv={Dv},causal={causal:d}",
+}
+
+
+def shape_key(op: str, **dims) -> str:
+    """``op``'s key for these dims (extra dims are ignored)."""
+    return SHAPE_KEYS[op].format(**dims)
+
+
 def tuning_dir() -> Path:
     return Path(os.environ.get("DS_KERNELS_TUNING_DIR") or Path.home() / ".cache" / "ds_kernels"
                 / "tuning")
@@ -54,6 +72,14 @@ def device_name(device: torch.device) -> str:
             pass
         return platform.processor() or platform.machine()
     return device.type
+
+
+def shared_memory_bytes(device: torch.device) -> float:
+    """Shared memory a CUDA block may opt into on ``device``; unbounded elsewhere (the Triton
+    interpreter)."""
+    if device.type != "cuda":
+        return float("inf")
+    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
 
 
 def versions() -> dict:
@@ -149,8 +175,10 @@ def _find(op, backend, device, dtype, shape_key) -> dict | None:
 
 @contextlib.contextmanager
 def override(**config):
-    """Use ``config`` (keys of the heuristic's dicts, or "strategy" for a CPU path; missing keys
-    keep the chosen config's, and those of an enclosing override) inside the block."""
+    """Use ``config`` inside the block: keys of an op's config dict (BLOCK_M, strategy, ...;
+    missing keys keep the chosen config's, and those of an enclosing override). With
+    ``kernel=NAME`` it applies only to the launches of that kernel of a multi-kernel op (a
+    sweep of one of mla_prefill's backward kernels)."""
     previous = _override[0]
     _override[0] = {**(previous or {}), **config}
     try:
@@ -164,24 +192,22 @@ def forced_config() -> dict:
     return dict(_override[0] or {})
 
 
+def config(op: str, backend: str, shape_key: str, n: float, dtype, device: torch.device,
+           default: dict, *, kernel: str | None = None) -> dict:
+    """``default`` (the heuristic's choice), with each of its keys taken from the tuned entry
+    of ``shape_key`` at the bucket nearest ``n`` if there is one, then from an override."""
+    stored = tuned(op, backend, device, dtype, shape_key, n) or {}
+    forced = forced_config()
+    if forced.get("kernel", kernel) != kernel:
+        forced = {}
+    return {key: forced.get(key, stored.get(key, value)) for key, value in default.items()}
+
+
 def gemm_config(op: str, shape_key: str, n: float, rows_per_expert: float, N: int, K: int,
                 dtype, device: torch.device) -> dict:
-    """BLOCK_M/N/K, GROUP_M, num_warps, num_stages for a grouped GEMM launch: the tuned config
-    of ``shape_key`` at the bucket nearest ``n``, else the heuristic; then any override."""
-    config = (tuned(op, "triton", device, dtype, shape_key, n)
-              or gemm_heuristic(bucket(rows_per_expert), N, K, dtype))
-    return {**config, **forced_config()}
-
-
-def strategy(op: str, shape_key: str, n: float, dtype, device: torch.device,
-             default: str) -> str:
-    """A CPU path's tuned strategy for ``shape_key`` at the bucket nearest ``n`` (or the
-    override's "strategy"), else ``default``."""
-    forced = forced_config()
-    if "strategy" in forced:
-        return forced["strategy"]
-    config = tuned(op, "torch", device, dtype, shape_key, n)
-    return config["strategy"] if config else default
+    """BLOCK_M/N/K, GROUP_M, num_warps, num_stages for a grouped GEMM launch."""
+    return config(op, "triton", shape_key, n, dtype, device,
+                  gemm_heuristic(bucket(rows_per_expert), N, K, dtype))
 
 
 def gemm_heuristic(rows_bucket: int, N: int, K: int, dtype) -> dict:

@@ -1,12 +1,15 @@
 """python -m ds_model generate [--preset NAME | --checkpoint DIR] [--batch 4] [--prompt-len 32]
     [--max-new-tokens 64] [--dtype float32] [--temperature 0] [--top-p 1] [--seed 0]
+    [--record-routing FILE.safetensors]
 
 Continues random prompts with random weights (a preset, "tiny" by default) or the weights of
 an HF-format checkpoint folder, shows a progress bar on stderr, and prints the prefill and
-decode throughput and the generated ids.
+decode throughput and the generated ids. --record-routing saves every MoE layer's expert
+choices for `python -m autotune sweep --op fused_moe --routing FILE`.
 """
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -15,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ds_model import PRESETS, DeepSeekForCausalLM, ModelConfig
+from ds_model.routing import RoutingRecorder
 
 BAR_WIDTH = 40
 
@@ -37,6 +41,9 @@ def main(argv=None):
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    gen.add_argument("--record-routing", type=Path, metavar="FILE",
+                     help="save the experts each MoE layer chose (safetensors) for autotune; "
+                     "the timings then include the recording")
     args = parser.parse_args(argv)
     if min(args.batch, args.prompt_len, args.max_new_tokens) < 1:
         parser.error("--batch, --prompt-len and --max-new-tokens must be >= 1")
@@ -71,10 +78,17 @@ def main(argv=None):
 
     # Untimed first: one-time costs (lazy imports, first allocations) stay out of the numbers.
     model.generate(list(prompts[:1, :2]), 2)
+    recorder = RoutingRecorder(model) if args.record_routing else contextlib.nullcontext()
     start = time.perf_counter()
-    outputs = model.generate(list(prompts), args.max_new_tokens, temperature=args.temperature,
-                             top_p=args.top_p, generator=generator, on_step=on_step)
+    with recorder:
+        outputs = model.generate(list(prompts), args.max_new_tokens,
+                                 temperature=args.temperature, top_p=args.top_p,
+                                 generator=generator, on_step=on_step)
     print(file=sys.stderr)
+    if args.record_routing:
+        ids = recorder.tensors()["topk_ids"]
+        print(f"routing: {tuple(ids.shape)} topk_ids -> {recorder.save(args.record_routing)}",
+              file=sys.stderr)
     generated = sum(len(o) for o in outputs) - prompts.numel()
     prefill_s, decode_s = stamps[0] - start, stamps[-1] - stamps[0]
     print(f"prefill: {args.batch} x {args.prompt_len} tokens in {prefill_s * 1e3:.1f} ms "

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 import ds_kernels
 import ds_kernels.kernels.mla_decode as kernel
 from conftest import DEVICE
+from ds_kernels import tuning
 from ds_kernels.ops.mla_decode import mla_decode
 from ds_kernels.reference.mla_decode import mla_decode as reference
 from numerics import assert_close
@@ -22,12 +23,14 @@ TOKENS = [0, 1, 2, 15, 16, 17, 31, 40, 64, 65, 100]
 
 
 @pytest.fixture(params=["torch", "torch (a page a chunk)", "triton"])
-def backend(request, monkeypatch):
+def backend(request):
     """The backends of conftest, plus the torch path cutting contexts into one-page chunks
     (its chunk loop otherwise needs contexts of thousands of tokens)."""
     if request.param == "torch (a page a chunk)":
-        monkeypatch.setattr("ds_kernels.cpu.mla_decode._CHUNK_ELEMENTS", 1)
-    with ds_kernels.use_backend(request.param.split()[0]):
+        forced = dict(chunk_elements=1)
+    else:
+        forced = {}
+    with ds_kernels.use_backend(request.param.split()[0]), tuning.override(**forced):
         yield request.param
 
 
@@ -162,8 +165,7 @@ def test_splits_with_empty_and_ragged_parts(backend, lens):
 
 def test_more_splits_than_the_merge_reads_in_one_step(monkeypatch):
     # 40 splits of 16 tokens: the merge kernel takes them 16 at a time (BLOCK_S).
-    monkeypatch.setitem(kernel._INTERPRETER, "sms", 40)
-    monkeypatch.setitem(kernel._GPU, "min_split_tokens", 16)
+    monkeypatch.setattr(kernel, "_INTERPRETER_SMS", 40)
     g = torch.Generator().manual_seed(9)
     with ds_kernels.use_backend("triton"):
         check_against_reference(g, 3, 32, 16, torch.float32,

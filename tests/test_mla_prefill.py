@@ -105,21 +105,23 @@ def test_torch_path_chunks(monkeypatch, causal):
     """The torch path's chunk plan at toy budgets: short sequences packed block-diagonally, long
     ones cut into pieces of rows, both next to each other."""
     from ds_kernels.cpu import mla_prefill as cpu
-    monkeypatch.setattr(cpu, "_SCORE_ELEMENTS", 2 * 40 * 7)
-    monkeypatch.setattr(cpu, "_PACK_ELEMENTS", 2 * 9**2)
     monkeypatch.setattr(cpu, "_MIN_ROWS", 3)
+    knobs = dict(cpu.KNOBS, score_elements=2 * 40 * 7, pack_elements=2 * 9**2)
     q, k, v, cu_seqlens = make_problem(torch.Generator().manual_seed(4), [2, 3, 0, 4, 40, 1, 9, 23],
                                        2, 24, 16, torch.float64)
-    plan = cpu._plan(cu_seqlens, 2, causal)
+    plan = cpu._plan(cu_seqlens, 2, causal, knobs)
     assert any(b is not None and b.shape[0] == 9 for _, _, b in plan), "2 + 3 + 4 packed"
     assert sum(keys.start == 9 for _, keys, _ in plan) > 1, "the 40 tokens from 9 cut"
     assert sum(r.stop - r.start for r, _, _ in plan) == q.shape[0]
-    out, lse = cpu.mla_prefill(q, k, v, cu_seqlens, causal, 0.3)
+    with tuning.override(**knobs):
+        out, lse = cpu.mla_prefill(q, k, v, cu_seqlens, causal, 0.3)
     want_out, want_lse = reference(q, k, v, cu_seqlens, causal, 0.3)
     assert_close(out, want_out, torch.float64, what="out")
     assert_close(lse, want_lse, torch.float32, what="lse")
     grad_out, grad_lse = torch.randn_like(out), torch.randn_like(lse)
-    got = cpu.mla_prefill_backward(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens, causal, 0.3)
+    with tuning.override(**knobs):
+        got = cpu.mla_prefill_backward(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens, causal,
+                                       0.3)
     want = mla_prefill_backward(grad_out, grad_lse, q, k, v, None, None, cu_seqlens, causal, 0.3)
     for g, w, name in zip(got, want, ["d q", "d k", "d v"]):
         assert_close(g, w, torch.float32, reduction=40, what=name)  # through the fp32 lse

@@ -42,8 +42,9 @@ def _plan(hidden, w13, topk_ids):
     order = torch.sort(flat, stable=True).indices                 # [N] assignment per slot
     offs = torch.bincount(flat, minlength=E).cumsum(0)            # [E]
     default = "grouped_mm" if T * k / E < GROUPED_BELOW_ROWS_PER_EXPERT else "mm_loop"
-    strategy = tuning.strategy("fused_moe", f"E={E},I={two_i // 2},H={H},k={k}", T,
-                               hidden.dtype, hidden.device, default)
+    key = tuning.shape_key("fused_moe", E=E, I=two_i // 2, H=H, k=k)
+    strategy = tuning.config("fused_moe", "torch", key, T, hidden.dtype, hidden.device,
+                             dict(strategy=default))["strategy"]
     return order, offs, strategy
 
 

@@ -56,7 +56,9 @@ def grouped_matmul_tn(a, g, offs, strategy):
 
 
 def strategy_for(op, E, N, K, rows, a):
-    return tuning.strategy(op, f"E={E},N={N},K={K}", rows, a.dtype, a.device, "grouped_mm")
+    key = tuning.shape_key("grouped_mm", E=E, N=N, K=K)
+    return tuning.config(op, "torch", key, rows, a.dtype, a.device,
+                         dict(strategy="grouped_mm"))["strategy"]
 
 
 def grouped_mm(a, b, offs):

@@ -12,15 +12,21 @@ import bisect
 
 import torch
 
+from ds_kernels import tuning
+
 # Gathered fp32 cache elements per chunk (4 MB): the copy stays in cache between the chunk's
 # two GEMMs, and buffers this small are reused rather than page-faulted in anew each call
 # (64 MB chunks ran 2-4x slower at B=4, Hq=16, 8K tokens, on one core). At least one page.
-_CHUNK_ELEMENTS = 1 << 20
+# `python -m autotune sweep --op mla_decode` tunes it per batch-size bucket.
+CHUNK_ELEMENTS = 1 << 20
 
 
 def mla_decode(q_nope, q_pe, kv_cache, block_table, cache_seqlens, softmax_scale):
     B, Hq, Dc = q_nope.shape
     block_size, D = kv_cache.shape[1], kv_cache.shape[2]
+    key = tuning.shape_key("mla_decode", Hq=Hq, Dc=Dc, Dr=D - Dc, page=block_size)
+    chunk_elements = tuning.config("mla_decode", "torch", key, B, q_nope.dtype, q_nope.device,
+                                   dict(chunk_elements=CHUNK_ELEMENTS))["chunk_elements"]
     lens, order = cache_seqlens.long().sort(descending=True)        # [B] longest first
     lengths = lens.tolist()
     m = torch.full((B, Hq), float("-inf"), device=q_nope.device)    # running max score
@@ -28,7 +34,7 @@ def mla_decode(q_nope, q_pe, kv_cache, block_table, cache_seqlens, softmax_scale
     acc = torch.zeros(B, Hq, Dc, device=q_nope.device)              # running weighted V
     q = torch.cat([q_nope, q_pe], dim=-1)[order].float() * softmax_scale   # [B, Hq, D]
     table = block_table[order]                                      # [B, max_blocks]
-    chunk_pages = max(1, _CHUNK_ELEMENTS // (max(B, 1) * D * block_size))
+    chunk_pages = max(1, chunk_elements // (max(B, 1) * D * block_size))
     longest = lengths[0] if B else 0
     for first in range(0, -(-longest // block_size), chunk_pages):
         start = first * block_size

@@ -1,9 +1,9 @@
 """Variable-length attention on the torch path: batched matmuls over chunks of query rows.
 
 Each chunk is a run of query rows with one window of keys, computed as [Hq, rows, keys] score
-blocks by torch.bmm, so memory stays O(_SCORE_ELEMENTS + Hq * longest sequence), whatever T is:
+blocks by torch.bmm, so memory stays O(score_elements + Hq * longest sequence), whatever T is:
 - a long sequence is cut into pieces of rows; each piece sees its sequence's keys up to its
-  last row (causal) or all of them. Causal pieces of about 1/_PIECES of the sequence skip most
+  last row (causal) or all of them. Causal pieces of about 1/pieces of the sequence skip most
   of the upper triangle, which SDPA's math path computes and masks;
 - consecutive short sequences share a chunk whose window is the chunk itself, with a
   block-diagonal mask, so many short sequences cost a few matmuls, not many tiny ones.
@@ -12,31 +12,46 @@ Only the square block of keys that share the chunk's rows ever needs a mask.
 Softmax in base 2 (log2(e) folded into the scale; exp2 is ~2x cheaper than exp here), with the
 max subtracted per row; the backward recomputes probabilities from the saved lse (flash
 attention's formulas), so it also never holds more than one chunk of scores.
+
+The three sizes below (KNOBS) are tuned per token-count bucket, separately for the forward
+and the backward, by `python -m autotune sweep --op mla_prefill`.
 """
 
 import math
 
 import torch
 
+from ds_kernels import tuning
+
 # Measured single-threaded on a 2-core EPYC at Hq=4, Dqk=192, Dv=128, T = 256..4096 in four
 # ragged sequences (bench/bench_mla_prefill.py); differences below ~15% were noise there.
-# Score elements per chunk: 2**22 fp32 is 16 MiB per [Hq, rows, keys] block.
-_SCORE_ELEMENTS = 1 << 22
-# Pieces per long sequence, each at least _MIN_ROWS rows (smaller matmuls lose more to
-# overhead than they save): 8 computes ~56% of the full square, 1 piece (no cut) 100% and
-# ran 1.5x slower at 4096 tokens.
-_PIECES, _MIN_ROWS = 8, 64
-# Packed chunks of short sequences hold at most this many scores (Hq * rows**2): 128 rows at
-# Hq = 4. Packing four sequences of 128-384 tokens into one square cost 2x.
-_PACK_ELEMENTS = 1 << 16
+KNOBS = dict(
+    # Score elements per chunk: 2**22 fp32 is 16 MiB per [Hq, rows, keys] block.
+    score_elements=1 << 22,
+    # Pieces per long sequence, each at least _MIN_ROWS rows (smaller matmuls lose more to
+    # overhead than they save): 8 computes ~56% of the full square, 1 piece (no cut) 100% and
+    # ran 1.5x slower at 4096 tokens.
+    pieces=8,
+    # Packed chunks of short sequences hold at most this many scores (Hq * rows**2): 128 rows
+    # at Hq = 4. Packing four sequences of 128-384 tokens into one square cost 2x.
+    pack_elements=1 << 16,
+)
+_MIN_ROWS = 64
 _LOG2E = 1.0 / math.log(2.0)
 
 
-def _plan(cu_seqlens, num_heads, causal):
+def _knobs(kernel, q, v, causal):
+    T, H, Dqk = q.shape
+    key = tuning.shape_key("mla_prefill", kernel=kernel, H=H, Dqk=Dqk, Dv=v.shape[2],
+                           causal=causal)
+    return tuning.config("mla_prefill", "torch", key, T, q.dtype, q.device, KNOBS, kernel=kernel)
+
+
+def _plan(cu_seqlens, num_heads, causal, knobs):
     """The chunks covering every sequence's tokens: (rows, keys, blocked), rows and keys slices
     of tokens, blocked a [rows, rows] bool mask of the key block keys[rows] (None: no mask)."""
     device = cu_seqlens.device
-    pack_rows = max(1, math.isqrt(_PACK_ELEMENTS // num_heads))
+    pack_rows = max(1, math.isqrt(knobs["pack_elements"] // num_heads))
     plan, packed = [], []  # packed: lengths of the short sequences in the open chunk
 
     def add(first, last, key_start, key_end, lengths):
@@ -64,9 +79,9 @@ def _plan(cu_seqlens, num_heads, causal):
             packed.append(length)
             continue
         close_packed(start)
-        rows = max(1, _SCORE_ELEMENTS // (num_heads * length))
+        rows = max(1, knobs["score_elements"] // (num_heads * length))
         if causal:
-            rows = min(rows, max(_MIN_ROWS, length // _PIECES))
+            rows = min(rows, max(_MIN_ROWS, length // knobs["pieces"]))
         for first in range(start, end, rows):
             last = min(end, first + rows)
             add(first, last, start, last if causal else end, [length])
@@ -94,7 +109,7 @@ def mla_prefill(q, k, v, cu_seqlens, causal, softmax_scale):
     out = torch.empty(T, Hq, Dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(T, Hq, dtype=torch.float32, device=q.device)
     scale2 = softmax_scale * _LOG2E
-    for rows, keys, blocked in _plan(cu_seqlens, Hq, causal):
+    for rows, keys, blocked in _plan(cu_seqlens, Hq, causal, _knobs("fwd", q, v, causal)):
         p = _scores(qh, kh, rows, keys, blocked, scale2)             # [Hq, n, keys]
         row_max = p.amax(dim=-1, keepdim=True)  # finite: each row sees at least its own key
         p.sub_(row_max).exp2_()
@@ -114,7 +129,8 @@ def mla_prefill_backward(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens, caus
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)        # rows written once
     dk, dv = (torch.zeros(t.shape, dtype=acc, device=t.device) for t in (k, v))  # summed
     scale2 = softmax_scale * _LOG2E
-    for rows, keys, blocked in _plan(cu_seqlens, q.shape[1], causal):
+    for rows, keys, blocked in _plan(cu_seqlens, q.shape[1], causal,
+                                     _knobs("bwd", q, v, causal)):
         p = _scores(qh, kh, rows, keys, blocked, scale2)
         p.sub_(lse2[:, rows, None]).exp2_()                           # [Hq, n, keys]
         dv[keys] += torch.bmm(p.transpose(1, 2), doh[:, rows]).transpose(0, 1)

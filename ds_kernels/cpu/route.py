@@ -46,7 +46,9 @@ def route(logits, top_k, scoring, correction_bias, n_group, topk_group, renormal
           routed_scaling_factor):
     T, E = logits.shape
     default = "sort" if T < SORT_BELOW_TOKENS else "topk"
-    if tuning.strategy("route", f"E={E}", T, logits.dtype, logits.device, default) == "sort":
+    key = tuning.shape_key("route", E=E)
+    if tuning.config("route", "torch", key, T, logits.dtype, logits.device,
+                     dict(strategy=default))["strategy"] == "sort":
         return reference.route(logits, top_k, scoring, correction_bias, n_group, topk_group,
                                renormalize, routed_scaling_factor)
     s, c = choice_scores(logits, scoring, correction_bias)        # [T, E] each

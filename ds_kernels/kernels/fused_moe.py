@@ -16,7 +16,7 @@ import torch
 
 from ds_kernels.kernels.grouped_mm import grouped_gemm, grouped_wgrad
 from ds_kernels.kernels.moe_align import moe_align
-from ds_kernels.tuning import gemm_config
+from ds_kernels.tuning import gemm_config, shape_key
 
 
 def _plan(op, hidden, w13, topk_ids):
@@ -24,8 +24,8 @@ def _plan(op, hidden, w13, topk_ids):
     E, two_i, _ = w13.shape
     k = topk_ids.shape[1]
     # Keyed like vLLM's tuned files (E, intermediate size; bucket = tokens) so they import.
-    config = gemm_config(op, f"E={E},I={two_i // 2},H={H},k={k}", T, T * k / E, two_i, H,
-                         hidden.dtype, hidden.device)
+    key = shape_key("fused_moe", E=E, I=two_i // 2, H=H, k=k)
+    config = gemm_config(op, key, T, T * k / E, two_i, H, hidden.dtype, hidden.device)
     return config, moe_align(topk_ids, E, config["BLOCK_M"])
 
 

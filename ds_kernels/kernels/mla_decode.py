@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ds_kernels import tuning
+
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
 
@@ -37,13 +39,17 @@ _LN2 = tl.constexpr(0.6931471805599453)
 # 16 heads is tl.dot's smallest M (32 fits only at 254 registers); Hq=128 runs as 8 head
 # groups, which read each KV tile through L2.
 _BLOCK_H = 16
+# Register words per thread (estimated in fits) of the largest tile above that built without
+# spills (16 heads x 32 bf16 tokens, 8 warps); 64 tokens, or 4 warps, spilled.
+_REGISTER_WORDS = 68
 # Splits only until the programs fill the multiprocessors, and none shorter than 256 tokens,
 # where writing and merging the [16, 512] fp32 partials would cost ~20% of reading the split's
-# cache.
+# cache. `python -m autotune sweep --op mla_decode` tunes all four keys per batch-size bucket.
 _GPU = dict(min_split_tokens=256, num_warps=8, num_stages=3)
 # Interpreter: a fixed small "GPU" and 16-token steps, so that the tests' tiny contexts still
 # cross several tiles and splits (and the merge kernel runs).
-_INTERPRETER = dict(block_n=16, min_split_tokens=16, num_warps=4, num_stages=1, sms=4)
+_INTERPRETER = dict(BLOCK_N=16, min_split_tokens=16, num_warps=4, num_stages=1)
+_INTERPRETER_SMS = 4
 
 
 @triton.jit
@@ -181,11 +187,37 @@ def num_splits(programs: int, capacity: int, sms: int, min_split_tokens: int) ->
     return max(1, min(triton.cdiv(sms, programs), capacity // min_split_tokens))
 
 
-def _config(device: torch.device, dtype: torch.dtype) -> dict:
+def _widths(Dc, Dr):
+    """Tile widths of the latent and rope parts: powers of two, at least tl.dot's 16."""
+    return max(16, triton.next_power_of_2(Dc)), max(16, triton.next_power_of_2(Dr))
+
+
+def fits(config, Dc, Dr, dtype, device) -> bool:
+    """Whether a launch with ``config`` stays within the device's shared memory (a K/V tile per
+    stage, from above) and, by a register estimate, its registers."""
+    dc_p, dr_p = _widths(Dc, Dr)
+    shared = config["num_stages"] * config["BLOCK_N"] * (dc_p + dr_p) * dtype.itemsize
+    registers = (_BLOCK_H * dc_p + config["BLOCK_N"] * (dc_p + dr_p) * dtype.itemsize / 4) / (
+        32 * config["num_warps"])  # the fp32 accumulator and the K/V dot operand, per thread
+    return (config["BLOCK_N"] >= 16 and shared <= tuning.shared_memory_bytes(device)
+            and registers <= _REGISTER_WORDS)
+
+
+def _config(B, Hq, Dc, Dr, page, dtype, device) -> dict:
+    """BLOCK_N, min_split_tokens, num_warps, num_stages: tuned for this batch-size bucket, else
+    the heuristic."""
     if device.type == "cpu":
-        return _INTERPRETER
-    return dict(_GPU, block_n=32 if dtype.itemsize <= 2 else 16,
-                sms=torch.cuda.get_device_properties(device).multi_processor_count)
+        default = _INTERPRETER
+    else:
+        default = dict(_GPU, BLOCK_N=32 if dtype.itemsize <= 2 else 16)
+    key = tuning.shape_key("mla_decode", Hq=Hq, Dc=Dc, Dr=Dr, page=page)
+    return tuning.config("mla_decode", "triton", key, B, dtype, device, default)
+
+
+def _sms(device) -> int:
+    if device.type == "cpu":
+        return _INTERPRETER_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def mla_decode(q_nope, q_pe, kv_cache, block_table, cache_seqlens, softmax_scale):
@@ -196,24 +228,24 @@ def mla_decode(q_nope, q_pe, kv_cache, block_table, cache_seqlens, softmax_scale
     lse = torch.empty(B, Hq, dtype=torch.float32, device=q_nope.device)
     if B == 0:
         return out, lse
-    config = _config(q_nope.device, q_nope.dtype)
+    config = _config(B, Hq, Dc, Dr, page, q_nope.dtype, q_nope.device)
     head_groups = triton.cdiv(Hq, _BLOCK_H)
-    splits = num_splits(B * head_groups, block_table.shape[1] * page, config["sms"],
+    splits = num_splits(B * head_groups, block_table.shape[1] * page, _sms(q_nope.device),
                         config["min_split_tokens"])
     if splits == 1:  # the partials are the answer
         part_out, part_lse = out.unsqueeze(2), lse.unsqueeze(2)
     else:
         part_out = torch.empty(B, Hq, splits, Dc, dtype=torch.float32, device=out.device)
         part_lse = torch.empty(B, Hq, splits, dtype=torch.float32, device=out.device)
+    dc_p, dr_p = _widths(Dc, Dr)
     fp32_precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
     _mla_decode_kernel[(B, head_groups, splits)](
         q_nope, q_pe, kv_cache, block_table, cache_seqlens, part_out, part_lse,
         Hq, num_blocks, block_table.shape[1], splits, softmax_scale * _LOG2E.value,
         *q_nope.stride(), *q_pe.stride(), *kv_cache.stride(), *block_table.stride(),
         *part_out.stride(), *part_lse.stride(),
-        DC=Dc, DR=Dr, DC_POW2=max(16, triton.next_power_of_2(Dc)),
-        DR_POW2=max(16, triton.next_power_of_2(Dr)), PAGE=page, BLOCK_H=_BLOCK_H,
-        BLOCK_N=config["block_n"],
+        DC=Dc, DR=Dr, DC_POW2=dc_p, DR_POW2=dr_p, PAGE=page, BLOCK_H=_BLOCK_H,
+        BLOCK_N=config["BLOCK_N"],
         PRECISION=fp32_precision if q_nope.dtype == torch.float32 else "ieee",
         UPCAST=q_nope.dtype == torch.bfloat16 and q_nope.device.type == "cpu",
         num_warps=config["num_warps"], num_stages=config["num_stages"])

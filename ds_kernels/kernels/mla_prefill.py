@@ -389,7 +389,7 @@ def _split_qk_dim(dqk):
 # quarter the size: the 16-bit ones spill kilobytes of registers there.
 _CANDIDATES = {
     ("fwd", 2): [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 1)],
-    ("dkdv", 2): [(32, 64, 8, 3), (32, 64, 8, 2), (16, 64, 4, 2), (16, 32, 4, 1)],
+    ("dkdv", 2): [(32, 64, 8, 3), (32, 64, 8, 2), (16, 64, 8, 2), (16, 32, 4, 1)],
     ("dq", 2): [(64, 64, 8, 2), (64, 32, 8, 2), (32, 32, 4, 1)],
     ("fwd", 4): [(32, 32, 4, 2), (16, 16, 4, 1)],
     ("dkdv", 4): [(16, 32, 8, 2), (16, 16, 4, 1)],
@@ -410,26 +410,51 @@ def _shared_bytes(kind, block_m, block_n, stages, width_qk, width, itemsize):
     return itemsize * (block_m + stages * block_n) * width
 
 
-@functools.cache
-def _heuristic(kind, dqk, dv, dtype, device):
+# Register words per thread that a launch's tiles need (_register_words), at most: the largest
+# estimate among the 16-bit builds above that spilled nothing (the fwd tile's). The fp32
+# versions of those tiles, which spilled, estimate 168-192.
+_REGISTER_WORDS = 144
+
+
+def _register_words(kind, block_m, block_n, num_warps, width_qk, width_v, itemsize):
+    """Register words per thread: the fp32 accumulators and score tile plus the input tiles a
+    program keeps for its whole loop (fwd: q; dkdv: k and v; dq: q and dO)."""
+    if kind == "fwd":
+        words = block_m * (width_v + block_n) + block_m * width_qk * itemsize / 4
+    elif kind == "dkdv":
+        words = block_n * (width_qk + width_v) * (1 + itemsize / 4) + block_m * block_n
+    else:
+        words = block_m * (width_qk + block_n) + block_m * (width_qk + width_v) * itemsize / 4
+    return words / (32 * num_warps)
+
+
+def fits(kind, config, dqk, dv, dtype, device) -> bool:
+    """Whether a launch of kernel ``kind`` with ``config`` stays within the device's shared
+    memory and, by the estimate above, its registers."""
     d1, d2 = _split_qk_dim(dqk)
     dv_p = max(_MIN_DIM, triton.next_power_of_2(dv))
-    limit = (torch.cuda.get_device_properties(device).shared_memory_per_block_optin
-             if device.type == "cuda" else float("inf"))
-    candidates = _CANDIDATES[kind, min(dtype.itemsize, 4)]
-    fits = [c for c in candidates
-            if _shared_bytes(kind, c[0], c[1], c[3], d1 + d2, d1 + d2 + dv_p, dtype.itemsize)
-            <= limit]
-    block_m, block_n, num_warps, num_stages = (fits or candidates[-1:])[0]
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+    bm, bn = config["BLOCK_M"], config["BLOCK_N"]
+    shared = _shared_bytes(kind, bm, bn, config["num_stages"], d1 + d2, d1 + d2 + dv_p,
+                           dtype.itemsize)
+    registers = _register_words(kind, bm, bn, config["num_warps"], d1 + d2, dv_p, dtype.itemsize)
+    return (min(bm, bn) >= _MIN_DIM and shared <= tuning.shared_memory_bytes(device)
+            and registers <= _REGISTER_WORDS)
 
 
-def _config(kind, dqk, dv, dtype, device):
-    """BLOCK_M (queries), BLOCK_N (keys), num_warps, num_stages of a launch; tuning.override
-    (tests, benchmarks) wins."""
-    config = _heuristic(kind, dqk, dv, dtype, device)
-    forced = tuning.forced_config()
-    return {**config, **forced} if forced else config
+@functools.cache
+def _heuristic(kind, dqk, dv, dtype, device):
+    candidates = [dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), c))
+                  for c in _CANDIDATES[kind, min(dtype.itemsize, 4)]]
+    return next((c for c in candidates if fits(kind, c, dqk, dv, dtype, device)), candidates[-1])
+
+
+def _config(kind, T, H, dqk, dv, causal, dtype, device):
+    """BLOCK_M (queries), BLOCK_N (keys), num_warps, num_stages of one kernel's launch: tuned
+    for this token-count bucket (`python -m autotune sweep --op mla_prefill`), else the
+    heuristic."""
+    key = tuning.shape_key("mla_prefill", kernel=kind, H=H, Dqk=dqk, Dv=dv, causal=causal)
+    return tuning.config("mla_prefill", "triton", key, T, dtype, device,
+                         _heuristic(kind, dqk, dv, dtype, device), kernel=kind)
 
 
 def _tile_map(cu_seqlens, T, block, heavy_last):
@@ -475,7 +500,7 @@ def mla_prefill(q, k, v, cu_seqlens, causal, softmax_scale):
     lse = torch.empty(T, H, dtype=torch.float32, device=q.device)
     if T == 0 or H == 0:
         return out, lse
-    config = _config("fwd", Dqk, Dv, q.dtype, q.device)
+    config = _config("fwd", T, H, Dqk, Dv, causal, q.dtype, q.device)
     tile_seq, tile_row = _tile_map(cu_seqlens, T, config["BLOCK_M"], heavy_last=causal)
     _fwd_kernel[(tile_seq.shape[0], H)](
         q, k, v, out, lse, cu_seqlens, tile_seq, tile_row,
@@ -497,12 +522,12 @@ def mla_prefill_backward(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens, caus
         out, grad_out, grad_lse, delta, T, H, *_strides(out, grad_out, grad_lse),
         DV=Dv, DV_P=common["DV_P"], BLOCK_T=_DELTA_ROWS, ACC=common["ACC"])
     args = (T, H, softmax_scale * _LOG2E, softmax_scale, *_strides(q, k, v, grad_out))
-    config = _config("dkdv", Dqk, Dv, q.dtype, q.device)
+    config = _config("dkdv", T, H, Dqk, Dv, causal, q.dtype, q.device)
     tile_seq, tile_row = _tile_map(cu_seqlens, T, config["BLOCK_N"], heavy_last=False)
     _bwd_dkdv_kernel[(tile_seq.shape[0], H)](
         q, k, v, grad_out, lse, delta, dk, dv, cu_seqlens, tile_seq, tile_row, *args,
         CAUSAL=causal, **common, **config)
-    config = _config("dq", Dqk, Dv, q.dtype, q.device)
+    config = _config("dq", T, H, Dqk, Dv, causal, q.dtype, q.device)
     tile_seq, tile_row = _tile_map(cu_seqlens, T, config["BLOCK_M"], heavy_last=causal)
     _bwd_dq_kernel[(tile_seq.shape[0], H)](
         q, k, v, grad_out, lse, delta, dq, cu_seqlens, tile_seq, tile_row, *args,
