@@ -12,9 +12,11 @@ import ds_kernels
 from autotune import cases, store
 from ds_kernels import testing, tuning
 
-# A candidate is stored only if it beats the heuristic by more than this fraction: a "win"
-# within timing noise could as well be a loss on the next run.
+# A candidate is stored only if it beats the heuristic by more than this fraction, in medians
+# over CONFIRM_PAIRS more alternated timings of both: a "win" within noise (6% between two
+# timings of one config was seen on a 2-core CPU) could as well be a loss on the next run.
 MIN_GAIN = 0.02
+CONFIRM_PAIRS = 3
 
 
 def time_once(fn, device) -> float:
@@ -78,6 +80,9 @@ def sweep(op: str, device: torch.device, dtype, *, shapes=None, buckets=None, qu
                 print(f"  rejected {candidate}: {why}", file=sys.stderr)
             row = dict(op=op, shape=case.shape_key, bucket=n, candidates=len(case.candidates),
                        rejected=len(rejected), default_us=default * 1e6)
+            if best is not None and best[1] * (1 + MIN_GAIN) <= default:
+                default, seconds = _confirm(case, best, default, device, only)
+                best = (best[0], seconds)
             if best is not None:
                 if best[1] * (1 + MIN_GAIN) > default:  # {}: the heuristic stays
                     best = ({}, default)
@@ -90,6 +95,17 @@ def sweep(op: str, device: torch.device, dtype, *, shapes=None, buckets=None, qu
                            source="python -m autotune sweep")
         print(f"autotune: wrote {path}", file=sys.stderr)
     return summary
+
+
+def _confirm(case, best, default, device, only) -> tuple[float, float]:
+    """Medians of the heuristic's and the best candidate's timings, each with CONFIRM_PAIRS
+    more taken alternately, so that both see the same machine load."""
+    defaults, bests = [default], [best[1]]
+    for _ in range(CONFIRM_PAIRS):
+        defaults.append(time_once(case.run, device))
+        with tuning.override(**best[0], **only):
+            bests.append(time_once(case.run, device))
+    return statistics.median(defaults), statistics.median(bests)
 
 
 def format_summary(rows: list[dict]) -> str:

@@ -35,22 +35,28 @@ def mla_decode(q_nope, q_pe, kv_cache, block_table, cache_seqlens, softmax_scale
     q = torch.cat([q_nope, q_pe], dim=-1)[order].float() * softmax_scale   # [B, Hq, D]
     table = block_table[order]                                      # [B, max_blocks]
     chunk_pages = max(1, chunk_elements // (max(B, 1) * D * block_size))
+    # One gather buffer for all chunks: a fresh multi-MB tensor per chunk is page-faulted in
+    # anew each time, which made the gather 4x slower than the copy itself.
+    gathered = kv_cache.new_empty(B * min(chunk_pages, block_table.shape[1]), block_size, D)
     longest = lengths[0] if B else 0
     for first in range(0, -(-longest // block_size), chunk_pages):
         start = first * block_size
         n = bisect.bisect_left([-x for x in lengths], -start)       # sequences with len > start
         pages = table[:n, first:first + chunk_pages].long()         # [n, P]
         C = pages.shape[1] * block_size
-        valid = start + torch.arange(C, device=q.device) < lens[:n, None]   # [n, C]
+        used = start + block_size * torch.arange(pages.shape[1]) < lens[:n, None]   # [n, P]
         # Past a sequence's end, table entries and cache rows may hold anything (garbage, NaN).
-        pages = pages.masked_fill(~valid[:, ::block_size], 0)
-        rows = kv_cache[pages].view(n, C, D).float()                # [n, C, D] a fresh copy
-        tails = lengths[n - 1] < start + C                          # some sequence ends here
-        if tails:
-            rows.masked_fill_(~valid[..., None], 0)
+        pages = pages.masked_fill(~used.to(pages.device), 0)
+        rows = torch.index_select(kv_cache, 0, pages.flatten(), out=gathered[:pages.numel()])
+        rows = rows.view(n, C, D).float()                           # [n, C, D]
+        # The sequences ending in this chunk (sorted, so the last ones): blank their rows past
+        # the end, a few slices instead of a masked pass over the whole chunk.
+        ending = range(bisect.bisect_left([-x for x in lengths[:n]], -(start + C)), n)
+        for i in ending:
+            rows[i, lengths[i] - start:] = 0
         scores = torch.bmm(q[:n], rows.transpose(1, 2))             # [n, Hq, C]
-        if tails:
-            scores.masked_fill_(~valid[:, None, :], float("-inf"))
+        for i in ending:
+            scores[i, :, lengths[i] - start:] = float("-inf")
         new_m = torch.maximum(m[:n], scores.amax(dim=-1))           # finite: each has a token
         p = torch.exp(scores - new_m[..., None])                    # [n, Hq, C]
         alpha = torch.exp(m[:n] - new_m)                            # [n, Hq], 0 on the first
