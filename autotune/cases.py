@@ -198,4 +198,11 @@ def _fits(op, backend, shape, n, kernel, dtype, device):
         from ds_kernels.kernels import mla_prefill
 
         return lambda c: mla_prefill.fits(kernel, c, shape["Dqk"], shape["Dv"], dtype, device)
+    if op == "route":
+        from triton import next_power_of_2
+
+        from ds_kernels.kernels import route
+
+        width = next_power_of_2(shape["n_group"]) * next_power_of_2(shape["E"] // shape["n_group"])
+        return lambda c: route.fits(c, width)
     return None

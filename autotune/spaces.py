@@ -32,6 +32,8 @@ SPACES = {
              num_stages=[1, 2, 3, 4]),
         dict(BLOCK_M=[32, 64, 128], BLOCK_N=[32, 64], num_warps=[4, 8], num_stages=[2, 3])),
     # The torch path's knobs (ds_kernels/cpu/*.py name them and say when each wins).
+    ("route", "triton"): (dict(BLOCK_T=[1, 2, 4, 8, 16], num_warps=[1, 2, 4, 8]),
+                          dict(BLOCK_T=[1, 4, 16], num_warps=[2, 4, 8])),
     ("route", "torch"): (dict(strategy=["sort", "topk"]),) * 2,
     ("fused_moe", "torch"): (dict(strategy=["grouped_mm", "mm_loop", "expert_threads"]),) * 2,
     ("grouped_mm", "torch"): (dict(strategy=["grouped_mm", "mm_loop"]),) * 2,

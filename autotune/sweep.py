@@ -52,49 +52,70 @@ def sweep(op: str, device: torch.device, dtype, *, shapes=None, buckets=None, qu
     buckets = buckets or cases.BUCKETS[op][device.type][1 if quick else 0]
     summary, entries = [], {}
     for shape in shapes:
-        for case in (c for n in buckets for c in cases.make_cases(
-                op, shape, n, backend, device, dtype, quick=quick, routing=routing)):
-            n = case.bucket
-            only = {"kernel": case.kernel} if case.kernel else {}
-            best, rejected = None, []
-            with ds_kernels.use_backend(backend):
-                default = time_once(case.run, device)
-                for i, candidate in enumerate(case.candidates):
-                    progress(i, len(case.candidates), f"{case.shape_key} n={n} "
-                             + ",".join(f"{k}={v}" for k, v in candidate.items()))
-                    with tuning.override(**candidate, **only):
-                        try:
-                            out = case.run()
-                        except Exception as error:  # noqa: BLE001 - a failing candidate is data
-                            rejected.append((candidate, f"{type(error).__name__}: {error}"[:200]))
-                            continue
-                        problem = testing.mismatches(out, case.expected, dtype, case.reduction)
-                        if problem:
-                            rejected.append((candidate, f"wrong answer: {problem}"[:200]))
-                            continue
-                        seconds = time_once(case.run, device)
-                    if best is None or seconds < best[1]:
-                        best = (candidate, seconds)
-                progress(len(case.candidates), len(case.candidates), f"{op} {case.shape_key} n={n}")
-            for candidate, why in rejected:
-                print(f"  rejected {candidate}: {why}", file=sys.stderr)
-            row = dict(op=op, shape=case.shape_key, bucket=n, candidates=len(case.candidates),
-                       rejected=len(rejected), default_us=default * 1e6)
-            if best is not None and best[1] * (1 + MIN_GAIN) <= default:
-                default, seconds = _confirm(case, best, default, device, only)
-                best = (best[0], seconds)
-            if best is not None:
-                if best[1] * (1 + MIN_GAIN) > default:  # {}: the heuristic stays
-                    best = ({}, default)
-                entries.setdefault(case.shape_key, {})[str(n)] = best[0]
-                row.update(best=best[0], best_us=best[1] * 1e6, speedup=default / best[1])
-            summary.append(row)
+        for n in buckets:
+            for case in cases.make_cases(op, shape, n, backend, device, dtype, quick=quick,
+                                         routing=routing):
+                with ds_kernels.use_backend(backend):
+                    row = _tune(case, device, dtype)
+                if "best" in row:
+                    entries.setdefault(case.shape_key, {})[str(n)] = row["best"]
+                summary.append(row)
     if entries:
         path = store.write(out_dir or tuning.tuning_dir(), op, backend,
                            tuning.device_name(device), dtype, tuning.versions(), entries,
                            source="python -m autotune sweep")
         print(f"autotune: wrote {path}", file=sys.stderr)
     return summary
+
+
+def _tune(case, device, dtype) -> dict:
+    """The summary row of one case; its "best" (absent if no candidate is correct) is the
+    config to store: {} keeps the heuristic."""
+    label = f"{case.shape_key} n={case.bucket}"
+    only = {"kernel": case.kernel} if case.kernel else {}
+    # The heuristic is checked too: a wrong default is a bug, whatever the sweep finds.
+    heuristic_problem = _problem(case, dtype)
+    if heuristic_problem:
+        print(f"  THE HEURISTIC IS WRONG at {label}: {heuristic_problem}", file=sys.stderr)
+    default = time_once(case.run, device)
+    best, rejected = None, []
+    for i, candidate in enumerate(case.candidates):
+        progress(i, len(case.candidates),
+                 f"{label} " + ",".join(f"{k}={v}" for k, v in candidate.items()))
+        with tuning.override(**candidate, **only):
+            problem = _problem(case, dtype)
+            if problem:
+                rejected.append((candidate, problem))
+                continue
+            seconds = time_once(case.run, device)
+        if best is None or seconds < best[1]:
+            best = (candidate, seconds)
+    progress(len(case.candidates), len(case.candidates), f"{case.op} {label}")
+    for candidate, why in rejected:
+        print(f"  rejected {candidate}: {why}", file=sys.stderr)
+    # A wrong heuristic is replaced by the fastest correct candidate, however slow.
+    if best is not None and not heuristic_problem:
+        if best[1] * (1 + MIN_GAIN) <= default:
+            default, seconds = _confirm(case, best, default, device, only)
+            best = (best[0], seconds)
+        if best[1] * (1 + MIN_GAIN) > default:  # {}: the heuristic stays
+            best = ({}, default)
+    row = dict(op=case.op, shape=case.shape_key, bucket=case.bucket,
+               candidates=len(case.candidates), rejected=len(rejected),
+               heuristic_ok=not heuristic_problem, default_us=default * 1e6)
+    if best is not None:
+        row.update(best=best[0], best_us=best[1] * 1e6, speedup=default / best[1])
+    return row
+
+
+def _problem(case, dtype) -> str | None:
+    """Why the op's output (under the current override) is not the reference's, or None."""
+    try:
+        out = case.run()
+    except Exception as error:  # noqa: BLE001 - a failing candidate is data
+        return f"{type(error).__name__}: {error}"[:200]
+    problem = testing.mismatches(out, case.expected, dtype, case.reduction)
+    return f"wrong answer: {problem}"[:200] if problem else None
 
 
 def _confirm(case, best, default, device, only) -> tuple[float, float]:
@@ -109,11 +130,12 @@ def _confirm(case, best, default, device, only) -> tuple[float, float]:
 
 
 def format_summary(rows: list[dict]) -> str:
-    lines = ["| op | shape | bucket | candidates | rejected | default us | best us | speedup | best |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| op | shape | bucket | candidates | rejected | heuristic | heuristic us | best us "
+             "| speedup | best |", "|---|---|---:|---:|---:|---|---:|---:|---:|---|"]
     for r in rows:
         start = (f"| {r['op']} | {r['shape']} | {r['bucket']} | {r['candidates']} | "
-                 f"{r['rejected']} | {r['default_us']:.1f} | ")
+                 f"{r['rejected']} | {'ok' if r['heuristic_ok'] else 'WRONG'} | "
+                 f"{r['default_us']:.1f} | ")
         if "best" not in r:
             lines.append(start + "- | - | none correct, heuristic kept |")
         else:

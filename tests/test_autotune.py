@@ -51,14 +51,19 @@ def test_a_wrong_candidate_is_rejected_and_never_stored(tuning_dir, monkeypatch,
     real_groups = cpu_moe.groups
     monkeypatch.setattr(cpu_moe, "groups", lambda offs: real_groups(offs)[:-1])
     rows = sweep.sweep("fused_moe", CPU, torch.float32, shapes=[dict(E=4, I=8, H=16, k=2)],
-                       buckets=[5], out_dir=tuning_dir)
-    # The survivor is the heuristic's own choice: stored as itself or as {} (heuristic kept).
+                       buckets=[5, 40], out_dir=tuning_dir)
+    # At 5 tokens the survivor is the heuristic's own choice: stored as itself or as {}.
     assert rows[0]["rejected"] == 2 and rows[0]["best"] in ({"strategy": "grouped_mm"}, {})
+    # At 40 (20 rows per expert) the heuristic picks mm_loop: reported wrong, and replaced.
+    assert rows[1]["rejected"] == 2 and rows[1]["best"] == {"strategy": "grouped_mm"}
+    assert [r["heuristic_ok"] for r in rows] == [True, False]
     err = capsys.readouterr().err
     assert "rejected {'strategy': 'mm_loop'}: wrong answer" in err
     assert "rejected {'strategy': 'expert_threads'}: wrong answer" in err
+    assert "THE HEURISTIC IS WRONG at E=4,I=8,H=16,k=2 n=40" in err
     [path] = tuning_dir.glob("fused_moe__*.json")
-    assert json.loads(path.read_text())["entries"]["E=4,I=8,H=16,k=2"] == {"5": rows[0]["best"]}
+    assert json.loads(path.read_text())["entries"]["E=4,I=8,H=16,k=2"] == {
+        "5": rows[0]["best"], "40": rows[1]["best"]}
 
 
 @pytest.mark.parametrize("times,stored", [
@@ -196,6 +201,19 @@ def test_mla_pruning_follows_the_kernels_resource_models():
                                                                  torch.bfloat16, CPU))
         assert kept and len(kept) < len(spaces.candidates("mla_prefill", "triton", quick=False))
         assert mla_prefill._heuristic(kind, 192, 128, torch.bfloat16, CPU) in kept
+
+
+def test_the_triton_route_sweep_stores_what_the_kernel_then_uses(tuning_dir, monkeypatch):
+    from ds_kernels.kernels import route
+
+    monkeypatch.setitem(spaces.SPACES, ("route", "triton"), (None, dict(
+        BLOCK_T=[1, 4], num_warps=[4])))
+    shape = dict(E=16, n_group=4, topk_group=2, k=3)
+    [row] = sweep.sweep("route", CPU, torch.float32, shapes=[shape], buckets=[6], quick=True,
+                        out_dir=tuning_dir, backend="triton")
+    assert row["heuristic_ok"] and row["rejected"] == 0 and row["candidates"] == 2
+    heuristic = dict(BLOCK_T=8, num_warps=4)  # 6 tokens: the next power of two
+    assert route._config(6, 16, 16, torch.float32, CPU) == {**heuristic, **row["best"]}
 
 
 def _tiny_mla_spaces(monkeypatch):

@@ -10,12 +10,14 @@ import torch
 import triton
 import triton.language as tl
 
+from ds_kernels import tuning
 from ds_kernels.reference.route import NAN_CHOICE_SCORE, RENORM_EPS
 
 # Scores held per program: BLOCK_T * E_pow2. 4096 fp32 values over 4 warps is 32 per thread
 # for each of the few live [BLOCK_T, E] tiles, which stays in registers on every GPU.
 _ROW_ELEMENTS = 4096
 _MAX_BLOCK_T = 16
+_WARPS = 4
 
 
 @triton.jit
@@ -109,7 +111,8 @@ def route(logits, top_k, scoring, correction_bias, n_group, topk_group, renormal
     group_size = E // n_group
     g_pow2 = triton.next_power_of_2(n_group)
     gs_pow2 = triton.next_power_of_2(group_size)
-    block_t = max(1, min(_MAX_BLOCK_T, _ROW_ELEMENTS // (g_pow2 * gs_pow2), triton.next_power_of_2(T)))
+    config = _config(T, E, g_pow2 * gs_pow2, logits.dtype, logits.device)
+    block_t = config["BLOCK_T"]
     bias = correction_bias.float().contiguous() if correction_bias is not None else weights
     _route_kernel[(triton.cdiv(T, block_t),)](
         logits, bias, weights, ids,
@@ -117,6 +120,19 @@ def route(logits, top_k, scoring, correction_bias, n_group, topk_group, renormal
         N_GROUP=n_group, GROUP_SIZE=group_size, TOPK_GROUP=topk_group, TOP_K=top_k,
         G_POW2=g_pow2, GS_POW2=gs_pow2, K_POW2=triton.next_power_of_2(top_k),
         BLOCK_T=block_t, SOFTMAX=scoring == "softmax", HAS_BIAS=correction_bias is not None,
-        RENORMALIZE=renormalize,
+        RENORMALIZE=renormalize, num_warps=config["num_warps"],
     )
     return weights, ids
+
+
+def fits(config, row_width) -> bool:
+    """Whether a program's [BLOCK_T, row_width] score tiles stay within the per-thread share
+    of _ROW_ELEMENTS over _WARPS warps (32 values a thread each)."""
+    return config["BLOCK_T"] * row_width <= _ROW_ELEMENTS * config["num_warps"] // _WARPS
+
+
+def _config(T, E, row_width, dtype, device) -> dict:
+    """BLOCK_T and num_warps: tuned for this token bucket, else as many tokens as fit."""
+    block_t = max(1, min(_MAX_BLOCK_T, _ROW_ELEMENTS // row_width, triton.next_power_of_2(T)))
+    return tuning.config("route", "triton", tuning.shape_key("route", E=E), T, dtype, device,
+                         dict(BLOCK_T=block_t, num_warps=_WARPS))
