@@ -145,3 +145,17 @@ def test_model_benchmark_on_a_toy_config(monkeypatch, tmp_path):
     assert all(r.op == "model" and r.speedup_vs is not None and r.median_us > 0 for r in rows)
     pytest.importorskip("matplotlib")
     harness.plot(rows, tmp_path / "model.png")
+
+
+def test_the_device_run_fits_its_budget_and_names_what_exists(tmp_path):
+    from autotune import cases
+    from bench import device_run
+
+    steps = device_run.steps(tmp_path)
+    assert sum(limit for _, _, limit in steps) <= 8 * 60
+    for name, command, _ in steps:
+        for word in command:
+            if word.startswith("tests/"):
+                assert (device_run.ROOT / word).is_file(), word
+        if "autotune" in command:
+            assert command[command.index("--op") + 1] in cases.SHAPES
