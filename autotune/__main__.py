@@ -53,6 +53,9 @@ def main(argv=None):
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     run.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
     run.add_argument("--quick", action="store_true", help="few shapes and candidates")
+    run.add_argument("--backward", action="store_true",
+                     help="also tune the backward kernels (fused_moe, grouped_mm, mla_prefill), "
+                     "for training")
     run.add_argument("--routing", type=Path, help="recorded topk_ids to replay (.npy/.safetensors)")
     run.add_argument("--out", type=Path, help=f"default: {tuning.tuning_dir()}")
     imp = commands.add_parser("import-vllm", help="convert vLLM fused_moe tuned files")
@@ -80,7 +83,8 @@ def main(argv=None):
     routing = _routing(args.routing) if args.routing else None
     try:
         rows = sweep.sweep(args.op, device, dtype, shapes=args.shapes, buckets=args.tokens,
-                           quick=args.quick, routing=routing, out_dir=args.out)
+                           quick=args.quick, backward=args.backward, routing=routing,
+                           out_dir=args.out)
     except ValueError as error:  # a shape or routing that does not fit the op
         raise SystemExit(f"autotune: {error}")
     print(sweep.format_summary(rows))

@@ -42,9 +42,14 @@ BUCKETS = {
     "mla_prefill": {"cuda": ([256, 1024, 4096, 8192], [1024, 8192]),
                     "cpu": ([256, 1024, 4096], [256, 2048])},
 }
-# The kernels of an op that are tuned apart (each has its own entries and override).
-KERNELS = {("mla_prefill", "triton"): ["fwd", "dkdv", "dq"],
-           ("mla_prefill", "torch"): ["fwd", "bwd"]}
+# The kernels of an op that are tuned apart (each has its own entries and override), as
+# (forward, backward) lists; None is an op's forward where its key has no kernel prefix.
+KERNELS = {
+    **{(op, backend): ([None], ["backward"])
+       for op in ("fused_moe", "grouped_mm") for backend in ("triton", "torch")},
+    ("mla_prefill", "triton"): (["fwd"], ["dkdv", "dq"]),
+    ("mla_prefill", "torch"): (["fwd"], ["bwd"]),
+}
 
 
 @dataclasses.dataclass
@@ -83,7 +88,26 @@ def _lengths(total: int, seqs: int, g) -> list[int]:
     return torch.diff(cuts, prepend=torch.zeros(1, dtype=torch.long)).tolist()
 
 
-def _fused_moe(shape, n, device, dtype, g, routing):
+def _forward_or_grads(fn, inputs, backward: bool):
+    """A runner of ``fn(*inputs)``: its (first) output, or with ``backward`` the gradients of
+    all ``inputs`` for a fixed random output gradient."""
+    grad = []
+
+    def run():
+        leaves = [t.detach().requires_grad_(backward) for t in inputs]
+        out = fn(*leaves)
+        out = out[0] if isinstance(out, tuple) else out
+        if not backward:
+            return out
+        if not grad:
+            grad.append(torch.randn(out.shape, generator=torch.Generator().manual_seed(0))
+                        .to(out))
+        out.backward(grad[0])
+        return torch.cat([t.grad.float().flatten() for t in leaves])
+    return run
+
+
+def _fused_moe(shape, n, device, dtype, g, routing, backward):
     E, I, H, k = shape["E"], shape["I"], shape["H"], shape["k"]
     hidden = torch.randn(n, H, generator=g).to(device, dtype)              # [T, H]
     w13 = (torch.randn(E, 2 * I, H, generator=g) / H**0.5).to(device, dtype)
@@ -91,21 +115,24 @@ def _fused_moe(shape, n, device, dtype, g, routing):
     ids = _routing(n, E, k, device, routing)                                # [T, k]
     weights = torch.rand(n, k, generator=g).to(device)
 
-    def run():
+    def fn(hidden, w13, w2, weights):
         return ds_kernels.fused_moe(hidden, w13, w2, weights, ids)
-    return run, H + I
+    # The weight gradients sum over an expert's rows, about n * k / E of them.
+    reduction = H + I + (n * k // E if backward else 0)
+    return _forward_or_grads(fn, [hidden, w13, w2, weights], backward), reduction
 
 
-def _grouped_mm(shape, n, device, dtype, g):
+def _grouped_mm(shape, n, device, dtype, g, backward):
     E, N, K = shape["E"], shape["N"], shape["K"]
     a = torch.randn(n, K, generator=g).to(device, dtype)                    # [M, K]
     b = (torch.randn(E, K, N, generator=g) / K**0.5).to(device, dtype)
     sizes = torch.bincount(torch.randint(0, E, (n,), generator=g), minlength=E)
     offs = sizes.cumsum(0).to(device=device, dtype=torch.int32)
 
-    def run():
+    def fn(a, b):
         return ds_kernels.grouped_mm(a, b, offs)
-    return run, K
+    reduction = max(K, N) + (n // E if backward else 0)
+    return _forward_or_grads(fn, [a, b], backward), reduction
 
 
 def _route(shape, n, device, dtype, g):
@@ -135,23 +162,17 @@ def _mla_decode(shape, n, device, dtype, g):
     return run, context + Dc + Dr
 
 
-def _mla_prefill(shape, n, device, dtype, g, kernel):
+def _mla_prefill(shape, n, device, dtype, g, backward):
     H, Dqk, Dv, causal = shape["H"], shape["Dqk"], shape["Dv"], bool(shape["causal"])
     lengths = _lengths(n, shape["seqs"], g)
     cu_seqlens = torch.tensor([0] + lengths).cumsum(0).to(device, torch.int32)
     q, k = (torch.randn(n, H, Dqk, generator=g).to(device, dtype) for _ in range(2))
     v = torch.randn(n, H, Dv, generator=g).to(device, dtype)
-    grad_out = torch.randn(n, H, Dv, generator=g).to(device, dtype)
 
-    def run():
-        inputs = [t.detach().requires_grad_(kernel != "fwd") for t in (q, k, v)]
-        out, _ = ds_kernels.mla_prefill(*inputs, cu_seqlens, causal=causal,
-                                        softmax_scale=Dqk**-0.5)
-        if kernel == "fwd":
-            return out
-        out.backward(grad_out)
-        return torch.cat([t.grad.flatten() for t in inputs])
-    return run, max(lengths) + Dqk + (Dv if kernel != "fwd" else 0)
+    def fn(q, k, v):
+        return ds_kernels.mla_prefill(q, k, v, cu_seqlens, causal=causal, softmax_scale=Dqk**-0.5)
+    return (_forward_or_grads(fn, [q, k, v], backward),
+            max(lengths) + Dqk + (Dv if backward else 0))
 
 
 _BUILDERS = {"fused_moe": _fused_moe, "grouped_mm": _grouped_mm, "route": _route,
@@ -159,8 +180,9 @@ _BUILDERS = {"fused_moe": _fused_moe, "grouped_mm": _grouped_mm, "route": _route
 
 
 def make_cases(op: str, shape: dict, n: int, backend: str, device, dtype, *, quick: bool,
-               routing=None) -> list[Case]:
-    """The cases of ``op`` at ``shape`` and bucket ``n``: one per kernel tuned apart."""
+               backward: bool = False, routing=None) -> list[Case]:
+    """The cases of ``op`` at ``shape`` and bucket ``n``: one per kernel tuned apart, those of
+    the backward pass too with ``backward``."""
     if op not in _BUILDERS:
         raise ValueError(f"no sweep for op {op!r}; ops: {sorted(_BUILDERS)}")
     needed = set(SHAPES[op]["cpu"][0])
@@ -169,10 +191,13 @@ def make_cases(op: str, shape: dict, n: int, backend: str, device, dtype, *, qui
                          f"{', '.join(sorted(shape))}")
     device = torch.device(device)
     cases = []
-    for kernel in KERNELS.get((op, backend), [None]):
+    forward_kernels, backward_kernels = KERNELS.get((op, backend), ([None], []))
+    for kernel in forward_kernels + (backward_kernels if backward else []):
         g = torch.Generator().manual_seed(n)
-        options = {"fused_moe": dict(routing=routing), "mla_prefill": dict(kernel=kernel)}
-        run, reduction = _BUILDERS[op](shape, n, device, dtype, g, **options.get(op, {}))
+        options = {"fused_moe": dict(routing=routing)}.get(op, {})
+        if (op, backend) in KERNELS:
+            options["backward"] = kernel in backward_kernels
+        run, reduction = _BUILDERS[op](shape, n, device, dtype, g, **options)
         fits = _fits(op, backend, shape, n, kernel, dtype, device)
         cases.append(Case(op, tuning.shape_key(op, kernel=kernel, **shape), n, run,
                           _reference(run), reduction,
@@ -189,6 +214,9 @@ def _fits(op, backend, shape, n, kernel, dtype, device):
             rows, N, K, swiglu = n * shape["k"] / shape["E"], 2 * shape["I"], shape["H"], True
         else:
             rows, N, K, swiglu = n / shape["E"], shape["N"], shape["K"], False
+        if kernel == "backward":  # GEMMs of both orientations, and no SwiGLU epilogue
+            N = K = max(N, K)
+            swiglu = False
         return lambda c: spaces.gemm_fits(c, rows, N, K, dtype, device, swiglu=swiglu)
     if op == "mla_decode":
         from ds_kernels.kernels import mla_decode

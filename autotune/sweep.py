@@ -43,10 +43,11 @@ def progress(done: int, total: int, label: str):
 
 
 def sweep(op: str, device: torch.device, dtype, *, shapes=None, buckets=None, quick=False,
-          routing=None, out_dir: Path | None = None, backend: str | None = None) -> list[dict]:
-    """Tune ``op``; returns one summary row per (shape, bucket, kernel) and writes the tuning
-    file. ``backend`` defaults to the device's (triton on a GPU; the tests also sweep the
-    Triton kernels in the interpreter)."""
+          backward=False, routing=None, out_dir: Path | None = None,
+          backend: str | None = None) -> list[dict]:
+    """Tune ``op`` (and with ``backward`` its backward kernels); returns one summary row per
+    (shape, bucket, kernel) and writes the tuning file. ``backend`` defaults to the device's
+    (triton on a GPU; the tests also sweep the Triton kernels in the interpreter)."""
     backend = backend or ("triton" if device.type == "cuda" else "torch")
     shapes = shapes or cases.SHAPES[op][device.type]
     buckets = buckets or cases.BUCKETS[op][device.type][1 if quick else 0]
@@ -54,7 +55,7 @@ def sweep(op: str, device: torch.device, dtype, *, shapes=None, buckets=None, qu
     for shape in shapes:
         for n in buckets:
             for case in cases.make_cases(op, shape, n, backend, device, dtype, quick=quick,
-                                         routing=routing):
+                                         backward=backward, routing=routing):
                 with ds_kernels.use_backend(backend):
                     row = _tune(case, device, dtype)
                 if "best" in row:

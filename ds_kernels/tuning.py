@@ -39,19 +39,21 @@ _said: set[str] = set()
 
 # What a tuned entry is keyed on, per op (besides the bucket: T for fused_moe, route and
 # mla_prefill, M for grouped_mm, B for mla_decode). The ops build these keys at run time and
-# autotune stores under them; a "_backward" op shares its forward's key.
+# autotune stores under them. An op's kernels that are tuned apart (its backward; mla_prefill's
+# three) prefix the key with their name: "backward:E=256,I=2048,H=7168,k=8".
 SHAPE_KEYS = {
     "fused_moe": "E={E},I={I},H={H},k={k}",
     "grouped_mm": "E={E},N={N},K={K}",
     "route": "E={E}",
     "mla_decode": "Hq={Hq},Dc={Dc},Dr={Dr},page={page}",
-    "mla_prefill": "{kernel}:H={H},Dqk={Dqk},Dv={Dv},causal={causal:d}",
+    "mla_prefill": "H={H},Dqk={Dqk},Dv={Dv},causal={causal:d}",
 }
 
 
-def shape_key(op: str, **dims) -> str:
-    """``op``'s key for these dims (extra dims are ignored)."""
-    return SHAPE_KEYS[op].format(**dims)
+def shape_key(op: str, kernel: str | None = None, **dims) -> str:
+    """``op``'s key for these dims (extra dims are ignored), for one of its kernels."""
+    key = SHAPE_KEYS[op].format(**dims)
+    return f"{kernel}:{key}" if kernel else key
 
 
 def tuning_dir() -> Path:
@@ -203,11 +205,12 @@ def config(op: str, backend: str, shape_key: str, n: float, dtype, device: torch
     return {key: forced.get(key, stored.get(key, value)) for key, value in default.items()}
 
 
-def gemm_config(op: str, shape_key: str, n: float, rows_per_expert: float, N: int, K: int,
-                dtype, device: torch.device) -> dict:
-    """BLOCK_M/N/K, GROUP_M, num_warps, num_stages for a grouped GEMM launch."""
-    return config(op, "triton", shape_key, n, dtype, device,
-                  gemm_heuristic(bucket(rows_per_expert), N, K, dtype))
+def gemm_config(op: str, kernel: str | None, dims: dict, n: float, rows_per_expert: float,
+                N: int, K: int, dtype, device: torch.device) -> dict:
+    """BLOCK_M/N/K, GROUP_M, num_warps, num_stages for the grouped GEMM launches of ``op``'s
+    forward (``kernel`` None) or backward ("backward")."""
+    return config(op, "triton", shape_key(op, kernel, **dims), n, dtype, device,
+                  gemm_heuristic(bucket(rows_per_expert), N, K, dtype), kernel=kernel)
 
 
 def gemm_heuristic(rows_bucket: int, N: int, K: int, dtype) -> dict:

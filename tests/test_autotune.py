@@ -161,7 +161,7 @@ def test_vllm_files_import_and_are_looked_up(tuning_dir, monkeypatch):
     cli.main(["import-vllm", str(source), "--hidden-size", "32", "--top-k", "2"])
 
     monkeypatch.setattr(tuning, "device_name", lambda device: "NVIDIA H200")
-    config = tuning.gemm_config("fused_moe", "E=8,I=16,H=32,k=2", 50, 50 * 2 / 8, 32, 32,
+    config = tuning.gemm_config("fused_moe", None, dict(E=8, I=16, H=32, k=2), 50, 50 * 2 / 8, 32, 32,
                                 torch.bfloat16, torch.device("cuda"))
     assert config == dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, GROUP_M=1, num_warps=4,
                           num_stages=3)
@@ -216,54 +216,49 @@ def test_the_triton_route_sweep_stores_what_the_kernel_then_uses(tuning_dir, mon
     assert route._config(6, 16, 16, torch.float32, CPU) == {**heuristic, **row["best"]}
 
 
-def _tiny_mla_spaces(monkeypatch):
-    """Two candidates per Triton MLA kernel: the interpreter runs each a few times."""
-    monkeypatch.setitem(spaces.SPACES, ("mla_decode", "triton"), (None, dict(
-        BLOCK_N=[16, 32], min_split_tokens=[16], num_warps=[4], num_stages=[1])))
-    monkeypatch.setitem(spaces.SPACES, ("mla_prefill", "triton"), (None, dict(
-        BLOCK_M=[16, 32], BLOCK_N=[16], num_warps=[4], num_stages=[1])))
+def _tiny_triton_spaces(monkeypatch):
+    """Two candidates per Triton kernel: the interpreter runs each a few times."""
+    small_gemm = dict(BLOCK_M=[16], BLOCK_N=[16, 32], BLOCK_K=[16], GROUP_M=[1], num_warps=[4],
+                      num_stages=[1])
+    for op, space in [("mla_decode", dict(BLOCK_N=[16, 32], min_split_tokens=[16], num_warps=[4],
+                                          num_stages=[1])),
+                      ("mla_prefill", dict(BLOCK_M=[16, 32], BLOCK_N=[16], num_warps=[4],
+                                           num_stages=[1])),
+                      ("fused_moe", small_gemm), ("grouped_mm", small_gemm)]:
+        monkeypatch.setitem(spaces.SPACES, (op, "triton"), (None, space))
 
 
-TINY = {"mla_decode": dict(Hq=4, Dc=32, Dr=16, page=16, context=100),
-        "mla_prefill": dict(H=2, Dqk=24, Dv=16, causal=1, seqs=2)}
+TINY = {"mla_decode": (dict(Hq=4, Dc=32, Dr=16, page=16, context=100), 3),
+        "mla_prefill": (dict(H=2, Dqk=24, Dv=16, causal=1, seqs=2), 40),
+        "fused_moe": (dict(E=4, I=8, H=16, k=2), 5),
+        "grouped_mm": (dict(E=3, N=16, K=24), 7)}
+KERNELS = {("mla_prefill", "triton"): ["fwd", "dkdv", "dq"],
+           ("mla_prefill", "torch"): ["fwd", "bwd"],
+           **{(op, b): [None, "backward"] for op in ("fused_moe", "grouped_mm")
+              for b in ("triton", "torch")}}
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("op,bucket", [("mla_decode", 3), ("mla_prefill", 40)])
-def test_mla_sweeps_store_what_the_kernels_then_use(tuning_dir, monkeypatch, backend, op,
-                                                    bucket):
+@pytest.mark.parametrize("op", list(TINY))
+def test_sweeps_of_forward_and_backward_store_what_lookups_then_return(tuning_dir, monkeypatch,
+                                                                       backend, op):
     """Space -> check -> time -> store, on the torch path and on the Triton kernels (in the
-    interpreter); then each kernel's config lookup returns the stored entry."""
-    _tiny_mla_spaces(monkeypatch)
-    rows = sweep.sweep(op, CPU, torch.float32, shapes=[TINY[op]], buckets=[bucket], quick=True,
-                       out_dir=tuning_dir, backend=backend)
-    kernels = {("mla_prefill", "triton"): ["fwd", "dkdv", "dq"],
-               ("mla_prefill", "torch"): ["fwd", "bwd"]}.get((op, backend), [None])
-    assert [r["shape"] for r in rows] == [tuning.shape_key(op, kernel=k, **TINY[op])
-                                          for k in kernels]
-    assert all(r["rejected"] == 0 and "best" in r for r in rows)
+    interpreter), for every kernel tuned apart; then the lookup returns each stored entry."""
+    _tiny_triton_spaces(monkeypatch)
+    shape, bucket = TINY[op]
+    rows = sweep.sweep(op, CPU, torch.float32, shapes=[shape], buckets=[bucket], quick=True,
+                       backward=True, out_dir=tuning_dir, backend=backend)
+    kernels = KERNELS.get((op, backend), [None])
+    assert [r["shape"] for r in rows] == [tuning.shape_key(op, k, **shape) for k in kernels]
+    assert all(r["heuristic_ok"] and r["rejected"] == 0 and "best" in r for r in rows)
     [path] = tuning_dir.glob(f"{op}__{backend}__*.json")
     entries = json.loads(path.read_text())["entries"]
+    default = dict.fromkeys(spaces.SPACES[op, backend][1], "heuristic")
     for row, kernel in zip(rows, kernels):
         assert entries[row["shape"]] == {str(bucket): row["best"]}
-        default = _heuristic(op, backend, kernel)
         used = tuning.config(op, backend, row["shape"], bucket, torch.float32, CPU, default,
                              kernel=kernel)
         assert used == {**default, **row["best"]}
-
-
-def _heuristic(op, backend, kernel):
-    """The config each MLA path falls back to, at the TINY shapes."""
-    from ds_kernels.cpu import mla_decode as cpu_decode
-    from ds_kernels.cpu import mla_prefill as cpu_prefill
-    from ds_kernels.kernels import mla_decode, mla_prefill
-
-    if op == "mla_decode":
-        return (mla_decode._INTERPRETER if backend == "triton"
-                else dict(chunk_elements=cpu_decode.CHUNK_ELEMENTS))
-    if backend == "torch":
-        return cpu_prefill.KNOBS
-    return mla_prefill._heuristic(kernel, TINY[op]["Dqk"], TINY[op]["Dv"], torch.float32, CPU)
 
 
 def test_stored_cpu_knobs_change_what_the_op_does(tuning_dir, monkeypatch):

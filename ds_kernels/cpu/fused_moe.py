@@ -34,7 +34,7 @@ from ds_kernels.cpu.grouped_mm import grouped_matmul, grouped_matmul_tn, groups
 GROUPED_BELOW_ROWS_PER_EXPERT = 16
 
 
-def _plan(hidden, w13, topk_ids):
+def _plan(hidden, w13, topk_ids, kernel=None):
     T, H = hidden.shape
     E, two_i, _ = w13.shape
     k = topk_ids.shape[1]
@@ -42,9 +42,9 @@ def _plan(hidden, w13, topk_ids):
     order = torch.sort(flat, stable=True).indices                 # [N] assignment per slot
     offs = torch.bincount(flat, minlength=E).cumsum(0)            # [E]
     default = "grouped_mm" if T * k / E < GROUPED_BELOW_ROWS_PER_EXPERT else "mm_loop"
-    key = tuning.shape_key("fused_moe", E=E, I=two_i // 2, H=H, k=k)
+    key = tuning.shape_key("fused_moe", kernel, E=E, I=two_i // 2, H=H, k=k)
     strategy = tuning.config("fused_moe", "torch", key, T, hidden.dtype, hidden.device,
-                             dict(strategy=default))["strategy"]
+                             dict(strategy=default), kernel=kernel)["strategy"]
     return order, offs, strategy
 
 
@@ -111,7 +111,7 @@ def fused_moe(hidden, w13, w2, topk_weights, topk_ids):
 def fused_moe_backward(grad_out, hidden, w13, w2, topk_weights, topk_ids):
     T, H = hidden.shape
     k = topk_ids.shape[1]
-    order, offs, strategy = _plan(hidden, w13, topk_ids)
+    order, offs, strategy = _plan(hidden, w13, topk_ids, "backward")
     acc = torch.promote_types(hidden.dtype, torch.float32)
     x = hidden[order // k]                                        # [N, H] token of each slot
     gate_up = grouped_matmul(x, w13.transpose(1, 2), offs, strategy)  # [N, 2I] recomputed

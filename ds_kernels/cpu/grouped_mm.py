@@ -55,21 +55,22 @@ def grouped_matmul_tn(a, g, offs, strategy):
     return out
 
 
-def strategy_for(op, E, N, K, rows, a):
-    key = tuning.shape_key("grouped_mm", E=E, N=N, K=K)
-    return tuning.config(op, "torch", key, rows, a.dtype, a.device,
-                         dict(strategy="grouped_mm"))["strategy"]
+def _strategy(kernel, a, b):
+    """The tuned strategy of the forward (kernel None) or the backward, else grouped_mm."""
+    key = tuning.shape_key("grouped_mm", kernel, E=b.shape[0], N=b.shape[2], K=b.shape[1])
+    return tuning.config("grouped_mm", "torch", key, a.shape[0], a.dtype, a.device,
+                         dict(strategy="grouped_mm"), kernel=kernel)["strategy"]
 
 
 def grouped_mm(a, b, offs):
-    strategy = strategy_for("grouped_mm", b.shape[0], b.shape[2], b.shape[1], a.shape[0], a)
+    strategy = _strategy(None, a, b)
     out = grouped_matmul(a, b, offs, strategy)
     out[int(offs[-1]):] = 0
     return out
 
 
 def grouped_mm_backward(grad_out, a, b, offs):
-    strategy = strategy_for("grouped_mm", b.shape[0], b.shape[2], b.shape[1], a.shape[0], a)
+    strategy = _strategy("backward", a, b)
     grad_a = grouped_matmul(grad_out, b.transpose(1, 2), offs, strategy)
     grad_a[int(offs[-1]):] = 0
     return grad_a, grouped_matmul_tn(a, grad_out, offs, strategy)

@@ -16,16 +16,16 @@ import torch
 
 from ds_kernels.kernels.grouped_mm import grouped_gemm, grouped_wgrad
 from ds_kernels.kernels.moe_align import moe_align
-from ds_kernels.tuning import gemm_config, shape_key
+from ds_kernels.tuning import gemm_config
 
 
-def _plan(op, hidden, w13, topk_ids):
+def _plan(kernel, hidden, w13, topk_ids):
     T, H = hidden.shape
     E, two_i, _ = w13.shape
     k = topk_ids.shape[1]
     # Keyed like vLLM's tuned files (E, intermediate size; bucket = tokens) so they import.
-    key = shape_key("fused_moe", E=E, I=two_i // 2, H=H, k=k)
-    config = gemm_config(op, key, T, T * k / E, two_i, H, hidden.dtype, hidden.device)
+    config = gemm_config("fused_moe", kernel, dict(E=E, I=two_i // 2, H=H, k=k), T, T * k / E,
+                         two_i, H, hidden.dtype, hidden.device)
     return config, moe_align(topk_ids, E, config["BLOCK_M"])
 
 
@@ -34,7 +34,7 @@ def fused_moe(hidden, w13, w2, topk_weights, topk_ids):
     E, two_i, _ = w13.shape
     k = topk_ids.shape[1]
     N = T * k
-    config, layout = _plan("fused_moe", hidden, w13, topk_ids)
+    config, layout = _plan(None, hidden, w13, topk_ids)
     P = layout[0].shape[0]
     acc = torch.promote_types(hidden.dtype, torch.float32)
     weights = topk_weights.reshape(-1).to(acc).contiguous()       # [N], indexed densely
@@ -53,7 +53,7 @@ def fused_moe_backward(grad_out, hidden, w13, w2, topk_weights, topk_ids):
     I = two_i // 2
     k = topk_ids.shape[1]
     N = T * k
-    config, layout = _plan("fused_moe_backward", hidden, w13, topk_ids)
+    config, layout = _plan("backward", hidden, w13, topk_ids)
     slot_ids = layout[0].long()                                   # [P], N for padding
     P = slot_ids.shape[0]
     acc = torch.promote_types(hidden.dtype, torch.float32)

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ds_kernels.kernels.moe_align import moe_align
-from ds_kernels.tuning import gemm_config, shape_key
+from ds_kernels.tuning import gemm_config
 
 
 @triton.jit
@@ -206,16 +206,16 @@ def grouped_mm(a, b, offs):
     M, K = a.shape
     E, _, N = b.shape
     out = torch.zeros(M, N, dtype=a.dtype, device=a.device)  # rows past offs[-1] stay 0
-    config = gemm_config("grouped_mm", shape_key("grouped_mm", E=E, N=N, K=K), M, M / E, N, K,
-                         a.dtype, a.device)
+    config = gemm_config("grouped_mm", None, dict(E=E, N=N, K=K), M, M / E, N, K, a.dtype,
+                         a.device)
     return grouped_gemm(a, b, out, _offs_layout(offs, M, config), M, config)
 
 
 def grouped_mm_backward(grad_out, a, b, offs):
     M, K = a.shape
     E, _, N = b.shape
-    config = gemm_config("grouped_mm_backward", shape_key("grouped_mm", E=E, N=N, K=K), M, M / E,
-                         K, N, a.dtype, a.device)
+    config = gemm_config("grouped_mm", "backward", dict(E=E, N=N, K=K), M, M / E, K, N, a.dtype,
+                         a.device)
     layout = _offs_layout(offs, M, config)
     grad_a = torch.zeros_like(a)
     grouped_gemm(grad_out, b.transpose(1, 2), grad_a, layout, M, config)
