@@ -35,9 +35,6 @@ def mla_decode(q_nope, q_pe, kv_cache, block_table, cache_seqlens, softmax_scale
     q = torch.cat([q_nope, q_pe], dim=-1)[order].float() * softmax_scale   # [B, Hq, D]
     table = block_table[order]                                      # [B, max_blocks]
     chunk_pages = max(1, chunk_elements // (max(B, 1) * D * block_size))
-    # One gather buffer for all chunks: a fresh multi-MB tensor per chunk is page-faulted in
-    # anew each time, which made the gather 4x slower than the copy itself.
-    gathered = kv_cache.new_empty(B * min(chunk_pages, block_table.shape[1]), block_size, D)
     longest = lengths[0] if B else 0
     for first in range(0, -(-longest // block_size), chunk_pages):
         start = first * block_size
@@ -47,8 +44,7 @@ def mla_decode(q_nope, q_pe, kv_cache, block_table, cache_seqlens, softmax_scale
         used = start + block_size * torch.arange(pages.shape[1]) < lens[:n, None]   # [n, P]
         # Past a sequence's end, table entries and cache rows may hold anything (garbage, NaN).
         pages = pages.masked_fill(~used.to(pages.device), 0)
-        rows = torch.index_select(kv_cache, 0, pages.flatten(), out=gathered[:pages.numel()])
-        rows = rows.view(n, C, D).float()                           # [n, C, D]
+        rows = kv_cache.index_select(0, pages.flatten()).view(n, C, D).float()   # [n, C, D]
         # The sequences ending in this chunk (sorted, so the last ones): blank their rows past
         # the end, a few slices instead of a masked pass over the whole chunk.
         ending = range(bisect.bisect_left([-x for x in lengths[:n]], -(start + C)), n)
