@@ -66,7 +66,21 @@ def sweep(op: str, device: torch.device, dtype, *, shapes=None, buckets=None, qu
                            tuning.device_name(device), dtype, tuning.versions(), entries,
                            source="python -m autotune sweep")
         print(f"autotune: wrote {path}", file=sys.stderr)
+        _report_lookup(op, backend, device, dtype, entries, path.parent)
     return summary
+
+
+def _report_lookup(op, backend, device, dtype, entries, folder):
+    """Say whether ds_kernels now finds what was written (the op's own run-time lookup)."""
+    if folder.resolve() not in (tuning.tuning_dir().resolve(), tuning.SHIPPED_DIR.resolve()):
+        print(f"autotune: ds_kernels reads {tuning.tuning_dir()}, not {folder}: set "
+              f"DS_KERNELS_TUNING_DIR={folder} to use these results", file=sys.stderr)
+        return
+    found = sum(tuning.tuned(op, backend, device, dtype, key, int(n)) == config
+                for key, buckets in entries.items() for n, config in buckets.items())
+    total = sum(len(buckets) for buckets in entries.values())
+    print(f"autotune: ds_kernels.{op} now finds {found} of {total} entries written "
+          "({} = the heuristic kept)", file=sys.stderr)
 
 
 def _tune(case, device, dtype) -> dict:

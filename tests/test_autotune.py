@@ -27,7 +27,8 @@ def tuning_dir(tmp_path, monkeypatch):
 
 def test_sweep_stores_what_the_op_then_uses(tuning_dir, monkeypatch, capsys):
     cli.main(["sweep", "--op", "route", "--tokens", "2", "300", "--quick"])
-    assert "| route | E=256 | 300 |" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "| route | E=256 | 300 |" in out and "ds_kernels.route now finds 2 of 2 entries" in err
     [path] = tuning_dir.glob("route__torch__*.json")
     stored = json.loads(path.read_text())["entries"]["E=256"]
     assert set(stored) == {"2", "300"}
