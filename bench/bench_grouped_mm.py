@@ -2,21 +2,21 @@
 reference, forward and forward+backward (told apart by shape["mode"]).
 
 a [M, K] splits into E groups of about M / E rows each (each row's group drawn uniformly, so
-some groups are empty at small M); b [E, K, N]. CPU: fp32, K=1024, N=512, E=64. CUDA: bf16 at one
-expert-parallel rank's share of DeepSeek-V3's up projection (64 of the 256 experts, K=7168,
-N=2I=4096), with TFLOP/s and the percentage of PEAK_TFLOPS. Each impl's output (and gradients)
-is checked against ds_kernels' before it is timed; one that raises (torch's CPU grouped_mm
-backward does for some layouts) is reported on stderr and has no row at that shape. The
-reference runs up to REFERENCE_MAX_M rows, and with backward only in full runs on CPU (autograd
-through its loop costs ~3 s a call); "torch.compile(reference)" only in full runs (Dynamo breaks
-the graph at offs.tolist() and compiles the unrolled loop, ~30 s a shape on CPU).
+some groups are empty at small M); b [E, K, N]. CPU: fp32, K=1024, N=512, E=64. CUDA: bf16 at
+one expert-parallel rank's share of DeepSeek-V3's up projection (64 of the 256 experts, K=7168,
+N=2I=4096), with TFLOP/s and the percentage of the GPU's measured peak. Each impl's output (and
+gradients) is checked against ds_kernels' before it is timed; one that raises (torch's CPU
+grouped_mm backward does for some layouts) is reported on stderr and has no row at that shape.
+The reference runs up to REFERENCE_MAX_M rows, and with backward only in full runs on CPU
+(autograd through its loop costs ~3 s a call); "torch.compile(reference)" only in full runs
+(Dynamo breaks the graph at offs.tolist() and compiles the unrolled loop, ~30 s a shape on CPU).
 """
 
 import torch
 import torch.nn.functional as F
 
 import ds_kernels
-from bench.bench_fused_moe import PEAK_TFLOPS, TOLERANCE
+from bench.bench_fused_moe import TOLERANCE
 from bench.harness import Impl, Row, assert_close, compare, skip, working
 from ds_kernels.reference.grouped_mm import grouped_mm as reference_grouped_mm
 
@@ -91,8 +91,7 @@ def _bench(mode, shape, a, b, offs, compiled, quick):
         nbytes = (None if backward else
                   (M * K + groups * K * N + M * N) * a.itemsize + offs.nbytes)
         return compare(impls, args, op=OP, shape=shape, dtype=dtype, device=device, tokens=M,
-                       nbytes=nbytes, baseline=BASELINE, flops=flops,
-                       peak_tflops=PEAK_TFLOPS.get(dtype) if device.type == "cuda" else None)
+                       nbytes=nbytes, baseline=BASELINE, flops=flops)
 
 
 def _torch_grouped_mm(a, b, offs):

@@ -5,9 +5,9 @@ reference, forward and forward+backward (told apart by shape["mode"]).
 T tokens split into B = 4 causal sequences of T/8, 2T/8, 3T/8 and 2T/8 tokens (ragged, as a
 prefill batch is). Dqk = 192 (128 no-rope + 64 rope), Dv = 128 as in DeepSeek-V3. CPU: fp32,
 Hq = 4. CUDA: bf16 at Hq = 16 (one tensor-parallel rank of 8) and 128 (the whole layer), with
-TFLOP/s and the percentage of PEAK_TFLOPS. Useful flops count each causal (query, key) pair
-once: 2 * (Dqk + Dv) per pair and head forward, 2 * (4 Dqk + 3 Dv) forward+backward (the
-backward recomputes the scores and runs four more products).
+TFLOP/s and the percentage of the GPU's measured peak. Useful flops count each causal (query,
+key) pair once: 2 * (Dqk + Dv) per pair and head forward, 2 * (4 Dqk + 3 Dv) forward+backward
+(the backward recomputes the scores and runs four more products).
 
 Each impl's output (with backward, and its q, k, v gradients for a random output gradient) is
 checked against ds_kernels' before it is timed; one that cannot run here is reported on stderr
@@ -19,7 +19,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 
-from bench.bench_fused_moe import PEAK_TFLOPS, TOLERANCE
+from bench.bench_fused_moe import TOLERANCE
 from bench.harness import Impl, Row, assert_close, compare, skip, working
 from ds_kernels.ops.mla_prefill import mla_prefill
 from ds_kernels.reference.mla_prefill import mla_prefill as reference_mla_prefill
@@ -110,7 +110,6 @@ def _bench(mode, shape, q, k, v, cu_seqlens, lengths):
         timing = dict(warmup=1) if device.type == "cpu" and T >= 1024 else {}
         return compare(impls, args, op=OP, shape=shape, dtype=dtype, device=device, tokens=T,
                        nbytes=nbytes, baseline=BASELINE, flops=flops,
-                       peak_tflops=PEAK_TFLOPS.get(dtype) if device.type == "cuda" else None,
                        **timing)
 
 

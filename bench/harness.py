@@ -42,7 +42,9 @@ class Row:
     baseline: str | None = None     # impl that speedup_vs compares against
     speedup_vs: float | None = None  # baseline median / this median; filled by add_speedups
     tflops_per_s: float | None = None  # for GEMM-bound ops: the useful flops per second
-    pct_of_peak: float | None = None   # tflops_per_s as a percentage of the device's peak
+    # On a GPU: tflops_per_s (else gbytes_per_s) as a percentage of the peak measured at the
+    # start of the run (measured_peaks).
+    pct_of_peak: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,31 +127,65 @@ def _us(median, p20, p80):
 
 def compare(impls: list[Impl], args: tuple, *, op: str, shape: dict, dtype, device,
             tokens: int, nbytes: int | None = None, baseline: str | None = None,
-            flops: float | None = None, peak_tflops: float | None = None,
-            **timing) -> list[Row]:
+            flops: float | None = None, **timing) -> list[Row]:
     """Time every impl on the same ``args`` (see time_fns for ``timing``): one Row each.
 
     ``tokens``, ``nbytes`` (the bytes an ideal implementation moves) and ``flops`` (the useful
-    floating-point operations) give the throughputs; ``peak_tflops``, the percentage of peak.
+    floating-point operations) give the throughputs; on a GPU, the percentage of its measured
+    peak: of TFLOP/s where ``flops`` is given, else of GB/s.
     """
+    peaks = measured_peaks(torch.device(device))
     times = time_fns({i.name: functools.partial(i, *args) for i in impls}, device, **timing)
     rows = []
     for name, t in times.items():
         seconds = t["median_us"] * 1e-6
         tflops = None if flops is None else flops / seconds / 1e12
+        gbps = None if nbytes is None else nbytes / seconds / 1e9
         rows.append(Row(op=op, impl=name, shape=dict(shape),
                         dtype=str(dtype).replace("torch.", ""), device=str(device),
                         tokens_per_s=round(tokens / seconds, 1),
-                        gbytes_per_s=None if nbytes is None else round(nbytes / seconds / 1e9, 6),
+                        gbytes_per_s=None if gbps is None else round(gbps, 6),
                         baseline=baseline,
                         # significant digits, not decimals: toy shapes must not round to 0
                         tflops_per_s=None if tflops is None else float(f"{tflops:.6g}"),
-                        pct_of_peak=None if tflops is None or peak_tflops is None
-                        else round(100 * tflops / peak_tflops, 3),
+                        pct_of_peak=pct_of_peak(tflops, gbps, peaks),
                         **t))
         print(f"[{op}] {format_shape(shape)} {name} {t['median_us']:.1f} us", file=sys.stderr,
               flush=True)
     return rows
+
+
+def pct_of_peak(tflops: float | None, gbps: float | None, peaks: dict | None) -> float | None:
+    """``tflops`` as a percentage of the peak bf16 TFLOP/s, else ``gbps`` of the peak GB/s."""
+    if peaks is None:
+        return None
+    if tflops is not None:
+        return round(100 * tflops / peaks["bf16_tflops"], 3)
+    if gbps is not None:
+        return round(100 * gbps / peaks["copy_gbytes_per_s"], 3)
+    return None
+
+
+@functools.cache
+def measured_peaks(device: torch.device) -> dict | None:
+    """What this GPU really reaches, measured once per run (None off a GPU): a bf16 matmul of
+    8192^3 and a device-to-device copy of 1 GiB (bytes read plus written). Spec-sheet peaks
+    assume boost clocks that no sustained kernel holds, so percentages of them flatter no one."""
+    if device.type != "cuda":
+        return None
+    import triton.testing
+
+    n = 8192
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    mm_ms = triton.testing.do_bench(lambda: a @ b, warmup=50, rep=300)
+    x = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    copy_ms = triton.testing.do_bench(lambda: y.copy_(x), warmup=50, rep=300)
+    peaks = dict(bf16_tflops=round(2 * n**3 / mm_ms / 1e9, 1),
+                 copy_gbytes_per_s=round(2 * x.numel() / copy_ms / 1e6, 1))
+    del a, b, x, y
+    torch.cuda.empty_cache()
+    return peaks
 
 
 def skip(op: str, shape: dict, impl: str, reason: str) -> None:
@@ -237,6 +273,7 @@ def machine_info(device="cpu") -> dict:
         ds_kernels=ds_kernels.__version__,
         ds_kernels_default_backend=dispatch.preferred_backend(device),
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+        measured_peaks=measured_peaks(device),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
 

@@ -159,3 +159,12 @@ def test_the_device_run_fits_its_budget_and_names_what_exists(tmp_path):
                 assert (device_run.ROOT / word).is_file(), word
         if "autotune" in command:
             assert command[command.index("--op") + 1] in cases.SHAPES
+
+
+def test_percent_of_the_measured_peak_is_of_flops_else_of_bytes():
+    peaks = dict(bf16_tflops=500.0, copy_gbytes_per_s=4000.0)
+    assert harness.pct_of_peak(250.0, 100.0, peaks) == 50.0      # compute-bound: TFLOP/s
+    assert harness.pct_of_peak(None, 1000.0, peaks) == 25.0      # memory-bound: GB/s
+    assert harness.pct_of_peak(None, None, peaks) is None
+    assert harness.pct_of_peak(250.0, 100.0, None) is None       # off a GPU: nothing measured
+    assert harness.measured_peaks(torch.device("cpu")) is None
