@@ -34,7 +34,7 @@ SPACES = {
     # The torch path's knobs (ds_kernels/cpu/*.py name them and say when each wins).
     ("route", "triton"): (dict(BLOCK_T=[1, 2, 4, 8, 16], num_warps=[1, 2, 4, 8]),
                           dict(BLOCK_T=[1, 4, 16], num_warps=[2, 4, 8])),
-    ("route", "torch"): (dict(strategy=["sort", "topk"]),) * 2,
+    ("route", "torch"): (dict(strategy=["numpy", "sort", "topk"]),) * 2,
     ("fused_moe", "torch"): (dict(strategy=["grouped_mm", "mm_loop", "expert_threads"]),) * 2,
     ("grouped_mm", "torch"): (dict(strategy=["grouped_mm", "mm_loop"]),) * 2,
     ("mla_decode", "torch"): (

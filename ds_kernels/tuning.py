@@ -143,7 +143,7 @@ def forget_files():
 def tuned(op: str, backend: str, device: torch.device, dtype, shape_key: str,
           n: float) -> dict | None:
     """The stored config of the bucket nearest to ``n`` for ``shape_key``, or None."""
-    key = (op, backend, str(device), str(dtype), shape_key)
+    key = (op, backend, device, dtype, shape_key)
     if key not in _resolved:
         _resolved[key] = _find(op, backend, device, dtype, shape_key)
     buckets = _resolved[key]

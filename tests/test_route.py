@@ -8,12 +8,13 @@ from hypothesis import strategies as st
 
 import ds_kernels
 from conftest import DEVICE, backend_fixture
+from ds_kernels import tuning
 from ds_kernels.reference.route import RENORM_EPS, choice_scores
 from ds_kernels.reference.route import route as reference_route
 from numerics import assert_close
 
 
-backend = backend_fixture("sort", "topk")
+backend = backend_fixture("numpy", "sort", "topk")
 
 
 @st.composite
@@ -84,6 +85,19 @@ def _check_against_reference(logits, top_k, kw, weights, ids):
     assert_close(weights, expected, torch.float32, reduction=E, what="weights")
     assert_close(ref_weights[certain], expected[certain], torch.float32, reduction=E,
                  what="reference weights")
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="numpy takes CPU tensors only")
+@settings(max_examples=40)
+@given(problem=routing_problems())
+def test_the_numpy_strategy_picks_the_references_ids_bit_for_bit(problem):
+    """Same scores (torch's), same stable sorts: equal ids in every row, near-ties included."""
+    logits, top_k, kw = problem
+    with ds_kernels.use_backend("torch"), tuning.override(strategy="numpy"):
+        weights, ids = ds_kernels.route(logits, top_k, **kw)
+    ref_weights, ref_ids = _reference(logits, top_k, kw)
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(weights, ref_weights, rtol=1e-6, atol=0, equal_nan=True)
 
 
 @settings(max_examples=40)

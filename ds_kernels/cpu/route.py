@@ -1,22 +1,30 @@
-"""Vectorised routing with the reference's exact semantics, ties included.
+"""Vectorised routing with the reference's exact semantics, ties included: the same expert
+ids, bit for bit, with every strategy.
 
-Speed comes from never sorting a whole row: torch.topk (k+1 values, to see whether the k-th
+"topk" (many tokens): never sorts a whole row: torch.topk (k+1 values, to see whether the k-th
 place is tied), then a sort of the k winners alone. torch.topk does not promise which of two
 equal values wins, so rows tied across the k-th place are redone with the reference's stable
 sort. Experts of dropped groups are not masked but left out: top-k runs on the kept groups'
 columns only (half of DeepSeek-V3's row).
+
+"numpy" (a decode step's few tokens on CPU): the reference's stable sorts, on numpy arrays.
+Per-op overhead is most of the time there, and numpy's is ~1 us an op to torch's ~4 us. The
+scores come from torch (its sigmoid or softmax, as the reference's); the weights' sum runs in
+numpy's order, within fp32 rounding of the reference's.
+
+"sort": the reference itself, for other devices that run the torch path (numpy cannot).
 """
 
+import numpy as np
 import torch
 
 from ds_kernels import tuning
 from ds_kernels.reference import route as reference
 from ds_kernels.reference.route import RENORM_EPS, choice_scores, top_indices
 
-# Strategies: "sort" is the reference's few whole-row sorts, which win at small T (per-op
-# overhead dominates a decode step); "topk" is the code below. The crossover was measured on a
-# 2-core x86 CPU with E=256 (bench/bench_route.py); `python -m autotune sweep --op route`
-# stores the best strategy per token bucket for the user's machine.
+# The crossover from "numpy" to "topk", measured on a 2-core x86 CPU with E=256
+# (bench/bench_route.py); `python -m autotune sweep --op route` stores the best strategy per
+# token bucket for the user's machine.
 SORT_BELOW_TOKENS = 64
 
 
@@ -45,10 +53,15 @@ def _two_best_sum(grouped: torch.Tensor) -> torch.Tensor:
 def route(logits, top_k, scoring, correction_bias, n_group, topk_group, renormalize,
           routed_scaling_factor):
     T, E = logits.shape
-    default = "sort" if T < SORT_BELOW_TOKENS else "topk"
+    on_cpu = logits.device.type == "cpu"
+    default = ("numpy" if on_cpu else "sort") if T < SORT_BELOW_TOKENS else "topk"
     key = tuning.shape_key("route", E=E)
-    if tuning.config("route", "torch", key, T, logits.dtype, logits.device,
-                     dict(strategy=default))["strategy"] == "sort":
+    strategy = tuning.config("route", "torch", key, T, logits.dtype, logits.device,
+                             dict(strategy=default))["strategy"]
+    if strategy == "numpy" and on_cpu:
+        return _route_numpy(logits, top_k, scoring, correction_bias, n_group, topk_group,
+                            renormalize, routed_scaling_factor)
+    if strategy != "topk":
         return reference.route(logits, top_k, scoring, correction_bias, n_group, topk_group,
                                renormalize, routed_scaling_factor)
     s, c = choice_scores(logits, scoring, correction_bias)        # [T, E] each
@@ -70,3 +83,32 @@ def route(logits, top_k, scoring, correction_bias, n_group, topk_group, renormal
     if routed_scaling_factor != 1.0:
         weights = weights * routed_scaling_factor
     return weights, ids.to(torch.int32)
+
+
+def _route_numpy(logits, top_k, scoring, correction_bias, n_group, topk_group, renormalize,
+                 routed_scaling_factor):
+    s, c = choice_scores(logits, scoring, correction_bias)
+    s, c = s.detach().numpy(), c.detach().numpy()                           # [T, E] each
+    T, E = c.shape
+    rows = np.arange(T)[:, None]
+    if n_group > 1:
+        group_size = E // n_group
+        # The two largest of each group, added largest first as the reference does.
+        two_best = np.sort(c.reshape(T, n_group, group_size), axis=-1)[..., -2:]
+        with np.errstate(over="ignore"):  # two NaN scores (-max each) make -inf, as in torch
+            group_scores = two_best[..., 1] + two_best[..., 0]              # [T, n_group]
+        kept = np.zeros((T, n_group), dtype=bool)
+        kept[rows, _top_indices_numpy(group_scores, topk_group)] = True
+        c = np.where(np.repeat(kept, group_size, axis=1), c, -np.inf)
+    ids = _top_indices_numpy(c, top_k)                                      # [T, k]
+    weights = s[rows, ids]                                                  # [T, k]
+    if renormalize:
+        weights = weights / (weights.sum(axis=-1, keepdims=True) + np.float32(RENORM_EPS))
+    weights = weights * np.float32(routed_scaling_factor)
+    return torch.from_numpy(weights), torch.from_numpy(ids.astype(np.int32))
+
+
+def _top_indices_numpy(values, k):
+    """The reference's top_indices: descending, ties to the lower index (a stable sort of the
+    negated values; -0.0 and 0.0 stay equal)."""
+    return np.argsort(-values, axis=-1, kind="stable")[:, :k]
