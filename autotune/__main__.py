@@ -51,7 +51,8 @@ def main(argv=None):
                      help="buckets: tokens (rows for grouped_mm, sequences for mla_decode); "
                      "default per op and device")
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    run.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    run.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
+                     help="default: bfloat16 on cuda, float32 on cpu")
     run.add_argument("--quick", action="store_true", help="few shapes and candidates")
     run.add_argument("--backward", action="store_true",
                      help="also tune the backward kernels (fused_moe, grouped_mm, mla_prefill), "
@@ -79,13 +80,15 @@ def main(argv=None):
         return
 
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but torch sees no CUDA device")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     routing = _routing(args.routing) if args.routing else None
     try:
         rows = sweep.sweep(args.op, device, dtype, shapes=args.shapes, buckets=args.tokens,
                            quick=args.quick, backward=args.backward, routing=routing,
                            out_dir=args.out)
-    except ValueError as error:  # a shape or routing that does not fit the op
+    except (TypeError, ValueError) as error:  # a shape, dtype or routing the op does not take
         raise SystemExit(f"autotune: {error}")
     print(sweep.format_summary(rows))
 
