@@ -1,5 +1,7 @@
-"""The sweep: for each shape and token bucket, check every candidate against the reference,
-time the correct ones, and store the fastest."""
+"""The sweep: for each shape, token bucket and kernel, check the heuristic and every candidate
+against the reference, time the correct ones, and store the fastest if it clearly beats the
+heuristic (confirmed by alternated timings), else {} (keep the heuristic). A wrong candidate
+is reported and never stored; a wrong heuristic is reported and replaced."""
 
 import statistics
 import sys
