@@ -32,9 +32,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
     ds_kernels.rope.rope_cos_sin; any float dtype is read as fp32). Math in fp32; output in x's
     dtype, contiguous. Not differentiable in cos and sin (they get no gradient).
     """
-    _check(x, cos, sin, interleaved)
     if dispatch.direct_call_allowed(x, cos, sin):
-        return _apply_rope(x, cos, sin, interleaved)
+        return _apply_rope(x, cos, sin, interleaved)  # checks the arguments itself
+    _check(x, cos, sin, interleaved)  # before torch.ops, whose own type errors name no argument
     return torch.ops.ds_kernels.apply_rope(x, cos, sin, interleaved)
 
 

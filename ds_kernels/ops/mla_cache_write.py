@@ -21,10 +21,11 @@ def mla_cache_write(latent: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Te
     one dtype (fp16/bf16/fp32; any strides); slot_mapping [T] int64 (or int32) in
     [-1, num_blocks * block_size). Two tokens with the same slot: which one lands is undefined.
     """
-    _check(latent, k_pe, kv_cache, slot_mapping)
     if dispatch.direct_call_allowed(latent, k_pe, kv_cache, slot_mapping):
-        _mla_cache_write(latent, k_pe, kv_cache, slot_mapping)
+        _mla_cache_write(latent, k_pe, kv_cache, slot_mapping)  # checks the arguments itself
     else:
+        # Before torch.ops, whose own type errors name no argument.
+        _check(latent, k_pe, kv_cache, slot_mapping)
         torch.ops.ds_kernels.mla_cache_write(latent, k_pe, kv_cache, slot_mapping)
 
 
@@ -41,13 +42,12 @@ def mla_cache_write_fused(kv_latent: torch.Tensor, k_pe: torch.Tensor,
     token's position. The returned tensors are what the prefill path attends with; they and
     the cache rows hold the same values. Shapes and dtypes otherwise as ``mla_cache_write``.
     """
-    _check_fused(kv_latent, k_pe, norm_weight, eps, cos, sin, kv_cache, slot_mapping, interleaved)
-    args = (kv_latent, k_pe, norm_weight, float(eps), cos, sin, kv_cache, slot_mapping,
-            interleaved)
+    args = (kv_latent, k_pe, norm_weight, eps, cos, sin, kv_cache, slot_mapping, interleaved)
     if dispatch.direct_call_allowed(kv_latent, k_pe, norm_weight, cos, sin, kv_cache,
                                     slot_mapping):
-        return _mla_cache_write_fused(*args)
-    return torch.ops.ds_kernels.mla_cache_write_fused(*args)
+        return _mla_cache_write_fused(*args)  # checks the arguments itself
+    _check_fused(*args)  # before torch.ops, whose own type errors name no argument
+    return torch.ops.ds_kernels.mla_cache_write_fused(*args[:3], float(eps), *args[4:])
 
 
 def _check(latent, k_pe, kv_cache, slot_mapping, latent_name="latent"):
@@ -113,7 +113,7 @@ def _mla_cache_write_fused(kv_latent: torch.Tensor, k_pe: torch.Tensor,
     _check_fused(kv_latent, k_pe, norm_weight, eps, cos, sin, kv_cache, slot_mapping, interleaved)
     _check_slots(slot_mapping, kv_cache)
     return dispatch.implementation("mla_cache_write_fused", kv_latent.device)(
-        kv_latent, k_pe, norm_weight, eps, cos, sin, kv_cache, slot_mapping, interleaved)
+        kv_latent, k_pe, norm_weight, float(eps), cos, sin, kv_cache, slot_mapping, interleaved)
 
 
 _mla_cache_write_fused_op = torch.library.custom_op(

@@ -26,11 +26,11 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
     row[:Dc] + q_pe . row[Dc:]); out = softmax(scores) @ row[:Dc]; lse = logsumexp(scores)
     (natural log). cache_seqlens[b] = 0 gives out 0 and lse -inf. Accumulates in fp32.
     """
-    _check(q_nope, q_pe, kv_cache, block_table, cache_seqlens, softmax_scale)
-    args = (q_nope, q_pe, kv_cache, block_table, cache_seqlens, float(softmax_scale))
+    args = (q_nope, q_pe, kv_cache, block_table, cache_seqlens, softmax_scale)
     if dispatch.direct_call_allowed(q_nope, q_pe, kv_cache, block_table, cache_seqlens):
-        return _mla_decode(*args)
-    return torch.ops.ds_kernels.mla_decode(*args)
+        return _mla_decode(*args)  # checks the arguments itself
+    _check(*args)  # before torch.ops, whose own type errors name no argument
+    return torch.ops.ds_kernels.mla_decode(*args[:5], float(softmax_scale))
 
 
 def _check(q_nope, q_pe, kv_cache, block_table, cache_seqlens, softmax_scale):
@@ -90,7 +90,7 @@ def _mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor
     _check(q_nope, q_pe, kv_cache, block_table, cache_seqlens, softmax_scale)
     _check_values(kv_cache, block_table, cache_seqlens)
     return dispatch.implementation("mla_decode", q_nope.device)(
-        q_nope, q_pe, kv_cache, block_table, cache_seqlens, softmax_scale)
+        q_nope, q_pe, kv_cache, block_table, cache_seqlens, float(softmax_scale))
 
 
 _mla_decode_op = torch.library.custom_op("ds_kernels::mla_decode", _mla_decode, mutates_args=())

@@ -25,9 +25,10 @@ def mla_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: t
     natural-log logsumexp of those scores. Accumulates in fp32. Gradients flow to q, k and v
     from both out and lse.
     """
-    _check(q, k, v, cu_seqlens, causal, softmax_scale)
     if dispatch.direct_call_allowed(q, k, v, cu_seqlens):
-        return _mla_prefill(q, k, v, cu_seqlens, causal, softmax_scale)
+        return _mla_prefill(q, k, v, cu_seqlens, causal, softmax_scale)  # checks its arguments
+    # Before torch.ops, whose own type errors name no argument.
+    _check(q, k, v, cu_seqlens, causal, softmax_scale)
     return torch.ops.ds_kernels.mla_prefill(q, k, v, cu_seqlens, causal, float(softmax_scale))
 
 

@@ -17,9 +17,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     dtype before the weight multiplies it (see ds_kernels/reference/rms_norm.py), so a patched
     transformers model keeps its logits.
     """
-    _check(x, weight, eps)
     if dispatch.direct_call_allowed(x, weight):
-        return _rms_norm(x, weight, float(eps))
+        return _rms_norm(x, weight, eps)  # checks the arguments itself
+    _check(x, weight, eps)  # before torch.ops, whose own type errors name no argument
     return torch.ops.ds_kernels.rms_norm(x, weight, float(eps))
 
 
@@ -49,7 +49,7 @@ def _check(x, weight, eps):
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     _check(x, weight, eps)
-    return dispatch.implementation("rms_norm", x.device)(x, weight, eps)
+    return dispatch.implementation("rms_norm", x.device)(x, weight, float(eps))
 
 
 _rms_norm_op = torch.library.custom_op("ds_kernels::rms_norm", _rms_norm, mutates_args=())
