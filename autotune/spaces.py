@@ -23,10 +23,11 @@ SPACES = {
     ("fused_moe", "triton"): _GEMM,
     ("grouped_mm", "triton"): _GEMM,
     ("mla_decode", "triton"): (
+        # num_stages above 2 builds the same kernel (the page loop is not pipelined).
         dict(BLOCK_N=[16, 32, 64], min_split_tokens=[64, 128, 256, 512, 1024],
-             num_warps=[4, 8], num_stages=[1, 2, 3, 4]),
-        dict(BLOCK_N=[16, 32], min_split_tokens=[128, 256, 512], num_warps=[8],
-             num_stages=[2, 3])),
+             num_warps=[4, 8], num_stages=[1, 2]),
+        dict(BLOCK_N=[16, 32, 64], min_split_tokens=[128, 256, 512], num_warps=[8],
+             num_stages=[2])),
     ("mla_prefill", "triton"): (
         dict(BLOCK_M=[16, 32, 64, 128], BLOCK_N=[16, 32, 64, 128], num_warps=[4, 8],
              num_stages=[1, 2, 3, 4]),

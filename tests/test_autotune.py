@@ -194,8 +194,9 @@ def test_mla_pruning_follows_the_kernels_resource_models():
 
     decode = spaces.candidates("mla_decode", "triton", quick=False, fits=lambda c: mla_decode.fits(
         c, 512, 64, torch.bfloat16, CPU))
-    # Registers: 64-token tiles and 4-warp programs spilled in the sm_90 builds.
-    assert decode and {(c["BLOCK_N"], c["num_warps"]) for c in decode} == {(16, 8), (32, 8)}
+    # Registers: 64-token tiles over 4 warps spilled in the sm_90 and sm_80 builds.
+    assert {(c["BLOCK_N"], c["num_warps"]) for c in decode} == {(16, 4), (32, 4), (16, 8),
+                                                                (32, 8), (64, 8)}
     for kind in ("fwd", "dkdv", "dq"):
         kept = spaces.candidates("mla_prefill", "triton", quick=False,
                                  fits=lambda c: mla_prefill.fits(kind, c, 192, 128,

@@ -31,17 +31,18 @@ from ds_kernels import tuning
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
 
-# Tile sizes on a GPU, from ptxas on sm_90 and sm_80 (triton 3.9) at Dc=512, Dr=64; no
-# timings yet. Triton's mma.sync dots hold whole operands in registers, so the [BLOCK_N, 512]
-# K/V tile costs registers as well as shared memory: 16 heads x 32 bf16 tokens over 8 warps
-# take 226 registers a thread, no spills, 68 KB of shared memory; 64 tokens, or 4 warps, spill.
-# fp32 caches take 16 tokens a step: 32 would need 176 KB, past an A100's 163 KB.
-# 16 heads is tl.dot's smallest M (32 fits only at 254 registers); Hq=128 runs as 8 head
-# groups, which read each KV tile through L2.
+# Tile sizes on a GPU, from offline builds for sm_90 and sm_80 (triton 3.9) at Dc=512, Dr=64;
+# no timings yet. The default, 16 heads x 32 bf16 tokens over 8 warps, took 120 / 96
+# registers a thread and 57 KB of shared memory, no spills; fp32 caches take 16 tokens a step
+# (112 registers, 75 KB). 16 heads is tl.dot's smallest M; Hq=128 runs as 8 head groups,
+# which read each KV tile through L2.
 _BLOCK_H = 16
-# Register words per thread (estimated in fits) of the largest tile above that built without
-# spills (16 heads x 32 bf16 tokens, 8 warps); 64 tokens, or 4 warps, spilled.
-_REGISTER_WORDS = 68
+# The largest register estimate (fits) whose builds spilled nothing on sm_90 and sm_80, but
+# for one fp32 tile spilling 24 bytes on sm_80; every build above it (176, 208) spilled.
+_REGISTER_WORDS = 136
+# Shared memory, from above: the builds used at most two K/V tiles plus 16 KiB (the query
+# tiles), whatever num_stages - the loop over data-dependent pages is not software-pipelined.
+_SHARED_EXTRA = 16 << 10
 # Splits only until the programs fill the multiprocessors, and none shorter than 256 tokens,
 # where writing and merging the [16, 512] fp32 partials would cost ~20% of reading the split's
 # cache. `python -m autotune sweep --op mla_decode` tunes all four keys per batch-size bucket.
@@ -193,10 +194,10 @@ def _widths(Dc, Dr):
 
 
 def fits(config, Dc, Dr, dtype, device) -> bool:
-    """Whether a launch with ``config`` stays within the device's shared memory (a K/V tile per
-    stage, from above) and, by a register estimate, its registers."""
+    """Whether a launch with ``config`` stays within the device's shared memory and, by a
+    register estimate, its registers (both calibrated on offline builds, see above)."""
     dc_p, dr_p = _widths(Dc, Dr)
-    shared = config["num_stages"] * config["BLOCK_N"] * (dc_p + dr_p) * dtype.itemsize
+    shared = 2 * config["BLOCK_N"] * (dc_p + dr_p) * dtype.itemsize + _SHARED_EXTRA
     registers = (_BLOCK_H * dc_p + config["BLOCK_N"] * (dc_p + dr_p) * dtype.itemsize / 4) / (
         32 * config["num_warps"])  # the fp32 accumulator and the K/V dot operand, per thread
     return (config["BLOCK_N"] >= 16 and shared <= tuning.shared_memory_bytes(device)
