@@ -381,19 +381,26 @@ def _split_qk_dim(dqk):
 
 
 # Tile candidates (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, best first; a launch
-# takes the first whose shared memory fits the device. Not yet timed on a GPU. For 16-bit
-# inputs at Dqk + Dv = 192 + 128 the first ones are the largest tiles whose sm_90 build
-# (triton 3.9, compiled offline) spills no registers: fwd 193 registers / 168 KiB, dkdv
+# takes the first that fits the device. Not yet timed on a GPU. At Dqk + Dv = 192 + 128 each
+# is a tile whose offline build (triton 3.9) spilled no registers, the first ones the largest
+# such: for 16-bit inputs on sm_90, fwd 193 registers / 168 KiB of shared memory, dkdv
 # 239 / 101 KiB, dq 208 / 120 KiB. The backward holds a tile's q or k, v and fp32 gradient
-# accumulators, so its other dim stays narrow. fp32 operands (tf32 or FMA dots) take tiles a
-# quarter the size: the 16-bit ones spill kilobytes of registers there.
+# accumulators, so its other dim stays narrow. fp32 operands (tf32 or FMA dots) take smaller
+# tiles: most of the 16-bit ones spill kilobytes of registers there.
 _CANDIDATES = {
     ("fwd", 2): [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 1)],
-    ("dkdv", 2): [(32, 64, 8, 3), (32, 64, 8, 2), (16, 64, 8, 2), (16, 32, 4, 1)],
+    ("dkdv", 2): [(32, 64, 8, 3), (32, 32, 8, 3), (16, 64, 8, 2), (16, 32, 4, 1)],
     ("dq", 2): [(64, 64, 8, 2), (64, 32, 8, 2), (32, 32, 4, 1)],
-    ("fwd", 4): [(32, 32, 4, 2), (16, 16, 4, 1)],
-    ("dkdv", 4): [(16, 32, 8, 2), (16, 16, 4, 1)],
-    ("dq", 4): [(32, 16, 4, 2), (16, 16, 4, 1)],
+    ("fwd", 4): [(32, 16, 8, 2), (16, 16, 4, 2)],
+    ("dkdv", 4): [(16, 16, 8, 2)],
+    ("dq", 4): [(32, 16, 8, 2), (16, 16, 8, 2)],
+}
+# Before Hopper (sm_80 builds): the sm_90 choices above spill 64-100 bytes there; these
+# spilled none (fwd 186 registers / 88 KiB, dkdv 176 / 105 KiB, dq 128 / 104 KiB).
+_CANDIDATES_BEFORE_HOPPER = {
+    ("fwd", 2): [(128, 32, 8, 3), (64, 64, 8, 2), (64, 32, 8, 2), (32, 32, 4, 1)],
+    ("dkdv", 2): [(64, 32, 8, 3), (32, 32, 8, 3), (16, 32, 4, 1)],
+    ("dq", 2): [(32, 64, 8, 3), (64, 16, 8, 2), (32, 32, 8, 2)],
 }
 
 
@@ -443,8 +450,10 @@ def fits(kind, config, dqk, dv, dtype, device) -> bool:
 
 @functools.cache
 def _heuristic(kind, dqk, dv, dtype, device):
-    candidates = [dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), c))
-                  for c in _CANDIDATES[kind, min(dtype.itemsize, 4)]]
+    key = (kind, min(dtype.itemsize, 4))
+    before_hopper = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9
+    tiles = (before_hopper and _CANDIDATES_BEFORE_HOPPER.get(key)) or _CANDIDATES[key]
+    candidates = [dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), c)) for c in tiles]
     return next((c for c in candidates if fits(kind, c, dqk, dv, dtype, device)), candidates[-1])
 
 

@@ -11,7 +11,11 @@ import triton
 import triton.language as tl
 
 from ds_kernels import tuning
-from ds_kernels.reference.route import NAN_CHOICE_SCORE, RENORM_EPS
+from ds_kernels.reference import route as reference
+
+# Globals a kernel reads must be constexprs (triton 3.9 refuses plain Python globals on GPU).
+_NAN_CHOICE_SCORE = tl.constexpr(reference.NAN_CHOICE_SCORE)
+_RENORM_EPS = tl.constexpr(reference.RENORM_EPS)
 
 # Scores held per program: BLOCK_T * E_pow2. 4096 fp32 values over 4 warps is 32 per thread
 # for each of the few live [BLOCK_T, E] tiles, which stays in registers on every GPU.
@@ -58,7 +62,7 @@ def _route_kernel(
     c = s
     if HAS_BIAS:
         c = c + tl.load(bias_ptr + expert, mask=expert_ok, other=0.0)
-    c = tl.where(c != c, NAN_CHOICE_SCORE, c)                    # NaN ranks below real scores
+    c = tl.where(c != c, _NAN_CHOICE_SCORE, c)                   # NaN ranks below real scores
     c = tl.where(ok, c, float("-inf"))
 
     if N_GROUP > 1:
@@ -68,7 +72,8 @@ def _route_kernel(
         second = tl.max(tl.where(j[None, None, :] == first[:, :, None], float("-inf"), c), axis=2)
         group_score = best + second                              # [BT, G]
         group_ok = (g < N_GROUP)[None, :]
-        kept = g[None, :] < 0                                    # [BT, G] all False
+        # Loop-carried, so full-shaped from the start: a GPU build refuses a shape change.
+        kept = tl.zeros((BLOCK_T, G_POW2), dtype=tl.int1)        # [BT, G]
         for _ in range(TOPK_GROUP):
             open_ = group_ok & (kept == 0)
             top = tl.max(tl.where(open_, group_score, float("-inf")), axis=1)
@@ -79,7 +84,7 @@ def _route_kernel(
     kk = tl.arange(0, K_POW2)                                    # [K]
     ids = tl.zeros((BLOCK_T, K_POW2), dtype=tl.int32)
     weights = tl.zeros((BLOCK_T, K_POW2), dtype=tl.float32)
-    taken = expert < 0                                           # [1, G, GS] all False
+    taken = tl.zeros((BLOCK_T, G_POW2, GS_POW2), dtype=tl.int1)  # [BT, G, GS]
     for i in range(TOP_K):
         open_ = expert_ok & (taken == 0)
         cand = tl.where(open_, c, float("-inf"))
@@ -93,7 +98,7 @@ def _route_kernel(
         weights = tl.where(kk[None, :] == i, w[:, None], weights)
 
     if RENORMALIZE:
-        weights = weights / (tl.sum(weights, axis=1)[:, None] + RENORM_EPS)
+        weights = weights / (tl.sum(weights, axis=1)[:, None] + _RENORM_EPS)
     weights = weights * scale
     out = rows.to(tl.int64)[:, None] * TOP_K + kk[None, :]
     out_ok = row_ok[:, None] & (kk[None, :] < TOP_K)
