@@ -77,8 +77,7 @@ def gemm_fits(config: dict, rows_per_expert: float, N: int, K: int, dtype,
         return False
     if bn > max(32, 2 * N) or bk > max(32, 2 * K):
         return False
-    staged = config["num_stages"] * (bm * bk + b_tiles * bk * bn) * dtype.itemsize
-    if staged > shared_memory_bytes(device):
+    if tuning.gemm_staged_bytes(config, dtype, b_tiles) > shared_memory_bytes(device):
         return False
     threads = config["num_warps"] * 32
     accumulator_registers = b_tiles * bm * bn // threads  # fp32, one register each

@@ -209,17 +209,39 @@ def gemm_config(op: str, kernel: str | None, dims: dict, n: float, rows_per_expe
                 N: int, K: int, dtype, device: torch.device) -> dict:
     """BLOCK_M/N/K, GROUP_M, num_warps, num_stages for the grouped GEMM launches of ``op``'s
     forward (``kernel`` None) or backward ("backward")."""
-    return config(op, "triton", shape_key(op, kernel, **dims), n, dtype, device,
-                  gemm_heuristic(bucket(rows_per_expert), N, K, dtype), kernel=kernel)
+    b_tiles = 2 if (op, kernel) == ("fused_moe", None) else 1  # SwiGLU: gate and up tiles
+    default = gemm_heuristic(bucket(rows_per_expert), N, K, dtype, shared_memory_bytes(device),
+                             b_tiles)
+    return config(op, "triton", shape_key(op, kernel, **dims), n, dtype, device, default,
+                  kernel=kernel)
 
 
-def gemm_heuristic(rows_bucket: int, N: int, K: int, dtype) -> dict:
+def gemm_staged_bytes(config: dict, dtype, b_tiles: int) -> int:
+    """Shared memory of a grouped GEMM's pipeline: an A tile and ``b_tiles`` B tiles a stage."""
+    bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+    return config["num_stages"] * (bm * bk + b_tiles * bk * bn) * dtype.itemsize
+
+
+def gemm_heuristic(rows_bucket: int, N: int, K: int, dtype, shared_bytes: float = float("inf"),
+                   b_tiles: int = 1) -> dict:
     # BLOCK_M follows the rows an expert really has: a decode step (a few rows per expert) gets
     # 16-row tiles, the smallest tl.dot takes, instead of padding each expert to 64 rows.
     block_m = 16 if rows_bucket <= 16 else 32 if rows_bucket <= 32 else 64 if rows_bucket <= 256 else 128
     wide = dtype.itemsize <= 2
     block_n = 128 if (wide and N >= 128 and block_m >= 64) else 64
     block_k = 64 if (wide or K < 64) else 32
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
-                num_warps=8 if block_m * block_n >= 128 * 128 else 4,
-                num_stages=3 if block_m >= 64 else 4)
+    config = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
+                  num_warps=8 if block_m * block_n >= 128 * 128 else 4,
+                  num_stages=3 if block_m >= 64 else 4)
+    # A GPU with less shared memory than Hopper's (~100 KB on consumer cards) gets fewer
+    # stages, then narrower tiles, rather than "out of resources" at launch.
+    while gemm_staged_bytes(config, dtype, b_tiles) > shared_bytes:
+        if config["num_stages"] > 2:
+            config["num_stages"] -= 1
+        elif config["BLOCK_N"] > 32:
+            config["BLOCK_N"] //= 2
+        elif config["BLOCK_M"] > 16:
+            config["BLOCK_M"] //= 2
+        else:
+            break
+    return config

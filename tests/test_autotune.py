@@ -162,6 +162,7 @@ def test_vllm_files_import_and_are_looked_up(tuning_dir, monkeypatch):
     cli.main(["import-vllm", str(source), "--hidden-size", "32", "--top-k", "2"])
 
     monkeypatch.setattr(tuning, "device_name", lambda device: "NVIDIA H200")
+    monkeypatch.setattr(tuning, "shared_memory_bytes", lambda device: 227 * 1024)
     config = tuning.gemm_config("fused_moe", None, dict(E=8, I=16, H=32, k=2), 50, 50 * 2 / 8, 32, 32,
                                 torch.bfloat16, torch.device("cuda"))
     assert config == dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, GROUP_M=1, num_warps=4,
@@ -187,6 +188,16 @@ def test_static_pruning_keeps_only_what_fits():
     for c in _gemm_candidates(4096, 4096, 7168, swiglu=True):
         staged = c["num_stages"] * (c["BLOCK_M"] * c["BLOCK_K"] + 2 * c["BLOCK_K"] * c["BLOCK_N"]) * 2
         assert staged <= spaces.shared_memory_bytes(CPU)
+
+
+@pytest.mark.parametrize("rows", [1, 16, 64, 256, 1024])
+def test_the_gemm_heuristic_fits_a_gpu_with_100_kb_of_shared_memory(rows):
+    small, hopper = 99 * 1024, 227 * 1024
+    for b_tiles in (1, 2):  # SwiGLU's first GEMM loads two B tiles
+        config = tuning.gemm_heuristic(rows, 4096, 7168, torch.bfloat16, small, b_tiles)
+        assert tuning.gemm_staged_bytes(config, torch.bfloat16, b_tiles) <= small
+        assert (tuning.gemm_heuristic(rows, 4096, 7168, torch.bfloat16, hopper, b_tiles)
+                == tuning.gemm_heuristic(rows, 4096, 7168, torch.bfloat16))  # unchanged there
 
 
 def test_mla_pruning_follows_the_kernels_resource_models():

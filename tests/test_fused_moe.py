@@ -73,9 +73,11 @@ def test_fused_moe_backward_matches_reference(backend, problem):
     want = fused_moe_backward(grad_out, hidden, w13, w2, weights, ids)
     T, H = hidden.shape
     I = w2.shape[2]
+    # d w13 sums over tokens a gradient that itself reduced over H (through w2): T + H; a
+    # hypothesis example at fp16 once exceeded the T + I tolerance used before.
     for got, expected, name, n in zip([t.grad for t in inputs], want,
                                       ["d hidden", "d w13", "d w2", "d topk_weights"],
-                                      [2 * I + H, T + I, T + H, H + I]):
+                                      [2 * I + H, T + H, T + H, H + I]):
         assert_close(got, expected, hidden.dtype, reduction=n, what=name)
 
 
