@@ -22,6 +22,9 @@ def _shape(text: str) -> dict:
 
 def _routing(path: Path) -> torch.Tensor:
     """Recorded topk_ids [T, k] from .npy (never unpickled) or .safetensors ("topk_ids")."""
+    if not path.is_file():
+        raise SystemExit(f"--routing {path}: no such file (record one with `python -m ds_model "
+                         "generate ... --record-routing FILE`)")
     if path.suffix == ".npy":
         ids = torch.from_numpy(np.load(path, allow_pickle=False))
     elif path.suffix == ".safetensors":
@@ -68,6 +71,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     if args.command == "import-vllm":
+        failed = 0
         for path in args.files:
             try:
                 written = vllm.import_file(path, hidden_size=args.hidden_size, top_k=args.top_k,
@@ -75,8 +79,11 @@ def main(argv=None):
                                            out_dir=args.out or tuning.tuning_dir())
             except (OSError, ValueError) as error:
                 print(f"autotune: skipped {path}: {error}", file=sys.stderr)
+                failed += 1
                 continue
             print(f"autotune: {path.name} -> {written}")
+        if failed:
+            raise SystemExit(f"autotune: {failed} of {len(args.files)} files not imported")
         return
 
     device = torch.device(args.device)

@@ -66,14 +66,66 @@ class Case:
     kernel: str | None = None  # for an op with several kernels: the one the candidates tune
 
 
-def _routing(T, E, k, device, replay):
+def check_shape(op: str, shape: dict, routing=None):
+    """Raise ValueError, naming what is wrong, if ``op`` cannot be swept at ``shape`` (with the
+    recorded ``routing`` of fused_moe): before a sweep tunes any shape for minutes."""
+    if op not in _BUILDERS:
+        raise ValueError(f"no sweep for op {op!r}; ops: {sorted(_BUILDERS)}")
+    needed = set(SHAPES[op]["cpu"][0])
+    if set(shape) != needed:
+        raise ValueError(f"a {op} shape needs exactly {', '.join(sorted(needed))}; got "
+                         f"{', '.join(sorted(shape))}")
+    if routing is None or op != "fused_moe":
+        return
+    if routing.shape[1] != shape["k"]:
+        suggested = ",".join(f"{name}={value}" for name, value in
+                             dict(shape, k=routing.shape[1]).items())
+        raise ValueError(f"the recorded routing has k={routing.shape[1]} experts per token, but "
+                         f"the shape {tuning.shape_key(op, **shape)} has k={shape['k']}; "
+                         f"sweep the recorded model's shape: --shapes {suggested}")
+    if int(routing.max()) >= shape["E"]:
+        raise ValueError(f"the recorded routing uses expert {int(routing.max())}, but "
+                         f"E={shape['E']}")
+
+
+# Elements of a case's input tensors, per op: a lower bound of what a case holds (outputs,
+# intermediates and gradients come on top), to refuse a shape the device cannot hold.
+_INPUT_ELEMENTS = {
+    "fused_moe": lambda s, n: n * s["H"] + 3 * s["E"] * s["I"] * s["H"] + n * s["k"],
+    "grouped_mm": lambda s, n: n * s["K"] + s["E"] * s["K"] * s["N"],
+    "route": lambda s, n: n * s["E"],
+    "mla_decode": lambda s, n: n * (s["Dc"] + s["Dr"]) * (
+        -(-s["context"] // s["page"]) * s["page"] + s["Hq"]),
+    "mla_prefill": lambda s, n: n * s["H"] * (2 * s["Dqk"] + s["Dv"]),
+}
+
+
+def check_memory(op: str, shape: dict, n: int, device: torch.device, dtype):
+    """Raise ValueError if the inputs of ``op`` at ``shape`` and bucket ``n`` alone exceed the
+    device's free memory, before anything is allocated."""
+    need = _INPUT_ELEMENTS[op](shape, n) * dtype.itemsize
+    free = free_memory_bytes(device)
+    if need > free:
+        raise ValueError(f"{op} at {tuning.shape_key(op, **shape)} with {n} tokens needs at least "
+                         f"{need / 2**30:.1f} GiB for its inputs, but {device} has "
+                         f"{free / 2**30:.1f} GiB free; sweep smaller --shapes or --tokens")
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Free memory of a GPU, or the memory Linux can give this process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as meminfo:
+        available = next(line for line in meminfo if line.startswith("MemAvailable:"))
+    return int(available.split()[1]) * 1024  # in kB
+
+
+def _routing(T, E, k, device, replay, g):
     """topk_ids [T, k]: replayed rows of a recorded routing (cycled), else k distinct uniform
     random experts per token."""
     if replay is not None:
-        if int(replay.max()) >= E:
-            raise ValueError(f"the recorded routing uses expert {int(replay.max())}, but E={E}")
         return replay[torch.arange(T) % replay.shape[0]].to(device)
-    return torch.rand(T, E).argsort(-1)[:, :k].to(device)
+    return torch.rand(T, E, generator=g).argsort(-1)[:, :k].to(device)
 
 
 def _reference(fn):
@@ -112,7 +164,7 @@ def _fused_moe(shape, n, device, dtype, g, routing, backward):
     hidden = torch.randn(n, H, generator=g).to(device, dtype)              # [T, H]
     w13 = (torch.randn(E, 2 * I, H, generator=g) / H**0.5).to(device, dtype)
     w2 = (torch.randn(E, H, I, generator=g) / I**0.5).to(device, dtype)
-    ids = _routing(n, E, k, device, routing)                                # [T, k]
+    ids = _routing(n, E, k, device, routing, g)                             # [T, k]
     weights = torch.rand(n, k, generator=g).to(device)
 
     def fn(hidden, w13, w2, weights):
@@ -182,13 +234,7 @@ _BUILDERS = {"fused_moe": _fused_moe, "grouped_mm": _grouped_mm, "route": _route
 def make_cases(op: str, shape: dict, n: int, backend: str, device, dtype, *, quick: bool,
                backward: bool = False, routing=None) -> list[Case]:
     """The cases of ``op`` at ``shape`` and bucket ``n``: one per kernel tuned apart, those of
-    the backward pass too with ``backward``."""
-    if op not in _BUILDERS:
-        raise ValueError(f"no sweep for op {op!r}; ops: {sorted(_BUILDERS)}")
-    needed = set(SHAPES[op]["cpu"][0])
-    if set(shape) != needed:
-        raise ValueError(f"a {op} shape needs exactly {', '.join(sorted(needed))}; got "
-                         f"{', '.join(sorted(shape))}")
+    the backward pass too with ``backward``. The shape is one check_shape accepts."""
     device = torch.device(device)
     cases = []
     forward_kernels, backward_kernels = KERNELS.get((op, backend), ([None], []))

@@ -4,7 +4,7 @@ that ds_kernels.tuning reads, atomically and safely under concurrent sweeps.
 Two sweeps may finish at once: each takes an exclusive lock on a sibling ".lock" file, reads
 the current file (a corrupt one is reported and replaced), merges its entries, writes a
 temporary file in the same folder and renames it over the old one, so a reader only ever sees
-a complete file.
+a complete file. Files are written readable by all (0644), as a shared cache would be.
 """
 
 import fcntl
@@ -31,6 +31,7 @@ def write(folder: Path, op: str, backend: str, device_name: str, dtype, versions
         handle, temporary = tempfile.mkstemp(dir=folder, prefix=path.name, suffix=".tmp")
         with os.fdopen(handle, "w") as out:
             json.dump(current, out, indent=1, sort_keys=True)
+        os.chmod(temporary, 0o644)  # mkstemp makes it 0600; other users' ds_kernels read it
         os.replace(temporary, path)
     tuning.forget_files()
     return path
@@ -38,12 +39,12 @@ def write(folder: Path, op: str, backend: str, device_name: str, dtype, versions
 
 def _read_or_empty(path: Path) -> dict:
     empty = {"format": tuning.FORMAT, "entries": {}}
-    if not path.exists():
-        return empty
     try:
-        data = json.loads(path.read_text())
-    except ValueError as error:
-        print(f"autotune: {path} is corrupt ({error}); replacing it")
+        data = tuning.load_json(path)
+    except FileNotFoundError:
+        return empty
+    except (OSError, ValueError) as error:
+        print(f"autotune: cannot read {path} ({error}); replacing it")
         return empty
     if not (isinstance(data, dict) and data.get("format") == tuning.FORMAT
             and isinstance(data.get("entries"), dict)):

@@ -1,12 +1,16 @@
 """The sweep: for each shape, token bucket and kernel, check the heuristic and every candidate
 against the reference, time the correct ones, and store the fastest if it clearly beats the
-heuristic (confirmed by alternated timings), else {} (keep the heuristic). A wrong candidate
-is reported and never stored; a wrong heuristic is reported and replaced."""
+heuristic (again in each of several steady re-timings of both), else {} (keep the heuristic).
+A wrong candidate is reported and never stored; a wrong heuristic is reported and replaced.
+Unsteady timings (samples spread wide) are taken again and reported, with the machine's load
+when it is busy."""
 
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -14,19 +18,37 @@ import ds_kernels
 from autotune import cases, store
 from ds_kernels import testing, tuning
 
-# A candidate is stored only if it beats the heuristic by more than this fraction, in medians
-# over CONFIRM_PAIRS more alternated timings of both: a "win" within noise (6% between two
-# timings of one config was seen on a 2-core CPU) could as well be a loss on the next run.
+# A candidate is stored only if it beats the heuristic by more than this fraction in each of
+# CONFIRM_PAIRS more timings of both, taken alternately: a "win" within noise (6% between two
+# timings of one config was seen on a 2-core CPU) could as well be a loss on the next run, and
+# one taken while the machine was busy (a 1331x "win" of 1 ms over a heuristic timed at 1.4 s
+# was stored once) would not repeat.
 MIN_GAIN = 0.02
 CONFIRM_PAIRS = 3
+# A timing whose samples spread wider than this (80th over 20th percentile) saw other work on
+# the machine; quiet 2-core CPU timings stayed within 1.35. It is taken again, up to RETRIES
+# more times, and a win confirmed only by such timings is not stored.
+MAX_SPREAD = 1.5
+RETRIES = 2
 
 
-def time_once(fn, device) -> float:
-    """Median seconds of ``fn``: triton's do_bench on a GPU, repeated perf_counter on CPU."""
+class Timing(NamedTuple):
+    seconds: float  # median
+    spread: float  # 80th over 20th percentile of the samples
+
+    @property
+    def steady(self) -> bool:
+        return self.spread <= MAX_SPREAD
+
+
+def time_once(fn, device) -> Timing:
+    """``fn``'s timing: triton's do_bench on a GPU, repeated perf_counter on CPU."""
     if device.type == "cuda":
         import triton
 
-        return triton.testing.do_bench(fn, warmup=5, rep=40) * 1e-3
+        median, low, high = triton.testing.do_bench(fn, warmup=5, rep=40,
+                                                    quantiles=[0.5, 0.2, 0.8])
+        return Timing(median * 1e-3, high / low)
     fn()
     samples, spent = [], 0.0
     while len(samples) < 5 or (spent < 0.3 and len(samples) < 50):
@@ -34,7 +56,27 @@ def time_once(fn, device) -> float:
         fn()
         samples.append(time.perf_counter() - start)
         spent += samples[-1]
-    return statistics.median(samples)
+    quintiles = statistics.quantiles(samples, n=5)
+    return Timing(statistics.median(samples), quintiles[3] / quintiles[0])
+
+
+def measure(fn, device) -> Timing:
+    """``fn``'s timing, taken again while it is not steady (RETRIES times at most): the
+    steadiest one."""
+    timings = [time_once(fn, device)]
+    while not timings[-1].steady and len(timings) <= RETRIES:
+        timings.append(time_once(fn, device))
+    return min(timings, key=lambda t: t.spread)
+
+
+def busy() -> str | None:
+    """Why timings on this machine are not to be trusted now, or None: a load average (runnable
+    processes, this one included) above the cores this process may run on."""
+    load, cores = os.getloadavg()[0], len(os.sched_getaffinity(0))
+    if load > cores:
+        return (f"the machine is busy (load average {load:.1f} on {cores} cores): timings are "
+                "noisy, and a win that does not repeat is not stored; sweep on a quiet machine")
+    return None
 
 
 def progress(done: int, total: int, label: str):
@@ -53,6 +95,13 @@ def sweep(op: str, device: torch.device, dtype, *, shapes=None, buckets=None, qu
     backend = backend or ("triton" if device.type == "cuda" else "torch")
     shapes = shapes or cases.SHAPES[op][device.type]
     buckets = buckets or cases.BUCKETS[op][device.type][1 if quick else 0]
+    if min(buckets) < 1:
+        raise ValueError(f"token buckets must be positive, got {min(buckets)}")
+    for shape in shapes:  # every shape checked before any is tuned
+        cases.check_shape(op, shape, routing)
+        cases.check_memory(op, shape, max(buckets), device, dtype)
+    if message := busy():
+        print(f"autotune: {message}", file=sys.stderr)
     summary, entries = [], {}
     for shape in shapes:
         for n in buckets:
@@ -94,8 +143,8 @@ def _tune(case, device, dtype) -> dict:
     heuristic_problem = _problem(case, dtype)
     if heuristic_problem:
         print(f"  THE HEURISTIC IS WRONG at {label}: {heuristic_problem}", file=sys.stderr)
-    default = time_once(case.run, device)
-    best, rejected = None, []
+    default = measure(case.run, device)
+    timings, best, rejected = [default], None, []
     for i, candidate in enumerate(case.candidates):
         progress(i, len(case.candidates),
                  f"{label} " + ",".join(f"{k}={v}" for k, v in candidate.items()))
@@ -104,24 +153,30 @@ def _tune(case, device, dtype) -> dict:
             if problem:
                 rejected.append((candidate, problem))
                 continue
-            seconds = time_once(case.run, device)
-        if best is None or seconds < best[1]:
-            best = (candidate, seconds)
+            timings.append(measure(case.run, device))
+        if best is None or timings[-1].seconds < best[1]:
+            best = (candidate, timings[-1].seconds)
     progress(len(case.candidates), len(case.candidates), f"{case.op} {label}")
     for candidate, why in rejected:
         print(f"  rejected {candidate}: {why}", file=sys.stderr)
+    default_seconds = default.seconds
     # A wrong heuristic is replaced by the fastest correct candidate, however slow.
     if best is not None and not heuristic_problem:
-        if best[1] * (1 + MIN_GAIN) <= default:
-            default, seconds = _confirm(case, best, default, device, only)
-            best = (best[0], seconds)
-        if best[1] * (1 + MIN_GAIN) > default:  # {}: the heuristic stays
-            best = ({}, default)
+        config, seconds, default_seconds, retimed = _confirmed(case, label, best, default_seconds,
+                                                               device, only)
+        best = (config, seconds)
+        timings += retimed
+    unsteady = sum(not t.steady for t in timings)
+    if unsteady:
+        print(f"  {label}: {unsteady} of {len(timings)} timings stayed unsteady (80th over 20th "
+              f"percentile above {MAX_SPREAD}); {busy() or 'other work may hold the machine'}",
+              file=sys.stderr)
     row = dict(op=case.op, shape=case.shape_key, bucket=case.bucket,
                candidates=len(case.candidates), rejected=len(rejected),
-               heuristic_ok=not heuristic_problem, default_us=default * 1e6)
+               heuristic_ok=not heuristic_problem, default_us=default_seconds * 1e6,
+               unsteady=unsteady)
     if best is not None:
-        row.update(best=best[0], best_us=best[1] * 1e6, speedup=default / best[1])
+        row.update(best=best[0], best_us=best[1] * 1e6, speedup=default_seconds / best[1])
     return row
 
 
@@ -135,23 +190,35 @@ def _problem(case, dtype) -> str | None:
     return f"wrong answer: {problem}"[:200] if problem else None
 
 
-def _confirm(case, best, default, device, only) -> tuple[float, float]:
-    """Medians of the heuristic's and the best candidate's timings, each with CONFIRM_PAIRS
-    more taken alternately, so that both see the same machine load."""
-    defaults, bests = [default], [best[1]]
+def _confirmed(case, label, best, default, device, only):
+    """(config to store, its seconds, the heuristic's seconds, the re-timings): the fastest
+    candidate ``best`` if it beat the heuristic by MIN_GAIN in each of CONFIRM_PAIRS pairs of
+    steady timings, each pair taken back to back so that both see the same load; else {} (the
+    heuristic is kept)."""
+    config, seconds = best
+    if seconds * (1 + MIN_GAIN) > default:
+        return {}, default, default, []
+    pairs = []
     for _ in range(CONFIRM_PAIRS):
-        defaults.append(time_once(case.run, device))
-        with tuning.override(**best[0], **only):
-            bests.append(time_once(case.run, device))
-    return statistics.median(defaults), statistics.median(bests)
+        heuristic = measure(case.run, device)
+        with tuning.override(**config, **only):
+            pairs.append((heuristic, measure(case.run, device)))
+    retimed = [t for pair in pairs for t in pair]
+    retimed_default = statistics.median(h.seconds for h, _ in pairs)
+    if all(h.steady and c.steady and c.seconds * (1 + MIN_GAIN) <= h.seconds for h, c in pairs):
+        return config, statistics.median(c.seconds for _, c in pairs), retimed_default, retimed
+    print(f"  {label}: the {default / seconds:.2f}x win of {config} did not repeat in "
+          f"{CONFIRM_PAIRS} steady re-timings; the heuristic is kept", file=sys.stderr)
+    return {}, retimed_default, retimed_default, retimed
 
 
 def format_summary(rows: list[dict]) -> str:
-    lines = ["| op | shape | bucket | candidates | rejected | heuristic | heuristic us | best us "
-             "| speedup | best |", "|---|---|---:|---:|---:|---|---:|---:|---:|---|"]
+    lines = ["| op | shape | bucket | candidates | rejected | unsteady timings | heuristic "
+             "| heuristic us | best us | speedup | best |",
+             "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---|"]
     for r in rows:
         start = (f"| {r['op']} | {r['shape']} | {r['bucket']} | {r['candidates']} | "
-                 f"{r['rejected']} | {'ok' if r['heuristic_ok'] else 'WRONG'} | "
+                 f"{r['rejected']} | {r['unsteady']} | {'ok' if r['heuristic_ok'] else 'WRONG'} | "
                  f"{r['default_us']:.1f} | ")
         if "best" not in r:
             lines.append(start + "- | - | none correct, heuristic kept |")

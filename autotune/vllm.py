@@ -3,12 +3,11 @@ per batch size: BLOCK_SIZE_M/N/K, GROUP_SIZE_M, num_warps, num_stages) as ds_ker
 files. vLLM's N is the expert intermediate size (per tensor-parallel shard); its files do not
 record the hidden size, top-k or Triton version, so the importer is told them."""
 
-import json
 import re
 from pathlib import Path
 
 from autotune import store
-from ds_kernels import tuning
+from ds_kernels import tuning, tuning_spaces
 
 _NAME = re.compile(r"E=(?P<E>\d+),N=(?P<N>\d+),device_name=(?P<device>[^,]+?)(,dtype=(?P<dtype>[^,]+?))?"
                    r"(,block_shape=\[.*\])?\.json$")
@@ -24,13 +23,21 @@ def parse(path: Path) -> tuple[dict, dict[str, dict]]:
     if match["dtype"]:
         raise ValueError(f"{path.name}: dtype={match['dtype']} configs are for quantized "
                          "weights, which ds_kernels' fused_moe does not run")
-    table = json.loads(path.read_text())
+    table = tuning.load_json(path)
+    if not isinstance(table, dict):
+        raise ValueError(f"{path.name}: expected {{batch size: config}}, got {table!r:.80}")
     configs = {}
     for batch, entry in table.items():
-        missing = set(_KEYS) - set(entry)
+        missing = set(_KEYS) - set(entry if isinstance(entry, dict) else ())
         if missing:
             raise ValueError(f"{path.name}: batch size {batch} lacks {sorted(missing)}")
-        configs[str(int(batch))] = {ours: int(entry[theirs]) for theirs, ours in _KEYS.items()}
+        config = {ours: entry[theirs] for theirs, ours in _KEYS.items()}
+        # Checked as ds_kernels will check it when reading, so nothing unusable is written.
+        problem = tuning.bucket_problem(batch) or tuning_spaces.problem("fused_moe", "triton",
+                                                                        config)
+        if problem:
+            raise ValueError(f"{path.name}: batch size {batch}: {problem}")
+        configs[batch] = config
     return dict(E=int(match["E"]), I=int(match["N"]), device=match["device"]), configs
 
 

@@ -6,7 +6,10 @@ defaults for measured devices in ds_kernels/configs/. ``python -m autotune sweep
 this module only reads them. A file is only used by the exact versions it was tuned with: a
 Triton upgrade changes code generation, and a config tuned for another version can be slower
 than the heuristic (a frequent complaint about vLLM's shipped configs). Such a file is reported
-once, never silently reused.
+once, never silently reused. The files are data from outside (other machines, vLLM imports,
+hand edits): only regular files are read, and each entry is checked against its op's rules
+(tuning_spaces.py: types, ranges, powers of two, known strategies) as it is read; a bad one
+is reported once and left out, and the heuristic runs in its place.
 
 Token counts change every step, so entries are keyed on shapes (SHAPE_KEYS) and on a token
 count's power-of-two bucket (rows for grouped_mm, sequences for mla_decode); a lookup takes
@@ -22,9 +25,12 @@ import math
 import os
 import platform
 import re
+import stat
 from pathlib import Path
 
 import torch
+
+from ds_kernels import tuning_spaces
 
 log = logging.getLogger("ds_kernels")
 FORMAT = 1
@@ -32,7 +38,7 @@ SHIPPED_DIR = Path(__file__).parent / "configs"
 
 # Process-wide, like ds_kernels.use_backend: CUDA backward passes run on autograd's threads.
 _override: list[dict | None] = [None]
-_files: dict[Path, dict | None] = {}  # parsed tuning files, None for unreadable ones
+_files: dict[Path, dict | None] = {}  # valid entries of tuning files, None if unreadable
 _resolved: dict[tuple, dict | None] = {}  # (op, backend, device, dtype, shape key) -> buckets
 _said: set[str] = set()
 
@@ -117,20 +123,63 @@ def _say_once(key: str, message: str, *args, level=logging.INFO):
         log.log(level, message, *args)
 
 
-def read_file(path: Path) -> dict | None:
-    """A tuning file's content, or None (reported once) if it is unreadable or malformed."""
+def load_json(path: Path):
+    """The JSON content of the regular file ``path``; raises OSError or ValueError."""
+    # Opened without blocking, and checked on the open file: a FIFO named like a tuning file
+    # would hang the op that looks it up.
+    with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), encoding="utf-8") as file:
+        if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+            raise ValueError("not a regular file")
+        try:
+            return json.loads(file.read())
+        except RecursionError:  # "[[[[..." deeper than the parser's recursion
+            raise ValueError("JSON nested too deeply") from None
+
+
+def read_file(path: Path, op: str, backend: str) -> dict | None:
+    """The valid entries ({shape key: {bucket: config}}) of ``op``'s tuning file for
+    ``backend``, or None (reported once) if it is unreadable or malformed. An entry that breaks
+    the op's rules (ds_kernels/tuning_spaces.py) is reported once and left out."""
     if path not in _files:
         try:
-            data = json.loads(path.read_text())
+            data = load_json(path)
             if not (isinstance(data, dict) and data.get("format") == FORMAT
                     and isinstance(data.get("entries"), dict)):
                 raise ValueError(f"not a format-{FORMAT} tuning file")
-            _files[path] = data
+            _files[path] = _valid_entries(path, op, backend, data["entries"])
         except (OSError, ValueError) as error:
-            _say_once(str(path), "ds_kernels: ignoring tuning file %s (%s)", path, error,
-                      level=logging.WARNING)
+            _say_once(str(path), "ds_kernels: ignoring corrupt or unreadable tuning file %s "
+                      "(%s)", path, error, level=logging.WARNING)
             _files[path] = None
     return _files[path]
+
+
+def bucket_problem(text) -> str | None:
+    """Why ``text`` is not a stored bucket (a positive count in decimal), or None."""
+    # 18 digits at most: int() refuses strings of thousands, and no count comes near 10**18.
+    if not (isinstance(text, str) and re.fullmatch(r"[1-9][0-9]{0,17}", text)):
+        return "a bucket must be a positive whole number of tokens, in decimal"
+    return None
+
+
+def _valid_entries(path, op, backend, entries) -> dict:
+    valid = {}
+    for shape_key, buckets in entries.items():
+        if not isinstance(buckets, dict):
+            _skip(path, shape_key, f"expected {{bucket: config}}, got {buckets!r:.80}")
+            continue
+        for n, config in buckets.items():
+            problem = bucket_problem(n) or tuning_spaces.problem(op, backend, config)
+            if problem:
+                _skip(path, f"{shape_key} bucket {n!r:.80}", problem)
+            else:
+                valid.setdefault(shape_key, {})[n] = config
+    return valid
+
+
+def _skip(path, key, problem):
+    _say_once(f"{path}:{key}", "ds_kernels: tuning file %s, %s: %s; entry not used", path, key,
+              problem, level=logging.WARNING)
 
 
 def forget_files():
@@ -157,22 +206,40 @@ def _find(op, backend, device, dtype, shape_key) -> dict | None:
     """The {bucket: config} stored for this shape on this device and versions, if any."""
     name = device_name(device)
     wanted = file_name(op, backend, name, dtype, versions())
-    for folder in (tuning_dir(), SHIPPED_DIR):
-        data = read_file(folder / wanted) if (folder / wanted).exists() else None
-        buckets = (data or {}).get("entries", {}).get(shape_key)
-        if buckets:
+    listings = {folder: _names(folder) for folder in (tuning_dir(), SHIPPED_DIR)}
+    for folder, names in listings.items():
+        entries = read_file(folder / wanted, op, backend) if wanted in names else None
+        if entries is None:
+            continue
+        if shape_key in entries:
             _say_once(f"{wanted}:{shape_key}", "ds_kernels.%s: tuned config from %s (%s)",
                       op, folder / wanted, shape_key)
-            return buckets
-    stale = wanted.split("__triton-")[0]
-    for folder in (tuning_dir(), SHIPPED_DIR):
-        for other in sorted(folder.glob(stale + "__*.json")) if folder.is_dir() else []:
-            _say_once(f"stale:{other}", "ds_kernels.%s: %s was tuned for other triton/torch "
-                      "versions and is not used; re-run `python -m autotune sweep --op %s`",
-                      op, other, op, level=logging.WARNING)
+            return entries[shape_key]
+        _say_once(f"missing:{folder / wanted}:{shape_key}", "ds_kernels.%s: %s has no entry "
+                  "for %s", op, folder / wanted, shape_key)
+    others = wanted.split("__triton-")[0] + "__"
+    for folder, names in listings.items():
+        for other in names:
+            if other.startswith(others) and other.endswith(".json") and other != wanted:
+                _say_once(f"stale:{folder / other}", "ds_kernels.%s: %s was tuned for other "
+                          "triton/torch versions and is not used; re-run `python -m autotune "
+                          "sweep --op %s`", op, folder / other, op, level=logging.WARNING)
     _say_once(f"none:{wanted}:{shape_key}", "ds_kernels.%s: no tuned config for %s on %s; "
               "using the heuristic", op, shape_key, name)
     return None
+
+
+def _names(folder: Path) -> list[str]:
+    """The file names in a tuning folder: none if it does not exist, or (reported once) if it
+    cannot be read."""
+    try:
+        return sorted(os.listdir(folder))
+    except FileNotFoundError:
+        return []
+    except OSError as error:
+        _say_once(f"folder:{folder}", "ds_kernels: cannot read tuning folder %s (%s); not "
+                  "using it", folder, error, level=logging.WARNING)
+        return []
 
 
 @contextlib.contextmanager
@@ -210,10 +277,18 @@ def gemm_config(op: str, kernel: str | None, dims: dict, n: float, rows_per_expe
     """BLOCK_M/N/K, GROUP_M, num_warps, num_stages for the grouped GEMM launches of ``op``'s
     forward (``kernel`` None) or backward ("backward")."""
     b_tiles = 2 if (op, kernel) == ("fused_moe", None) else 1  # SwiGLU: gate and up tiles
-    default = gemm_heuristic(bucket(rows_per_expert), N, K, dtype, shared_memory_bytes(device),
-                             b_tiles)
-    return config(op, "triton", shape_key(op, kernel, **dims), n, dtype, device, default,
-                  kernel=kernel)
+    shared = shared_memory_bytes(device)
+    default = gemm_heuristic(bucket(rows_per_expert), N, K, dtype, shared, b_tiles)
+    key = shape_key(op, kernel, **dims)
+    chosen = config(op, "triton", key, n, dtype, device, default, kernel=kernel)
+    # A stored config from another GPU (or a hand edit) may be valid yet need more shared
+    # memory than this one has: it would fail at launch with "out of resources".
+    if gemm_staged_bytes(chosen, dtype, b_tiles) > shared:
+        _say_once(f"too big:{op}:{key}:{chosen}", "ds_kernels.%s: tuned config %s for %s needs "
+                  "more shared memory than this device's %d bytes; using the heuristic", op,
+                  chosen, key, shared, level=logging.WARNING)
+        return default
+    return chosen
 
 
 def gemm_staged_bytes(config: dict, dtype, b_tiles: int) -> int:

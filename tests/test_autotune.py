@@ -1,16 +1,22 @@
-"""autotune: sweep on CPU end to end, rejection of wrong candidates, the tuning files' safety
-(corrupt, concurrent, other versions) and the vLLM import."""
+"""autotune: sweep on CPU end to end, rejection of wrong candidates and of wins that do not
+repeat, the tuning files' safety (corrupt, malformed entries, FIFOs, unreadable folders,
+concurrent writes, other versions), the vLLM import and the CLI's errors."""
 
+import collections
 import json
 import logging
 import multiprocessing
+import os
+import threading
+import types
 
+import numpy
 import pytest
 import torch
 
 import ds_kernels
 from autotune import __main__ as cli
-from autotune import spaces, store, sweep, vllm
+from autotune import cases, spaces, store, sweep, vllm
 from ds_kernels import tuning
 from ds_kernels.cpu.route import SORT_BELOW_TOKENS
 
@@ -37,10 +43,11 @@ def test_sweep_stores_what_the_op_then_uses(tuning_dir, monkeypatch, capsys):
     original = ds_kernels.reference.route.route
     monkeypatch.setattr("ds_kernels.reference.route.route",
                         lambda *a: calls.append(1) or original(*a))
+    g = torch.Generator().manual_seed(0)
     for n in (2, 300):
         calls.clear()
         with ds_kernels.use_backend("torch"):
-            ds_kernels.route(torch.randn(n, 256), 8, n_group=8, topk_group=4)
+            ds_kernels.route(torch.randn(n, 256, generator=g), 8, n_group=8, topk_group=4)
         heuristic = "numpy" if n < SORT_BELOW_TOKENS else "topk"
         assert bool(calls) == (stored[str(n)].get("strategy", heuristic) == "sort"), (n, stored)
 
@@ -74,13 +81,75 @@ def test_a_wrong_candidate_is_rejected_and_never_stored(tuning_dir, monkeypatch,
     ([100, 90, 95, 50] + [100, 100] * 3, {}),                  # a fluke: medians 100 vs 100
 ])
 def test_only_a_clear_win_over_the_heuristic_is_stored(tuning_dir, monkeypatch, times, stored):
-    """Timings scripted: the heuristic, the candidates numpy, sort and topk, then (for a win)
-    pairs of heuristic and winner alternated."""
+    """Timings scripted (all steady): the heuristic, the candidates numpy, sort and topk, then
+    (for a win) pairs of heuristic and winner alternated."""
     clock = iter(times)
-    monkeypatch.setattr(sweep, "time_once", lambda fn, device: next(clock))
+    monkeypatch.setattr(sweep, "time_once", lambda fn, device: sweep.Timing(next(clock), 1.0))
     rows = sweep.sweep("route", CPU, torch.float32, buckets=[8], out_dir=tuning_dir)
     assert rows[0]["best"] == stored
     assert _route_strategy(8, "default") == stored.get("strategy", "default")
+
+
+class _Clock:
+    """perf_counter for the sweep, in which each timed call of the op takes
+    ``cost(strategy, i)`` seconds: strategy is the override in force (None: the heuristic's)
+    and i the number of that strategy's earlier timed calls. The op itself still runs."""
+
+    def __init__(self, cost):
+        self.now, self.reads, self.cost, self.calls = 0.0, 0, cost, collections.Counter()
+
+    def perf_counter(self):
+        self.reads += 1
+        if self.reads % 2 == 0:  # the read after a timed call
+            strategy = tuning.forced_config().get("strategy")
+            self.now += self.cost(strategy, self.calls[strategy])
+            self.calls[strategy] += 1
+        return self.now
+
+
+def _sweep_route_with(monkeypatch, tuning_dir, cost):
+    clock = _Clock(cost)
+    monkeypatch.setattr(sweep, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
+    return sweep.sweep("route", CPU, torch.float32, buckets=[8], out_dir=tuning_dir)
+
+
+def test_a_one_off_win_from_a_busy_machine_is_not_stored(tuning_dir, monkeypatch, capsys):
+    """The heuristic really takes as long as "numpy" (1.05 ms); a stall slowed it to 1.4 s for
+    its first ten timed calls (its first timing and its first re-timing): a 1331.68x "win"."""
+    numpy_seconds = 1.4 / 1331.68
+
+    def cost(strategy, i):
+        if strategy is None:
+            return 1.4 if i < 10 else numpy_seconds
+        return numpy_seconds if strategy == "numpy" else 2e-3
+    [row] = _sweep_route_with(monkeypatch, tuning_dir, cost)
+    assert row["best"] == {} and row["speedup"] == pytest.approx(1)
+    assert row["default_us"] == pytest.approx(numpy_seconds * 1e6)
+    assert _route_strategy(8, "default") == "default"
+    assert "the 1331.68x win of {'strategy': 'numpy'} did not repeat" in capsys.readouterr().err
+
+
+def test_unsteady_timings_are_retaken_and_a_win_they_show_is_not_stored(tuning_dir, monkeypatch,
+                                                                        capsys):
+    """Every other call of the heuristic is slowed 3x (another process on the cores): its
+    timings stay unsteady however often they are taken, and the sweep says the machine is
+    busy."""
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 9.0, 9.0))
+    clock_calls = []
+
+    def cost(strategy, i):
+        clock_calls.append(strategy)
+        if strategy is None:
+            return 3e-3 if i % 2 else 1e-3
+        return 0.5e-3 if strategy == "numpy" else 5e-3
+    [row] = _sweep_route_with(monkeypatch, tuning_dir, cost)
+    assert row["best"] == {} and row["unsteady"] == 1 + sweep.CONFIRM_PAIRS
+    # Each unsteady timing of the heuristic was taken 1 + RETRIES times (50 calls each).
+    assert clock_calls.count(None) == (1 + sweep.CONFIRM_PAIRS) * (1 + sweep.RETRIES) * 50
+    err = capsys.readouterr().err
+    assert "the machine is busy (load average 9.0 on" in err
+    assert "4 of 10 timings stayed unsteady" in err
+    assert "| route | E=256 | 8 | 3 | 0 | 4 |" in sweep.format_summary([row])
 
 
 def _route_strategy(n, default):
@@ -94,15 +163,21 @@ def _file(tuning_dir, op="route", version=None):
 
 
 @pytest.mark.parametrize("content", ["{not json", '{"format": 1, "entries": {"E=256": {"1": ',
-                                     '{"format": 99, "entries": {}}', "[]"])
+                                     '{"format": 99, "entries": {}}', "[]", "\xff\xfe",
+                                     "[" * 100_000])  # deeper than json's recursion
 def test_corrupt_or_partial_files_are_reported_once_and_ignored(tuning_dir, caplog, content):
-    _file(tuning_dir).write_text(content)
-    with caplog.at_level(logging.WARNING, logger="ds_kernels"):
+    _file(tuning_dir).write_text(content, encoding="latin-1")
+    logits = torch.randn(8, 256, generator=torch.Generator().manual_seed(0))
+    with caplog.at_level(logging.INFO, logger="ds_kernels"):
         for _ in range(3):
             assert _route_strategy(8, "topk") == "topk"
             with ds_kernels.use_backend("torch"):
-                ds_kernels.route(torch.randn(8, 256), 8, n_group=8, topk_group=4)
-    assert sum("ignoring tuning file" in r.getMessage() for r in caplog.records) == 1
+                ds_kernels.route(logits, 8, n_group=8, topk_group=4)
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum(f"ignoring corrupt or unreadable tuning file {_file(tuning_dir)}" in m
+               for m in messages) == 1
+    # It is the current versions' file: corrupt, not "tuned for other versions".
+    assert not any("other triton/torch versions" in m for m in messages)
 
 
 def test_configs_of_other_versions_are_detected_not_reused(tuning_dir, caplog):
@@ -112,6 +187,179 @@ def test_configs_of_other_versions_are_detected_not_reused(tuning_dir, caplog):
     with caplog.at_level(logging.WARNING, logger="ds_kernels"):
         assert _route_strategy(8, "topk") == "topk"
     assert any("tuned for other triton/torch versions" in r.getMessage() for r in caplog.records)
+
+
+def test_a_current_file_without_the_shape_says_so_and_is_not_called_stale(tuning_dir, caplog):
+    store.write(tuning_dir, "route", "torch", tuning.device_name(CPU), torch.float32,
+                tuning.versions(), {"E=64": {"8": {"strategy": "sort"}}}, source="test")
+    with caplog.at_level(logging.INFO, logger="ds_kernels"):
+        assert _route_strategy(8, "topk") == "topk"
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(f"{_file(tuning_dir)} has no entry for E=256" in m for m in messages)
+    assert not any("other triton/torch versions" in m for m in messages)
+
+
+def _write_entries(tuning_dir, entries, op="route", backend="torch"):
+    path = tuning_dir / tuning.file_name(op, backend, tuning.device_name(CPU), torch.float32,
+                                         tuning.versions())
+    path.write_text(json.dumps({"format": 1, "entries": entries}))
+    return path
+
+
+def _warnings(caplog):
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+# (op, backend, the key tuned, a valid value, a bad bucket or None, a bad config)
+BAD_ENTRIES = [
+    ("route", "torch", "strategy", "sort", "abc", {"strategy": "topk"}),
+    ("route", "torch", "strategy", "sort", "0", {"strategy": "topk"}),
+    ("route", "torch", "strategy", "sort", "-3", {"strategy": "topk"}),
+    ("route", "torch", "strategy", "sort", "9" * 5000, {"strategy": "topk"}),  # int() refuses
+    ("route", "torch", "strategy", "sort", None, "topk"),                     # not an object
+    ("route", "torch", "strategy", "sort", None, {"strategy": "fastest"}),
+    ("route", "torch", "strategy", "sort", None, {"strategy": ["topk"]}),
+    ("route", "torch", "strategy", "sort", None, {"strategy": "topk", "BLOCK_T": 4}),
+    ("mla_decode", "torch", "chunk_elements", 1 << 20, None, {"chunk_elements": "65536"}),
+    ("mla_decode", "torch", "chunk_elements", 1 << 20, None, {"chunk_elements": 1e300}),
+    ("mla_decode", "torch", "chunk_elements", 1 << 20, None, {"chunk_elements": True}),
+    ("mla_decode", "torch", "chunk_elements", 1 << 20, None, {"chunk_elements": 0}),
+    ("route", "triton", "BLOCK_T", 4, None, {"BLOCK_T": -4}),
+    ("route", "triton", "BLOCK_T", 4, None, {"BLOCK_T": 3}),                  # tl.arange: 2**n
+    ("route", "triton", "BLOCK_T", 4, None, {"BLOCK_T": "16"}),
+    ("fused_moe", "triton", "GROUP_M", 8, None, {"GROUP_M": 0}),
+    ("fused_moe", "triton", "GROUP_M", 8, None, {"GROUP_M": 8.0}),
+    ("fused_moe", "triton", "BLOCK_N", 64, None, {"BLOCK_N": 8}),             # tl.dot: >= 16
+    ("fused_moe", "triton", "num_warps", 4, None, {"num_warps": 6}),
+]
+
+
+@pytest.mark.parametrize("op,backend,key,good,bad_bucket,bad", BAD_ENTRIES)
+def test_a_bad_entry_is_skipped_with_one_warning_and_the_rest_of_the_file_used(
+        tuning_dir, caplog, op, backend, key, good, bad_bucket, bad):
+    """Bucket 1 holds a valid config and bucket 8 (or a malformed bucket) a bad one: lookups
+    near 8 take bucket 1's, a backward kernel's key is checked alike, and the bad entry is
+    reported once, naming the file and the key."""
+    bad_at = bad_bucket or "8"
+    path = _write_entries(tuning_dir, {
+        "E=256": {"1": {key: good}, bad_at: bad},
+        "backward:E=256": {bad_at: bad},
+        "E=512": "not {bucket: config}"}, op, backend)
+    with caplog.at_level(logging.WARNING, logger="ds_kernels"):
+        for _ in range(3):
+            for n in (1, 8, 4096):
+                assert tuning.config(op, backend, "E=256", n, torch.float32, CPU,
+                                     {key: "heuristic"}) == {key: good}
+                assert tuning.config(op, backend, "backward:E=256", n, torch.float32, CPU,
+                                     {key: "heuristic"}, kernel="backward") == {key: "heuristic"}
+            assert tuning.config(op, backend, "E=512", 8, torch.float32, CPU,
+                                 {key: "heuristic"}) == {key: "heuristic"}
+    warned = _warnings(caplog)
+    for shape_key in ("E=256", "backward:E=256", "E=512"):
+        assert sum(f"{path}, {shape_key}" in m for m in warned) == 1, warned
+    assert len(warned) == 3
+
+
+def test_route_runs_whatever_its_tuning_file_holds(tuning_dir):
+    """Every entry malformed: the op runs its heuristic and gives the reference's answer."""
+    _write_entries(tuning_dir, {"E=256": {"abc": {"strategy": "sort"}, "0": {}, "-3": {},
+                                          "8": "sort", "16": {"strategy": 1e300}},
+                                "E=64": "junk"})
+    logits = torch.randn(8, 256, generator=torch.Generator().manual_seed(0))
+    with ds_kernels.use_backend("torch"):
+        weights, ids = ds_kernels.route(logits, 8, n_group=8, topk_group=4)
+    with ds_kernels.use_backend("reference"):
+        expected_weights, expected_ids = ds_kernels.route(logits, 8, n_group=8, topk_group=4)
+    assert torch.equal(ids, expected_ids)
+    torch.testing.assert_close(weights, expected_weights)
+
+
+@pytest.mark.parametrize("config", [dict(GROUP_M=0), dict(BLOCK_M=16, GROUP_M=-1)])
+def test_a_tuned_group_m_out_of_range_cannot_make_grouped_mm_wrong(tuning_dir, caplog, config):
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(10, 16, generator=g), torch.randn(3, 16, 16, generator=g)
+    offs = torch.tensor([3, 7, 10], dtype=torch.int32)
+    _write_entries(tuning_dir, {tuning.shape_key("grouped_mm", E=3, N=16, K=16): {"16": config}},
+                   "grouped_mm", "triton")
+    with caplog.at_level(logging.WARNING, logger="ds_kernels"), ds_kernels.use_backend("triton"):
+        out = ds_kernels.grouped_mm(a, b, offs)
+    with ds_kernels.use_backend("reference"):
+        torch.testing.assert_close(out, ds_kernels.grouped_mm(a, b, offs))
+    assert any("GROUP_M" in m and "entry not used" in m for m in _warnings(caplog))
+
+
+def test_a_tuned_gemm_config_too_big_for_this_gpu_falls_back_to_the_heuristic(
+        tuning_dir, caplog, monkeypatch):
+    """Valid by the rules, but built for more shared memory than this device has (a file from
+    another GPU): the heuristic runs, with a warning, instead of "out of resources"."""
+    monkeypatch.setattr(tuning, "shared_memory_bytes", lambda device: 99 * 1024)
+    big = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=5)
+    dims = dict(E=3, N=512, K=512)
+    _write_entries(tuning_dir, {tuning.shape_key("grouped_mm", **dims): {"1024": big}},
+                   "grouped_mm", "triton")
+    with caplog.at_level(logging.WARNING, logger="ds_kernels"):
+        chosen = tuning.gemm_config("grouped_mm", None, dims, 1024, 300, 512, 512,
+                                    torch.float32, CPU)
+    assert chosen == tuning.gemm_heuristic(tuning.bucket(300), 512, 512, torch.float32,
+                                           99 * 1024)
+    assert tuning.gemm_staged_bytes(chosen, torch.float32, 1) <= 99 * 1024
+    assert any("more shared memory" in m for m in _warnings(caplog))
+
+
+def test_a_tuned_negative_block_t_cannot_make_route_return_garbage(tuning_dir, caplog):
+    logits = torch.randn(5, 16, generator=torch.Generator().manual_seed(0))
+    _write_entries(tuning_dir, {"E=16": {"8": {"BLOCK_T": -4}}}, "route", "triton")
+    with caplog.at_level(logging.WARNING, logger="ds_kernels"), ds_kernels.use_backend("triton"):
+        weights, ids = ds_kernels.route(logits, 2)
+    with ds_kernels.use_backend("reference"):
+        expected_weights, expected_ids = ds_kernels.route(logits, 2)
+    assert torch.equal(ids, expected_ids)
+    torch.testing.assert_close(weights, expected_weights)
+    assert any("BLOCK_T=-4" in m for m in _warnings(caplog))
+
+
+def test_a_fifo_named_like_a_tuning_file_is_skipped_not_waited_on(tuning_dir, caplog):
+    path = _file(tuning_dir)
+    os.mkfifo(path)
+    results = []
+    with caplog.at_level(logging.WARNING, logger="ds_kernels"):
+        lookup = threading.Thread(target=lambda: results.append(_route_strategy(8, "topk")),
+                                  daemon=True)
+        lookup.start()
+        lookup.join(timeout=20)
+        if lookup.is_alive():  # blocked opening the FIFO: a writer end frees it
+            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+            lookup.join()
+            pytest.fail("the lookup waited on a FIFO")
+    assert results == ["topk"]
+    assert any(str(path) in m and "not a regular file" in m for m in _warnings(caplog))
+
+
+def _unreadable(tmp_path, how):
+    if how == "name too long":
+        return tmp_path / ("x" * 300)
+    if how == "a file in the path":
+        (tmp_path / "file").write_text("")
+        return tmp_path / "file" / "tuning"
+    folder = tmp_path / "locked"
+    folder.mkdir(mode=0)
+    return folder
+
+
+@pytest.mark.parametrize("how", ["name too long", "a file in the path", pytest.param(
+    "no permission", marks=pytest.mark.skipif(os.geteuid() == 0, reason="root reads it"))])
+def test_an_unreadable_tuning_folder_is_reported_once_and_ignored(tmp_path, monkeypatch, caplog,
+                                                                   how):
+    folder = _unreadable(tmp_path, how)
+    monkeypatch.setenv("DS_KERNELS_TUNING_DIR", str(folder))
+    g = torch.Generator().manual_seed(0)
+    with caplog.at_level(logging.WARNING, logger="ds_kernels"), ds_kernels.use_backend("torch"):
+        for n in (1, 8, 300):
+            ds_kernels.route(torch.randn(n, 256, generator=g), 8, n_group=8, topk_group=4)
+            a, b = torch.randn(n, 8, generator=g), torch.randn(2, 8, 4, generator=g)
+            ds_kernels.grouped_mm(a, b, torch.tensor([n // 2, n], dtype=torch.int32))
+    warned = _warnings(caplog)
+    assert sum(f"cannot read tuning folder {folder}" in m for m in warned) == 1, warned
 
 
 def test_nearest_bucket_is_used(tuning_dir):
@@ -169,6 +417,49 @@ def test_vllm_files_import_and_are_looked_up(tuning_dir, monkeypatch):
                           num_stages=3)
 
 
+def test_vllm_configs_at_the_edges_of_their_range_are_kept(tuning_dir, monkeypatch):
+    """vLLM ships GROUP_SIZE_M up to 64, 256-wide tiles and 5 stages: all within the rules."""
+    source = tuning_dir / "E=8,N=16,device_name=NVIDIA_H200.json"
+    entry = dict(BLOCK_SIZE_M=256, BLOCK_SIZE_N=256, BLOCK_SIZE_K=128, GROUP_SIZE_M=64,
+                 num_warps=8, num_stages=5)
+    source.write_text(json.dumps({"4096": entry}))
+    cli.main(["import-vllm", str(source), "--hidden-size", "32", "--top-k", "2"])
+    monkeypatch.setattr(tuning, "device_name", lambda device: "NVIDIA H200")
+    monkeypatch.setattr(tuning, "shared_memory_bytes", lambda device: float("inf"))
+    config = tuning.gemm_config("fused_moe", None, dict(E=8, I=16, H=32, k=2), 4096, 1024, 32,
+                                32, torch.bfloat16, torch.device("cuda"))
+    assert config == dict(BLOCK_M=256, BLOCK_N=256, BLOCK_K=128, GROUP_M=64, num_warps=8,
+                          num_stages=5)
+
+
+@pytest.mark.parametrize("entry,match", [(dict(GROUP_SIZE_M=0), "GROUP_M=0"),
+                                         (dict(BLOCK_SIZE_K=24), "BLOCK_K=24"),
+                                         (dict(num_stages=2.5), "num_stages=2.5")])
+def test_vllm_entries_the_kernel_cannot_run_are_refused(tuning_dir, entry, match, capsys):
+    source = tuning_dir / "E=8,N=16,device_name=NVIDIA_H200.json"
+    good = dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=32, BLOCK_SIZE_K=64, GROUP_SIZE_M=1, num_warps=4,
+                num_stages=3)
+    source.write_text(json.dumps({"1": good, "64": dict(good, **entry)}))
+    with pytest.raises(SystemExit, match="1 of 1 files not imported"):
+        cli.main(["import-vllm", str(source)])
+    assert f"batch size 64: {match}" in capsys.readouterr().err
+    assert not list(tuning_dir.glob("fused_moe__*.json"))
+
+
+def test_import_vllm_of_a_missing_file_exits_non_zero(tuning_dir, capsys):
+    missing = tuning_dir / "E=8,N=16,device_name=NVIDIA_H200.json"
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["import-vllm", str(missing)])
+    assert exit.value.code not in (0, None)
+    assert f"skipped {missing}" in capsys.readouterr().err
+
+
+def test_tuning_files_are_readable_by_others(tuning_dir):
+    path = store.write(tuning_dir, "route", "torch", "cpu", torch.float32, tuning.versions(),
+                       {"E=256": {"8": {}}}, source="test")
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
 @pytest.mark.parametrize("name,match", [("E=8,N=16,device_name=X,dtype=fp8_w8a8.json", "quantized"),
                                         ("fused_moe_E8.json", "not a vLLM")])
 def test_vllm_files_that_cannot_apply_are_refused(tmp_path, name, match):
@@ -219,8 +510,8 @@ def test_mla_pruning_follows_the_kernels_resource_models():
 def test_the_triton_route_sweep_stores_what_the_kernel_then_uses(tuning_dir, monkeypatch):
     from ds_kernels.kernels import route
 
-    monkeypatch.setitem(spaces.SPACES, ("route", "triton"), (None, dict(
-        BLOCK_T=[1, 4], num_warps=[4])))
+    tiny = dict(BLOCK_T=[1, 4], num_warps=[4])
+    monkeypatch.setitem(spaces.SPACES, ("route", "triton"), (tiny, tiny))
     shape = dict(E=16, n_group=4, topk_group=2, k=3)
     [row] = sweep.sweep("route", CPU, torch.float32, shapes=[shape], buckets=[6], quick=True,
                         out_dir=tuning_dir, backend="triton")
@@ -230,7 +521,8 @@ def test_the_triton_route_sweep_stores_what_the_kernel_then_uses(tuning_dir, mon
 
 
 def _tiny_triton_spaces(monkeypatch):
-    """Two candidates per Triton kernel: the interpreter runs each a few times."""
+    """Two candidates per Triton kernel: the interpreter runs each a few times. (The full
+    space is also what ds_kernels checks stored configs' keys against.)"""
     small_gemm = dict(BLOCK_M=[16], BLOCK_N=[16, 32], BLOCK_K=[16], GROUP_M=[1], num_warps=[4],
                       num_stages=[1])
     for op, space in [("mla_decode", dict(BLOCK_N=[16, 32], min_split_tokens=[16], num_warps=[4],
@@ -238,7 +530,7 @@ def _tiny_triton_spaces(monkeypatch):
                       ("mla_prefill", dict(BLOCK_M=[16, 32], BLOCK_N=[16], num_warps=[4],
                                            num_stages=[1])),
                       ("fused_moe", small_gemm), ("grouped_mm", small_gemm)]:
-        monkeypatch.setitem(spaces.SPACES, (op, "triton"), (None, space))
+        monkeypatch.setitem(spaces.SPACES, (op, "triton"), (space, space))
 
 
 TINY = {"mla_decode": (dict(Hq=4, Dc=32, Dr=16, page=16, context=100), 3),
@@ -307,6 +599,11 @@ def test_a_shape_with_wrong_dims_is_named(capsys):
         cli.main(["sweep", "--op", "mla_decode", "--shapes", "E=4", "--quick"])
 
 
+def test_a_bucket_below_one_token_is_named(capsys):
+    with pytest.raises(SystemExit, match="token buckets must be positive, got 0"):
+        cli.main(["sweep", "--op", "route", "--tokens", "0", "8", "--quick"])
+
+
 def test_a_recorded_model_routing_is_replayed(tuning_dir, tmp_path, monkeypatch, capsys):
     """ds_model records the experts its MoE layers chose; the sweep replays exactly those."""
     from safetensors.torch import load_file
@@ -332,3 +629,30 @@ def test_a_recorded_model_routing_is_replayed(tuning_dir, tmp_path, monkeypatch,
     with pytest.raises(SystemExit, match="the recorded routing uses expert 15, but E=8"):
         cli.main(["sweep", "--op", "fused_moe", "--routing", str(path), "--shapes",
                   "E=8,I=64,H=128,k=4", "--tokens", "30"])
+
+
+def test_a_recorded_routing_with_another_k_is_named_with_the_shape_to_pass(tmp_path):
+    path = tmp_path / "ids.npy"
+    numpy.save(path, numpy.array([[0, 1], [2, 3], [1, 0]], dtype=numpy.int32))
+    with pytest.raises(SystemExit, match=r"the recorded routing has k=2 experts per token, but "
+                       r"the shape E=8,I=16,H=32,k=4 has k=4; .* --shapes E=8,I=16,H=32,k=2$"):
+        cli.main(["sweep", "--op", "fused_moe", "--routing", str(path), "--shapes",
+                  "E=8,I=16,H=32,k=4", "--tokens", "4"])
+
+
+def test_a_missing_routing_file_is_one_clear_line(tmp_path):
+    with pytest.raises(SystemExit, match=r"--routing .*absent\.npy: no such file"):
+        cli.main(["sweep", "--op", "fused_moe", "--routing", str(tmp_path / "absent.npy")])
+
+
+def test_shapes_too_large_for_the_device_are_refused_before_allocating(tuning_dir, monkeypatch):
+    with pytest.raises(SystemExit, match=r"fused_moe at E=256,I=65536,H=65536,k=8 with 16 tokens "
+                       r"needs at least 12288\.0 GiB for its inputs, but cpu has .* GiB free"):
+        cli.main(["sweep", "--op", "fused_moe", "--shapes", "E=256,I=65536,H=65536,k=8",
+                  "--tokens", "1", "16"])
+    # Against the memory the device has now.
+    monkeypatch.setattr(cases, "free_memory_bytes", lambda device: 2**30)
+    with pytest.raises(SystemExit, match="needs at least 2.0 GiB for its inputs, but cpu has "
+                       "1.0 GiB free; sweep smaller --shapes or --tokens"):
+        cli.main(["sweep", "--op", "grouped_mm", "--shapes", "E=4,N=16384,K=8192", "--tokens",
+                  "64"])
