@@ -57,7 +57,7 @@ def _implementations(device, weight, bias, with_compile):
     def reference(hidden):
         logits = _gate(hidden, weight)
         return (logits, *reference_route(logits, K, "sigmoid", bias, N_GROUP, TOPK_GROUP, True,
-                                         SCALE))
+                                         SCALE, "top2_sum"))
 
     impls = [Impl("transformers", _hf_router(device, weight, bias)),
              Impl("ds_kernels", ds_route),

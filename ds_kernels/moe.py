@@ -8,25 +8,34 @@ from torch import nn
 from ds_kernels.ops.fused_moe import fused_moe
 from ds_kernels.ops.route import route
 
+# A checkpoint's topk_method (DeepSeek's config.json) -> route's group_scoring. "greedy"
+# (DeepSeek-V2-Lite) is plain top-k: it runs as one group, where the group scoring is moot.
+TOPK_METHODS = {"noaux_tc": "top2_sum", "group_limited_greedy": "max", "greedy": "max"}
+
 
 class Router(nn.Module):
-    """Router logits in fp32 (as DeepSeek-V3 and transformers compute them), then route()."""
+    """Router logits in fp32 (as DeepSeek-V3 and transformers compute them), then route().
+    Without ``correction_bias`` (DeepSeek-V2's methods) it holds no e_score_correction_bias,
+    as V2's checkpoints and transformers' DeepseekV2 gate hold none."""
 
     def __init__(self, hidden_size, num_experts, top_k, *, n_group=1, topk_group=1,
-                 norm_topk_prob=True, routed_scaling_factor=1.0, scoring="sigmoid"):
+                 norm_topk_prob=True, routed_scaling_factor=1.0, scoring="sigmoid",
+                 group_scoring="top2_sum", correction_bias=True):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, dtype=torch.float32))
-        self.register_buffer("e_score_correction_bias", torch.zeros(num_experts))
+        self.register_buffer("e_score_correction_bias",
+                             torch.zeros(num_experts) if correction_bias else None)
         self.top_k, self.n_group, self.topk_group = top_k, n_group, topk_group
         self.norm_topk_prob, self.routed_scaling_factor = norm_topk_prob, routed_scaling_factor
-        self.scoring = scoring
+        self.scoring, self.group_scoring = scoring, group_scoring
 
     def forward(self, x):                                         # x [T, H]
         logits = F.linear(x.float(), self.weight.float())         # [T, E]
         return route(logits, self.top_k, scoring=self.scoring,
                      correction_bias=self.e_score_correction_bias, n_group=self.n_group,
                      topk_group=self.topk_group, renormalize=self.norm_topk_prob,
-                     routed_scaling_factor=self.routed_scaling_factor)
+                     routed_scaling_factor=self.routed_scaling_factor,
+                     group_scoring=self.group_scoring)
 
 
 class Experts(nn.Module):
@@ -57,26 +66,40 @@ class SharedExperts(nn.Module):
 class MoE(nn.Module):
     def __init__(self, hidden_size, intermediate_size, num_experts, top_k, *,
                  n_shared_experts=1, n_group=1, topk_group=1, norm_topk_prob=True,
-                 routed_scaling_factor=1.0, scoring="sigmoid"):
+                 routed_scaling_factor=1.0, scoring="sigmoid", group_scoring="top2_sum",
+                 correction_bias=True):
         super().__init__()
         self.gate = Router(hidden_size, num_experts, top_k, n_group=n_group,
                            topk_group=topk_group, norm_topk_prob=norm_topk_prob,
-                           routed_scaling_factor=routed_scaling_factor, scoring=scoring)
+                           routed_scaling_factor=routed_scaling_factor, scoring=scoring,
+                           group_scoring=group_scoring, correction_bias=correction_bias)
         self.experts = Experts(num_experts, hidden_size, intermediate_size)
         self.shared_experts = (SharedExperts(hidden_size, intermediate_size * n_shared_experts)
                                if n_shared_experts else None)
 
     @classmethod
     def from_hf_config(cls, config):
-        """From a transformers DeepseekV3Config (or any config with its MoE fields)."""
+        """From a transformers DeepseekV3Config or DeepseekV2Config (or any config with their MoE
+        fields). The routing follows ``topk_method`` (default "noaux_tc", which V3 configs
+        leave out): see TOPK_METHODS."""
         if getattr(config, "hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act={config.hidden_act!r}: only 'silu' experts are supported")
+        method = getattr(config, "topk_method", "noaux_tc")
+        if method not in TOPK_METHODS:
+            raise ValueError(f"topk_method={method!r} is not supported; supported: "
+                             f"{sorted(TOPK_METHODS)}")
+        if method == "greedy":  # transformers' DeepseekV2Config leaves n_group None there
+            n_group, topk_group = 1, 1
+        else:
+            n_group, topk_group = config.n_group, config.topk_group
+        # DeepSeek-V2's gate is always softmax, and transformers' DeepseekV2Config has no
+        # scoring_func to say so.
+        scoring = getattr(config, "scoring_func", "sigmoid" if method == "noaux_tc" else "softmax")
         return cls(config.hidden_size, config.moe_intermediate_size, config.n_routed_experts,
                    config.num_experts_per_tok, n_shared_experts=config.n_shared_experts or 0,
-                   n_group=config.n_group, topk_group=config.topk_group,
-                   norm_topk_prob=config.norm_topk_prob,
-                   routed_scaling_factor=config.routed_scaling_factor,
-                   scoring=getattr(config, "scoring_func", "sigmoid"))
+                   n_group=n_group, topk_group=topk_group, norm_topk_prob=config.norm_topk_prob,
+                   routed_scaling_factor=config.routed_scaling_factor, scoring=scoring,
+                   group_scoring=TOPK_METHODS[method], correction_bias=method == "noaux_tc")
 
     def forward(self, hidden_states):                             # [..., H]
         shape = hidden_states.shape

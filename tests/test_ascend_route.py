@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 import ds_kernels.ascend.route as ascend
 from ds_kernels.reference.route import route as reference_route
+from numerics import SEEDS
 
 
 class DocumentedConstraintError(ValueError):
@@ -85,12 +86,14 @@ def npu_calls(monkeypatch):
 @st.composite
 def problems(draw):
     n_group = draw(st.sampled_from([1, 2, 4, 8]))
-    group_size = draw(st.sampled_from([2, 3, 5, 8, 32, 33]))
+    group_scoring = draw(st.sampled_from(["top2_sum", "max"]))
+    sizes = [2, 3, 5, 8, 32, 33] + ([1] if group_scoring == "max" and n_group > 1 else [])
+    group_size = draw(st.sampled_from(sizes))
     E = n_group * group_size
     topk_group = draw(st.integers(1, n_group))
     top_k = draw(st.integers(1, min(12, topk_group * group_size)))
     T = draw(st.sampled_from([0, 1, 2, 7, 33]))
-    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    g = torch.Generator().manual_seed(draw(SEEDS))
     if draw(st.booleans()):  # continuous: no ties
         logits = torch.randn(T, E, generator=g) * 2
         bias = torch.rand(E, generator=g) * 0.5 - 0.25
@@ -100,7 +103,7 @@ def problems(draw):
     dtype = draw(st.sampled_from([torch.float32, torch.bfloat16]))
     bias = bias.to(dtype) if draw(st.booleans()) else None
     args = (top_k, draw(st.sampled_from(["sigmoid", "softmax"])), bias, n_group, topk_group,
-            draw(st.booleans()), draw(st.sampled_from([1.0, 2.5])))
+            draw(st.booleans()), draw(st.sampled_from([1.0, 2.5])), group_scoring)
     return logits.to(dtype), args
 
 
@@ -109,7 +112,7 @@ def problems(draw):
 def test_matches_reference(npu_calls, problem):
     # Ids must match exactly even on ties: the documented model breaks them as we do.
     logits, args = problem
-    top_k, scoring, _, n_group, _, renormalize, _ = args
+    top_k, scoring, bias, n_group, _, renormalize, _, group_scoring = args
     npu_calls.clear()
     weights, ids = ascend.route(logits, *args)
     expected_weights, expected_ids = reference_route(logits, *args)
@@ -117,52 +120,67 @@ def test_matches_reference(npu_calls, problem):
     assert weights.shape == ids.shape == (logits.shape[0], top_k)
     torch.testing.assert_close(ids, expected_ids, rtol=0, atol=0)
     torch.testing.assert_close(weights, expected_weights, rtol=1e-6, atol=1e-6)
-    supported = ascend._supported(*logits.shape, scoring, n_group, renormalize) is None
+    supported = ascend._supported(*logits.shape, scoring, n_group, renormalize, group_scoring,
+                                  bias is not None) is None
     assert len(npu_calls) == supported
     if supported:
         assert npu_calls[0]["x"].dtype == torch.float32
+        assert npu_calls[0]["group_select_mode"] == {"max": 0, "top2_sum": 1}[group_scoring]
 
 
 def test_gating_args_deepseek_v3():
     bias = torch.zeros(256, dtype=torch.bfloat16)
-    kwargs = ascend.gating_args(8, "sigmoid", bias, 8, 4, True, 2.5)
+    kwargs = ascend.gating_args(8, "sigmoid", bias, 8, 4, True, 2.5, "top2_sum")
     assert kwargs.pop("bias").dtype == torch.float32
     assert kwargs == dict(k=8, k_group=4, group_count=8, group_select_mode=1, renorm=0,
                           norm_type=1, out_flag=False, routed_scaling_factor=2.5, eps=1e-20)
-    assert ascend._supported(4, 256, "sigmoid", 8, True) is None
+    assert ascend._supported(4, 256, "sigmoid", 8, True, "top2_sum", True) is None
+
+
+def test_gating_args_deepseek_v2():
+    # DeepSeek-V2: 160 experts in 8 groups, 3 kept, k = 6, softmax, no bias, scale 16.
+    kwargs = ascend.gating_args(6, "softmax", None, 8, 3, False, 16.0, "max")
+    assert kwargs == dict(k=6, bias=None, k_group=3, group_count=8, group_select_mode=0,
+                          renorm=0, norm_type=0, out_flag=False, routed_scaling_factor=16.0,
+                          eps=1e-20)
+    assert ascend._supported(4, 160, "softmax", 8, False, "max", False) is None
 
 
 @pytest.mark.parametrize("renormalize, scale", [(True, 1.0), (False, 2.5)])
 def test_gating_args_softmax(renormalize, scale):
     # The operator never renormalises softmax: route does it, so the operator must not scale.
-    kwargs = ascend.gating_args(6, "softmax", None, 1, 1, renormalize, 2.5)
+    kwargs = ascend.gating_args(6, "softmax", None, 1, 1, renormalize, 2.5, "top2_sum")
     assert kwargs["norm_type"] == 0 and kwargs["bias"] is None
     assert kwargs["routed_scaling_factor"] == scale
 
 
-@pytest.mark.parametrize("T, E, scoring, n_group, renormalize, reason", [
-    (0, 256, "sigmoid", 8, True, "T = 0"),
-    (3, 4096, "sigmoid", 1, True, "at most 2048 experts"),
-    (3, 16, "sigmoid", 8, True, "at least 3 experts per group"),
-    (3, 40 * 33, "sigmoid", 40, True, "rounded up to 32"),
-    (3, 256, "sigmoid", 8, False, "always renormalises"),
-    (3, 2048, "sigmoid", 64, True, None),
-    (3, 256, "softmax", 8, False, None),
-    (3, 3, "softmax", 1, True, None),
+@pytest.mark.parametrize("T, E, scoring, n_group, renormalize, group_scoring, bias, reason", [
+    (0, 256, "sigmoid", 8, True, "top2_sum", True, "T = 0"),
+    (3, 4096, "sigmoid", 1, True, "top2_sum", True, "at most 2048 experts"),
+    (3, 16, "sigmoid", 8, True, "top2_sum", True, "at least 3 experts per group"),
+    (3, 40 * 33, "sigmoid", 40, True, "top2_sum", True, "rounded up to 32"),
+    (3, 256, "sigmoid", 8, False, "top2_sum", True, "always renormalises"),
+    (3, 256, "softmax", 8, False, "max", True, "group maximum is of the biased scores"),
+    (3, 2048, "sigmoid", 64, True, "top2_sum", True, None),
+    (3, 256, "softmax", 8, False, "top2_sum", False, None),
+    (3, 256, "softmax", 8, False, "max", False, None),
+    (3, 256, "softmax", 1, False, "max", True, None),  # one group: nothing to score
+    (3, 3, "softmax", 1, True, "top2_sum", False, None),
 ])
-def test_supported(T, E, scoring, n_group, renormalize, reason):
-    got = ascend._supported(T, E, scoring, n_group, renormalize)
+def test_supported(T, E, scoring, n_group, renormalize, group_scoring, bias, reason):
+    got = ascend._supported(T, E, scoring, n_group, renormalize, group_scoring, bias)
     assert got is None if reason is None else reason in got
 
 
+@pytest.mark.parametrize("group_scoring", ["top2_sum", "max"])
 @pytest.mark.parametrize("n_group", [1, 2, 8, 40, 64])
-@pytest.mark.parametrize("group_size", [2, 3, 31, 33, 256, 2048, 2049])
-def test_supported_shapes_are_the_documented_ones(n_group, group_size):
+@pytest.mark.parametrize("group_size", [1, 2, 3, 31, 33, 256, 2048, 2049])
+def test_supported_shapes_are_the_documented_ones(n_group, group_size, group_scoring):
     """Where _supported sends a shape to the operator, the documented model accepts it, and
     the other way round."""
     E = n_group * group_size
-    supported = ascend._supported(1, E, "sigmoid", n_group, True) is None
-    kwargs = ascend.gating_args(1, "sigmoid", None, n_group, n_group, True, 1.0)
+    supported = ascend._supported(1, E, "sigmoid", n_group, True, group_scoring, False) is None
+    kwargs = ascend.gating_args(1, "sigmoid", None, n_group, n_group, True, 1.0, group_scoring)
     try:
         npu_moe_gating_top_k_documented(torch.zeros(1, E), **kwargs)
         accepted = True
@@ -171,15 +189,17 @@ def test_supported_shapes_are_the_documented_ones(n_group, group_size):
     assert supported == accepted
 
 
-@pytest.mark.parametrize("T, E, scoring, n_group, topk_group, top_k, renormalize", [
-    (0, 256, "sigmoid", 8, 4, 8, True),
-    (5, 4096, "sigmoid", 1, 1, 8, True),
-    (5, 16, "softmax", 8, 2, 3, True),
-    (5, 40 * 33, "sigmoid", 40, 4, 8, True),
-    (5, 256, "sigmoid", 8, 4, 8, False),
+@pytest.mark.parametrize("T, E, scoring, n_group, topk_group, top_k, renormalize, group_scoring", [
+    (0, 256, "sigmoid", 8, 4, 8, True, "top2_sum"),
+    (5, 4096, "sigmoid", 1, 1, 8, True, "top2_sum"),
+    (5, 16, "softmax", 8, 2, 3, True, "top2_sum"),
+    (5, 40 * 33, "sigmoid", 40, 4, 8, True, "top2_sum"),
+    (5, 256, "sigmoid", 8, 4, 8, False, "top2_sum"),
+    (5, 160, "softmax", 8, 3, 6, False, "max"),  # with a bias
 ])
 def test_unsupported_falls_back_to_torch_path(npu_calls, monkeypatch, caplog, T, E, scoring,
-                                              n_group, topk_group, top_k, renormalize):
+                                              n_group, topk_group, top_k, renormalize,
+                                              group_scoring):
     torch_calls, torch_route = [], ascend.torch_route
 
     def spy(*args):
@@ -188,8 +208,10 @@ def test_unsupported_falls_back_to_torch_path(npu_calls, monkeypatch, caplog, T,
 
     monkeypatch.setattr(ascend, "torch_route", spy)
     monkeypatch.setattr(ascend, "_warned", set())
-    logits = torch.randn(T, E, generator=torch.Generator().manual_seed(E))
-    args = (top_k, scoring, torch.rand(E) * 0.1, n_group, topk_group, renormalize, 1.5)
+    g = torch.Generator().manual_seed(E)
+    logits = torch.randn(T, E, generator=g)
+    args = (top_k, scoring, torch.rand(E, generator=g) * 0.1, n_group, topk_group, renormalize,
+            1.5, group_scoring)
     for _ in range(2):
         weights, ids = ascend.route(logits, *args)
     assert npu_calls == [] and len(torch_calls) == 2

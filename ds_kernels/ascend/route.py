@@ -7,9 +7,12 @@ moe/moe_gating_top_k/docs/aclnnMoeGatingTopK_en.md) says the same.
   normOut = softmax(x) (norm_type=0) or sigmoid(x) (norm_type=1); normValue = normOut + bias
   group score = max (group_select_mode=0) or sum of the two largest (=1) normValue of a group;
     the k_group best groups stay, the others' normValue becomes -inf
+    (so mode 0 is our group_scoring="max" only without a bias: ours scores groups unbiased)
   expert_idx = the k largest normValue, descending (int32)
   y = normOut at expert_idx (unbiased); with norm_type=1 divided by (its sum + eps); times
     routed_scaling_factor. y has x's dtype; normOut (float32) comes out only with out_flag.
+The English page (docs/en/...) says the same, except that its parameter list swaps norm_type's
+values (1: Softmax), against its own formulas and numpy model; we follow those.
 renorm=0 ("norm before top-k") is its only documented value; with it, softmax weights are
 never renormalised (the numpy model, and aclnn's "normType=0: renorm decides").
 Ties: the docs give no tie rule except through the numpy model, whose stable argsorts send
@@ -35,12 +38,12 @@ MIN_GROUP_SIZE = 3
 GROUP_ALIGN = 32
 
 NORM_TYPE = {"softmax": 0, "sigmoid": 1}
-GROUP_SELECT_TOP2_SUM = 1  # our group score; 0 would be the group's maximum
+GROUP_SELECT_MODE = {"max": 0, "top2_sum": 1}
 RENORM_BEFORE_TOPK = 0  # the only documented renorm value
 
 
 def _supported(num_tokens: int, num_experts: int, scoring: str, n_group: int,
-               renormalize: bool) -> str | None:
+               renormalize: bool, group_scoring: str, has_bias: bool) -> str | None:
     """None if the operator computes this call, else why the torch path must."""
     group_size = num_experts // n_group
     aligned = -(-group_size // GROUP_ALIGN) * GROUP_ALIGN * n_group
@@ -55,6 +58,9 @@ def _supported(num_tokens: int, num_experts: int, scoring: str, n_group: int,
                 f"<= {MAX_EXPERTS}, got {aligned}")
     if scoring == "sigmoid" and not renormalize:
         return "with sigmoid scores the operator always renormalises the weights"
+    if group_scoring == "max" and has_bias and n_group > 1:
+        return ("with a correction bias the operator's group maximum is of the biased scores, "
+                "group_scoring='max' takes the unbiased ones")
     return None
 
 
@@ -64,7 +70,7 @@ def _renormalise_after(scoring: str, renormalize: bool) -> bool:
 
 
 def gating_args(top_k, scoring, correction_bias, n_group, topk_group, renormalize,
-                routed_scaling_factor) -> dict:
+                routed_scaling_factor, group_scoring) -> dict:
     """Keyword arguments of ``npu_moe_gating_top_k(x, **...)``, x in fp32, for a call that
     ``_supported`` accepts."""
     after = _renormalise_after(scoring, renormalize)
@@ -74,7 +80,7 @@ def gating_args(top_k, scoring, correction_bias, n_group, topk_group, renormaliz
         bias=None if correction_bias is None else correction_bias.float(),
         k_group=topk_group,
         group_count=n_group,
-        group_select_mode=GROUP_SELECT_TOP2_SUM,
+        group_select_mode=GROUP_SELECT_MODE[group_scoring],
         renorm=RENORM_BEFORE_TOPK,
         norm_type=NORM_TYPE[scoring],
         out_flag=False,  # normOut [T, E] would be written for nothing
@@ -85,23 +91,25 @@ def gating_args(top_k, scoring, correction_bias, n_group, topk_group, renormaliz
 
 
 def route(logits, top_k, scoring, correction_bias, n_group, topk_group, renormalize,
-          routed_scaling_factor):
+          routed_scaling_factor, group_scoring):
     T, E = logits.shape
-    reason = _supported(T, E, scoring, n_group, renormalize)
+    reason = _supported(T, E, scoring, n_group, renormalize, group_scoring,
+                        correction_bias is not None)
     if reason is not None:
         if reason not in _warned:
             _warned.add(reason)
             log.warning("ds_kernels.route: npu_moe_gating_top_k cannot run this call (%s); "
                         "using the torch path", reason)
         return torch_route(logits, top_k, scoring, correction_bias, n_group, topk_group,
-                           renormalize, routed_scaling_factor)
+                           renormalize, routed_scaling_factor, group_scoring)
 
     import torch_npu  # here, not at the top: importing ds_kernels must not need CANN
 
     # fp32 in: our contract scores in fp32, and the operator returns y in x's dtype.
     weights, ids, _ = torch_npu.npu_moe_gating_top_k(
         logits.float(), **gating_args(top_k, scoring, correction_bias, n_group, topk_group,
-                                      renormalize, routed_scaling_factor))  # [T, k] fp32, int32
+                                      renormalize, routed_scaling_factor,
+                                      group_scoring))  # [T, k] fp32, int32
     if _renormalise_after(scoring, renormalize):
         total = weights.sum(dim=-1, keepdim=True) + RENORM_EPS   # [T, 1]
         weights = weights / total * routed_scaling_factor        # [T, k]

@@ -20,7 +20,8 @@ import torch
 
 from ds_kernels import tuning
 from ds_kernels.reference import route as reference
-from ds_kernels.reference.route import RENORM_EPS, choice_scores, top_indices
+from ds_kernels.reference.route import (GROUP_TOP, RENORM_EPS, choice_scores, group_basis,
+                                        top_indices)
 
 # The crossover from "numpy" to "topk", measured on a 2-core x86 CPU with E=256
 # (bench/bench_route.py); `python -m autotune sweep --op route` stores the best strategy per
@@ -43,15 +44,18 @@ def _top_indices(values: torch.Tensor, k: int) -> torch.Tensor:
     return ids
 
 
-def _two_best_sum(grouped: torch.Tensor) -> torch.Tensor:
-    """Sum of the two largest values along the last dim (a repeated maximum counts twice)."""
+def _best_sum(grouped: torch.Tensor, top: int) -> torch.Tensor:
+    """Sum of the ``top`` (1 or 2) largest values along the last dim (a repeated maximum counts
+    twice): max and scatter instead of the reference's sort of every group."""
+    if top == 1:
+        return grouped.amax(dim=-1)
     best, where = grouped.max(dim=-1, keepdim=True)
     second = grouped.scatter(-1, where, float("-inf")).amax(dim=-1, keepdim=True)
     return (best + second).squeeze(-1)
 
 
 def route(logits, top_k, scoring, correction_bias, n_group, topk_group, renormalize,
-          routed_scaling_factor):
+          routed_scaling_factor, group_scoring):
     T, E = logits.shape
     on_cpu = logits.device.type == "cpu"
     default = ("numpy" if on_cpu else "sort") if T < SORT_BELOW_TOKENS else "topk"
@@ -60,16 +64,18 @@ def route(logits, top_k, scoring, correction_bias, n_group, topk_group, renormal
                              dict(strategy=default))["strategy"]
     if strategy == "numpy" and on_cpu:
         return _route_numpy(logits, top_k, scoring, correction_bias, n_group, topk_group,
-                            renormalize, routed_scaling_factor)
+                            renormalize, routed_scaling_factor, group_scoring)
     if strategy != "topk":
         return reference.route(logits, top_k, scoring, correction_bias, n_group, topk_group,
-                               renormalize, routed_scaling_factor)
+                               renormalize, routed_scaling_factor, group_scoring)
     s, c = choice_scores(logits, scoring, correction_bias)        # [T, E] each
 
     if n_group > 1:
         group_size = E // n_group
         grouped = c.view(T, n_group, group_size)
-        kept = _top_indices(_two_best_sum(grouped), topk_group)   # [T, topk_group]
+        basis = group_basis(s, c, group_scoring).view(T, n_group, group_size)
+        group_scores = _best_sum(basis, GROUP_TOP[group_scoring])  # [T, n_group]
+        kept = _top_indices(group_scores, topk_group)             # [T, topk_group]
         kept = kept.sort(dim=-1).values  # ascending, so column order is expert order
         columns = grouped.gather(1, kept.unsqueeze(-1).expand(-1, -1, group_size))
         j = _top_indices(columns.view(T, topk_group * group_size), top_k)  # [T, k]
@@ -86,17 +92,19 @@ def route(logits, top_k, scoring, correction_bias, n_group, topk_group, renormal
 
 
 def _route_numpy(logits, top_k, scoring, correction_bias, n_group, topk_group, renormalize,
-                 routed_scaling_factor):
-    s, c = choice_scores(logits, scoring, correction_bias)
-    s, c = s.detach().numpy(), c.detach().numpy()                           # [T, E] each
+                 routed_scaling_factor, group_scoring):
+    s_t, c_t = choice_scores(logits, scoring, correction_bias)
+    s, c = s_t.detach().numpy(), c_t.detach().numpy()                       # [T, E] each
     T, E = c.shape
     rows = np.arange(T)[:, None]
     if n_group > 1:
         group_size = E // n_group
-        # The two largest of each group, added largest first as the reference does.
-        two_best = np.sort(c.reshape(T, n_group, group_size), axis=-1)[..., -2:]
+        basis = group_basis(s_t, c_t, group_scoring).detach().numpy()      # [T, E]
+        top = GROUP_TOP[group_scoring]
+        # The best one or two of each group (two values add up alike in either order).
+        best = np.sort(basis.reshape(T, n_group, group_size), axis=-1)[..., -top:]
         with np.errstate(over="ignore"):  # two NaN scores (-max each) make -inf, as in torch
-            group_scores = two_best[..., 1] + two_best[..., 0]              # [T, n_group]
+            group_scores = best.sum(axis=-1)                                # [T, n_group]
         kept = np.zeros((T, n_group), dtype=bool)
         kept[rows, _top_indices_numpy(group_scores, topk_group)] = True
         c = np.where(np.repeat(kept, group_size, axis=1), c, -np.inf)

@@ -100,6 +100,8 @@ def _rms_norm_forward(self, hidden_states):
 def _router_forward(self, hidden_states):
     hidden_states = hidden_states.view(-1, self.hidden_dim)                   # [T, H]
     router_logits = F.linear(hidden_states.float(), self.weight.float())      # [T, E]
+    # No group_scoring to pass: transformers' DeepseekV3TopkRouter deletes the topk_method it
+    # inherits from DeepseekV2's and always sums each group's two best, route's default.
     topk_weights, topk_ids = route(
         router_logits, self.top_k, correction_bias=self.e_score_correction_bias,
         n_group=self.num_group, topk_group=self.topk_group, renormalize=self.norm_topk_prob,

@@ -1,4 +1,4 @@
-"""Fused DeepSeek-V3 routing: one launch from logits to (weights, ids).
+"""Fused DeepSeek routing: one launch from logits to (weights, ids).
 
 A program owns BLOCK_T tokens and holds each token's whole row of E scores in registers,
 laid out as [BLOCK_T, groups, experts per group] so that group scores are a reduction over the
@@ -25,13 +25,19 @@ _WARPS = 4
 
 
 @triton.jit
+def _nan_last(x, ok):
+    """x where ok (NaN ranked below every real value, as the reference's nan_last), else -inf."""
+    return tl.where(ok, tl.where(x != x, _NAN_CHOICE_SCORE, x), float("-inf"))
+
+
+@triton.jit
 def _route_kernel(
     logits_ptr, bias_ptr, weights_ptr, ids_ptr,
     T, stride_lt, stride_le, scale,
     N_GROUP: tl.constexpr, GROUP_SIZE: tl.constexpr, TOPK_GROUP: tl.constexpr,
     TOP_K: tl.constexpr, G_POW2: tl.constexpr, GS_POW2: tl.constexpr, K_POW2: tl.constexpr,
     BLOCK_T: tl.constexpr, SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr,
-    RENORMALIZE: tl.constexpr,
+    RENORMALIZE: tl.constexpr, GROUP_TOP2: tl.constexpr,
 ):
     """Route BLOCK_T tokens.
 
@@ -39,7 +45,8 @@ def _route_kernel(
     bias_ptr: [E] fp32 correction bias (read only if HAS_BIAS).
     weights_ptr: [T, TOP_K] fp32 out, contiguous. ids_ptr: [T, TOP_K] int32 out, contiguous.
     scale: routed_scaling_factor. E = N_GROUP * GROUP_SIZE; G_POW2, GS_POW2, K_POW2 are the
-    next powers of two of N_GROUP, GROUP_SIZE and TOP_K (tile extents).
+    next powers of two of N_GROUP, GROUP_SIZE and TOP_K (tile extents). GROUP_TOP2: a group's
+    score is the sum of its two best choice scores (else its best unbiased score).
     """
     pid = tl.program_id(0)
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)                 # [BT]
@@ -62,15 +69,18 @@ def _route_kernel(
     c = s
     if HAS_BIAS:
         c = c + tl.load(bias_ptr + expert, mask=expert_ok, other=0.0)
-    c = tl.where(c != c, _NAN_CHOICE_SCORE, c)                   # NaN ranks below real scores
-    c = tl.where(ok, c, float("-inf"))
+    c = _nan_last(c, ok)
 
     if N_GROUP > 1:
-        # Group score: the two largest scores of the group (a repeated maximum counts twice).
-        best = tl.max(c, axis=2)                                 # [BT, G]
-        first = tl.min(tl.where(c == best[:, :, None], j[None, None, :], GS_POW2), axis=2)
-        second = tl.max(tl.where(j[None, None, :] == first[:, :, None], float("-inf"), c), axis=2)
-        group_score = best + second                              # [BT, G]
+        if GROUP_TOP2:
+            # The two largest choice scores of the group (a repeated maximum counts twice).
+            best = tl.max(c, axis=2)                             # [BT, G]
+            first = tl.min(tl.where(c == best[:, :, None], j[None, None, :], GS_POW2), axis=2)
+            second = tl.max(tl.where(j[None, None, :] == first[:, :, None], float("-inf"), c),
+                            axis=2)
+            group_score = best + second                          # [BT, G]
+        else:
+            group_score = tl.max(_nan_last(s, ok), axis=2)       # [BT, G]
         group_ok = (g < N_GROUP)[None, :]
         # Loop-carried, so full-shaped from the start: a GPU build refuses a shape change.
         kept = tl.zeros((BLOCK_T, G_POW2), dtype=tl.int1)        # [BT, G]
@@ -107,7 +117,7 @@ def _route_kernel(
 
 
 def route(logits, top_k, scoring, correction_bias, n_group, topk_group, renormalize,
-          routed_scaling_factor):
+          routed_scaling_factor, group_scoring):
     T, E = logits.shape
     weights = torch.empty(T, top_k, dtype=torch.float32, device=logits.device)
     ids = torch.empty(T, top_k, dtype=torch.int32, device=logits.device)
@@ -125,7 +135,8 @@ def route(logits, top_k, scoring, correction_bias, n_group, topk_group, renormal
         N_GROUP=n_group, GROUP_SIZE=group_size, TOPK_GROUP=topk_group, TOP_K=top_k,
         G_POW2=g_pow2, GS_POW2=gs_pow2, K_POW2=triton.next_power_of_2(top_k),
         BLOCK_T=block_t, SOFTMAX=scoring == "softmax", HAS_BIAS=correction_bias is not None,
-        RENORMALIZE=renormalize, num_warps=config["num_warps"],
+        RENORMALIZE=renormalize, GROUP_TOP2=group_scoring == "top2_sum",
+        num_warps=config["num_warps"],
     )
     return weights, ids
 

@@ -1,4 +1,4 @@
-"""ds_kernels.route: DeepSeek-V3 expert routing, as ``torch.ops.ds_kernels.route``.
+"""ds_kernels.route: DeepSeek expert routing, as ``torch.ops.ds_kernels.route``.
 
 Differentiable in router_logits through the weights (the ids are a discrete choice; the
 correction bias only chooses, so it gets no gradient, as in DeepSeek-V3's aux-loss-free
@@ -9,42 +9,49 @@ import torch
 
 from ds_kernels import dispatch
 from ds_kernels.ops.checks import FLOAT_DTYPES, check_int, check_same_device, check_tensor
-from ds_kernels.reference.route import RENORM_EPS
+from ds_kernels.reference.route import GROUP_TOP, RENORM_EPS
 
 SCORINGS = ("sigmoid", "softmax")
+GROUP_SCORINGS = tuple(GROUP_TOP)
 
 
 def route(router_logits: torch.Tensor, top_k: int, *, scoring: str = "sigmoid",
           correction_bias: torch.Tensor | None = None, n_group: int = 1, topk_group: int = 1,
-          renormalize: bool = True, routed_scaling_factor: float = 1.0):
-    """DeepSeek-V3 gate: (topk_weights float32 [T, k], topk_ids int32 [T, k]).
+          renormalize: bool = True, routed_scaling_factor: float = 1.0,
+          group_scoring: str = "top2_sum"):
+    """DeepSeek gate: (topk_weights float32 [T, k], topk_ids int32 [T, k]).
 
     router_logits [T, E] (fp16/bf16/fp32; math in fp32). Steps (API.md "Routing"): scores
     s = sigmoid or softmax of the logits; choice scores c = s + correction_bias; with
-    n_group > 1, only the topk_group groups with the largest sum of their two best c stay
-    eligible; the top_k experts by c (descending, ties to the lower index); weights = s at
-    those experts, renormalised to sum 1 if ``renormalize``, times routed_scaling_factor.
+    n_group > 1, only the topk_group best groups stay eligible, a group scored by the sum of
+    its two best c (group_scoring="top2_sum", DeepSeek-V3's noaux_tc) or by its best s ("max",
+    DeepSeek-V2's group_limited_greedy; unbiased even when a bias is given); the top_k experts
+    by c (descending, ties to the lower index); weights = s at those experts, renormalised to
+    sum 1 if ``renormalize``, times routed_scaling_factor.
     NaN policy: see ds_kernels/reference/route.py. T = 0 gives empty outputs.
     """
     args = (router_logits, top_k, scoring, correction_bias, n_group, topk_group, renormalize,
-            float(routed_scaling_factor))
+            float(routed_scaling_factor), group_scoring)
     if dispatch.direct_call_allowed(router_logits, correction_bias):
         return _route(*args)  # checks the arguments itself
-    _check(*args[:6])  # before torch.ops, whose own type errors name no argument
+    _check(*args[:6], group_scoring)  # before torch.ops, whose type errors name no argument
     return torch.ops.ds_kernels.route(*args)
 
 
-def _check(logits, top_k, scoring, correction_bias, n_group, topk_group):
+def _check(logits, top_k, scoring, correction_bias, n_group, topk_group, group_scoring):
     check_tensor("router_logits", logits, dim=2, dtypes=FLOAT_DTYPES)
     E = logits.shape[1]
     if scoring not in SCORINGS:
         raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
+    if group_scoring not in GROUP_SCORINGS:
+        raise ValueError(f"group_scoring must be one of {GROUP_SCORINGS}, got {group_scoring!r}")
     check_int("n_group", n_group, low=1)
     if E % n_group:
         raise ValueError(f"the number of experts E={E} is not divisible by n_group={n_group}")
-    if n_group > 1 and E // n_group < 2:
-        raise ValueError(f"groups are scored by their two best experts, but E={E} with "
-                         f"n_group={n_group} leaves {E // n_group} per group")
+    if n_group > 1 and E // n_group < GROUP_TOP[group_scoring]:
+        raise ValueError(f"group_scoring={group_scoring!r} needs at least "
+                         f"{GROUP_TOP[group_scoring]} experts per group, but E={E} with "
+                         f"n_group={n_group} leaves {E // n_group}")
     check_int("topk_group", topk_group, low=1, high=n_group)
     check_int("top_k", top_k, low=1, high=topk_group * (E // n_group))
     if correction_bias is not None:
@@ -55,13 +62,15 @@ def _check(logits, top_k, scoring, correction_bias, n_group, topk_group):
         check_same_device("router_logits", logits, correction_bias=correction_bias)
 
 
+# group_scoring last, with its default, so that the op's positional form without it stays valid.
 def _route(router_logits: torch.Tensor, top_k: int, scoring: str,
-              correction_bias: torch.Tensor | None, n_group: int, topk_group: int,
-              renormalize: bool, routed_scaling_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
-    _check(router_logits, top_k, scoring, correction_bias, n_group, topk_group)
+           correction_bias: torch.Tensor | None, n_group: int, topk_group: int,
+           renormalize: bool, routed_scaling_factor: float,
+           group_scoring: str = "top2_sum") -> tuple[torch.Tensor, torch.Tensor]:
+    _check(router_logits, top_k, scoring, correction_bias, n_group, topk_group, group_scoring)
     impl = dispatch.implementation("route", router_logits.device)
     return impl(router_logits, top_k, scoring, correction_bias, n_group, topk_group,
-                renormalize, routed_scaling_factor)
+                renormalize, routed_scaling_factor, group_scoring)
 
 
 _route_op = torch.library.custom_op("ds_kernels::route", _route, mutates_args=())
@@ -69,15 +78,15 @@ _route_op = torch.library.custom_op("ds_kernels::route", _route, mutates_args=()
 
 @_route_op.register_fake
 def _(router_logits, top_k, scoring, correction_bias, n_group, topk_group, renormalize,
-      routed_scaling_factor):
-    _check(router_logits, top_k, scoring, correction_bias, n_group, topk_group)
+      routed_scaling_factor, group_scoring="top2_sum"):
+    _check(router_logits, top_k, scoring, correction_bias, n_group, topk_group, group_scoring)
     T = router_logits.shape[0]
     return (router_logits.new_empty(T, top_k, dtype=torch.float32),
             router_logits.new_empty(T, top_k, dtype=torch.int32))
 
 
 def _setup_context(ctx, inputs, output):
-    router_logits, _, scoring, _, _, _, renormalize, routed_scaling_factor = inputs
+    router_logits, _, scoring, _, _, _, renormalize, routed_scaling_factor, _ = inputs
     ctx.save_for_backward(router_logits, output[1])
     ctx.scoring, ctx.renormalize, ctx.scale = scoring, renormalize, routed_scaling_factor
 
@@ -97,7 +106,7 @@ def _backward(ctx, grad_weights, _grad_ids):
         grad_x = grad_s * s * (1 - s)
     else:
         grad_x = s * (grad_s - (grad_s * s).sum(dim=-1, keepdim=True))
-    return grad_x.to(logits.dtype), None, None, None, None, None, None, None
+    return grad_x.to(logits.dtype), None, None, None, None, None, None, None, None
 
 
 _route_op.register_autograd(_backward, setup_context=_setup_context)
