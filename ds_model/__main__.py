@@ -6,11 +6,14 @@ Continues random prompts with random weights (a preset, "tiny" by default) or th
 an HF-format checkpoint folder, shows a progress bar on stderr, and prints the prefill and
 decode throughput and the generated ids. --record-routing saves every MoE layer's expert
 choices for `python -m autotune sweep --op fused_moe --routing FILE`.
+
+What the user can fix (a missing or broken checkpoint, a --record-routing file whose folder
+does not exist, a device that is not there, a model too large for it) ends the run with one
+line on stderr and exit status 1, before any generation.
 """
 
 import argparse
 import contextlib
-import os
 import sys
 import time
 from pathlib import Path
@@ -18,13 +21,15 @@ from pathlib import Path
 import torch
 
 from ds_model import PRESETS, DeepSeekForCausalLM, ModelConfig
+from ds_model.loading import check_fits
 from ds_model.routing import RoutingRecorder
 
 BAR_WIDTH = 40
+PROG = "python -m ds_model"
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m ds_model", description=__doc__,
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     gen = commands.add_parser("generate", help="time generation on random prompts")
@@ -48,19 +53,15 @@ def main(argv=None):
     if min(args.batch, args.prompt_len, args.max_new_tokens) < 1:
         parser.error("--batch, --prompt-len and --max-new-tokens must be >= 1")
 
+    if args.record_routing and not args.record_routing.parent.is_dir():
+        _fail(f"--record-routing {args.record_routing}: no folder {args.record_routing.parent}")
+
     torch.manual_seed(args.seed)
-    dtype, device = getattr(torch, args.dtype), torch.device(args.device)
-    if args.checkpoint:
-        model = DeepSeekForCausalLM.from_pretrained(args.checkpoint, dtype=dtype, device=device)
-    else:
-        config = ModelConfig.preset(args.preset)
-        total, _ = config.num_parameters()
-        needed, available = total * dtype.itemsize, _memory(device)
-        if needed > available:
-            parser.error(f"--preset {args.preset}: {total / 1e9:.1f}B parameters need "
-                         f"{needed / 2**30:.0f} GiB, {device} has {available / 2**30:.0f} GiB")
-        with device:
-            model = DeepSeekForCausalLM(config).init_weights().to_dtype(dtype).eval()
+    dtype, device = getattr(torch, args.dtype), _device(args.device)
+    try:
+        model = _model(args, dtype, device)
+    except (OSError, ValueError) as error:  # the loaders name the file, field or value
+        _fail(str(error))
     total, active = model.config.num_parameters()
     print(f"model: {args.checkpoint or args.preset}, {total / 1e6:.1f}M parameters "
           f"({active / 1e6:.1f}M active), {args.dtype} on {device}", file=sys.stderr)
@@ -101,10 +102,28 @@ def main(argv=None):
         print(f"sequence {b}: {out[args.prompt_len:].tolist()}")
 
 
-def _memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+def _fail(message: str):
+    """End the run with one line on stderr (no traceback) and exit status 1."""
+    raise SystemExit(f"{PROG}: error: {message}")
+
+
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        _fail(f"--device {name}: {error}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        _fail(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def _model(args, dtype, device) -> DeepSeekForCausalLM:
+    if args.checkpoint:
+        return DeepSeekForCausalLM.from_pretrained(args.checkpoint, dtype=dtype, device=device)
+    config = ModelConfig.preset(args.preset)
+    check_fits(config, dtype, device, f"--preset {args.preset}")
+    with device:
+        return DeepSeekForCausalLM(config).init_weights().to_dtype(dtype).eval()
 
 
 if __name__ == "__main__":

@@ -15,10 +15,20 @@ Presets:
       for the V3-style config nearest both rumoured numbers: 70 layers, 320 experts of width
       2560 in 8 groups, 16 routed + 1 shared per token gives 1200.3B total (+0.03%) and 79.0B
       active (+1.3%). "Hybrid" is not modelled.
+
+Every ModelConfig is validated when it is built (``validate``): each field's type and range,
+and the cross-field rules that would otherwise fail only at the first forward (experts that
+n_group does not divide, top-k beyond the experts the groups leave), each error naming the
+field and its value.
 """
 
 import dataclasses
+import math
 from typing import Any
+
+from ds_kernels import moe
+from ds_kernels.ops.route import SCORINGS
+from ds_kernels.rope import rope_attention_factor, rope_frequencies
 
 # Fields of a transformers DeepseekV3Config / config.json that describe no weight or math we
 # run (metadata, training-only settings, generation defaults).
@@ -26,7 +36,7 @@ _IGNORED_FIELDS = {
     "architectures", "auto_map", "model_type", "transformers_version", "torch_dtype", "dtype",
     "use_cache", "initializer_range", "attention_dropout", "pretraining_tp", "bos_token_id",
     "pad_token_id", "ep_size", "moe_layer_freq", "num_nextn_predict_layers", "seq_aux",
-    "topk_method", "aux_loss_alpha", "num_key_value_heads", "qk_head_dim", "rope_parameters",
+    "aux_loss_alpha", "num_key_value_heads", "qk_head_dim", "rope_parameters",
     "max_window_layers", "output_router_logits", "router_aux_loss_coef",
     "return_dict", "output_hidden_states", "output_attentions", "torchscript", "chunk_size_feed_forward",
     "is_encoder_decoder", "is_decoder", "add_cross_attention", "tokenizer_class", "prefix",
@@ -35,6 +45,32 @@ _IGNORED_FIELDS = {
     "_name_or_path", "_attn_implementation_autoset", "_experts_implementation", "pruned_heads",
     "name_or_path", "attention_bias_type", "mlp_bias", "head_dim", "layer_types",
 }
+
+# Fields every DeepSeek-V2/V3 config.json has, DeepSeek's and transformers' alike: they fix the
+# weights' shapes and the routing. A config.json without one is refused rather than filled in
+# with the defaults, which are DeepSeek-V3-671B's (config.json = {} would mean 671B).
+_REQUIRED_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
+    "num_hidden_layers", "first_k_dense_replace", "n_routed_experts", "n_shared_experts",
+    "num_experts_per_tok", "n_group", "topk_group", "num_attention_heads", "q_lora_rank",
+    "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+)
+
+# How the router picks experts (config.json "topk_method"): DeepSeek-V3's noaux_tc (groups
+# scored by their two best biased scores), V2's group_limited_greedy (groups scored by their
+# best score), and plain top-k over all experts ("greedy", DeepSeek-V2-Lite), where n_group and
+# topk_group play no part. ds_kernels.MoE maps each onto route's arguments.
+TOPK_METHODS = tuple(moe.TOPK_METHODS)
+HIDDEN_ACTS = ("silu",)  # the experts and dense MLPs are SwiGLU
+
+_POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
+                  "num_hidden_layers", "n_routed_experts", "num_experts_per_tok",
+                  "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "v_head_dim",
+                  "max_position_embeddings")
+_POSITIVE_NUMBERS = ("routed_scaling_factor", "rms_norm_eps", "rope_theta")
+_BOOLS = ("norm_topk_prob", "rope_interleave", "attention_bias", "tie_word_embeddings")
+# rope_scaling values that must be positive numbers when given (None: the default applies).
+_POSITIVE_ROPE_KEYS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow")
 
 
 @dataclasses.dataclass
@@ -48,11 +84,12 @@ class ModelConfig:
     n_routed_experts: int = 256
     n_shared_experts: int = 1
     num_experts_per_tok: int = 8
-    n_group: int = 8
-    topk_group: int = 4
+    n_group: int | None = 8                  # None only where topk_method is "greedy"
+    topk_group: int | None = 4
     norm_topk_prob: bool = True
     routed_scaling_factor: float = 2.5
     scoring_func: str = "sigmoid"
+    topk_method: str = "noaux_tc"            # one of TOPK_METHODS
     num_attention_heads: int = 128
     q_lora_rank: int | None = 1536
     kv_lora_rank: int = 512
@@ -70,6 +107,83 @@ class ModelConfig:
     eos_token_id: int | list[int] | None = None
     quantization_config: dict | None = None  # FP8 checkpoints: refused at load time
 
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field, and its value, that no model can be built
+        with or that would fail only at the first forward."""
+        for name in _POSITIVE_INTS:
+            _check_int(name, getattr(self, name), 1)
+        for name in _POSITIVE_NUMBERS:
+            _check_positive_number(name, getattr(self, name))
+        for name in _BOOLS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        _check_int("first_k_dense_replace", self.first_k_dense_replace, 0,
+                   self.num_hidden_layers, f" (num_hidden_layers={self.num_hidden_layers})")
+        _check_int("n_shared_experts", self.n_shared_experts, 0)
+        if self.q_lora_rank is not None:
+            _check_int("q_lora_rank", self.q_lora_rank, 1, why=" or null")
+        _check_int("qk_rope_head_dim", self.qk_rope_head_dim, 2)
+        if self.qk_rope_head_dim % 2:
+            raise ValueError(f"qk_rope_head_dim must be even (RoPE rotates pairs), got "
+                             f"{self.qk_rope_head_dim}")
+        _check_choice("scoring_func", self.scoring_func, SCORINGS)
+        _check_choice("topk_method", self.topk_method, TOPK_METHODS)
+        _check_choice("hidden_act", self.hidden_act, HIDDEN_ACTS)
+        self._check_routing()
+        self._check_rope_scaling()
+        self._check_eos()
+        quantization = self.quantization_config
+        if quantization is not None and not isinstance(quantization, dict):
+            raise ValueError(f"quantization_config must be an object or null, got "
+                             f"{quantization!r}")
+
+    def _check_routing(self):
+        """The rules ds_kernels.route enforces on every call, checked once here."""
+        E, k = self.n_routed_experts, self.num_experts_per_tok
+        if self.topk_method == "greedy":  # plain top-k: the groups play no part
+            for name in ("n_group", "topk_group"):  # transformers' DeepseekV2Config: None
+                if getattr(self, name) is not None:
+                    _check_int(name, getattr(self, name), 1, why=" or null")
+            _check_int("num_experts_per_tok", k, 1, E, f" (n_routed_experts={E})")
+            return
+        _check_int("n_group", self.n_group, 1)
+        if E % self.n_group:
+            raise ValueError(f"n_routed_experts={E} is not divisible by n_group={self.n_group}")
+        per_group = E // self.n_group
+        if self.topk_method == "noaux_tc" and self.n_group > 1 and per_group < 2:
+            raise ValueError(f"noaux_tc scores each group by its two best experts, but "
+                             f"n_routed_experts={E} in n_group={self.n_group} groups leaves "
+                             f"{per_group} per group")
+        _check_int("topk_group", self.topk_group, 1, self.n_group, f" (n_group={self.n_group})")
+        _check_int("num_experts_per_tok", k, 1, self.topk_group * per_group,
+                   f" (topk_group={self.topk_group} groups of {per_group} experts)")
+
+    def _check_rope_scaling(self):
+        scaling = self.rope_scaling
+        if scaling is None:
+            return
+        if not isinstance(scaling, dict):
+            raise ValueError(f"rope_scaling must be an object or null, got {scaling!r}")
+        for key in _POSITIVE_ROPE_KEYS:
+            if scaling.get(key) is not None:
+                _check_positive_number(f"rope_scaling[{key!r}]", scaling[key])
+        try:  # the tables' own checks: known keys and rope_type, what YaRN needs
+            rope_frequencies(self.qk_rope_head_dim, self.rope_theta, scaling)
+            rope_attention_factor(scaling)
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"rope_scaling {scaling}: {error}") from None
+
+    def _check_eos(self):
+        eos = self.eos_token_id
+        ids = [] if eos is None else eos if isinstance(eos, list) else [eos]
+        for i in ids:
+            if not _is_int(i) or not 0 <= i < self.vocab_size:
+                raise ValueError(f"eos_token_id must be null, an id or a list of ids in "
+                                 f"[0, vocab_size={self.vocab_size}), got {eos!r}")
+
     @classmethod
     def preset(cls, name: str) -> "ModelConfig":
         if name not in PRESETS:
@@ -80,20 +194,33 @@ class ModelConfig:
     def from_hf_config(cls, config: Any) -> "ModelConfig":
         """From a transformers DeepseekV3Config or a config.json dict. A field that is neither
         one of ours nor known metadata raises, naming it: silently ignoring it could build a
-        different model than the checkpoint's."""
-        fields = config if isinstance(config, dict) else config.to_dict()
+        different model than the checkpoint's. So does a missing one of the fields that fix
+        the architecture (_REQUIRED_FIELDS): the defaults are DeepSeek-V3-671B's."""
+        fields = config.to_dict() if hasattr(config, "to_dict") else config
+        if not isinstance(fields, dict):
+            raise ValueError(f"a config must be an object of fields, got {type(fields).__name__}")
         ours = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(fields) - ours - _IGNORED_FIELDS)
         if unknown:
             raise ValueError(f"unknown config field(s) {unknown}: not a DeepSeek-V3-family "
                              "config, or a variant ds_model does not implement")
+        missing = [name for name in _REQUIRED_FIELDS if name not in fields]
+        if missing:
+            raise ValueError(f"missing config field(s) {missing}: they fix the architecture, "
+                             "and ds_model does not guess them")
         values = {k: v for k, v in fields.items() if k in ours}
         derived = fields.get("qk_head_dim")
-        if derived is not None and derived != values.get("qk_nope_head_dim", 128) + values.get(
-                "qk_rope_head_dim", 64):
+        if derived is not None and derived != values["qk_nope_head_dim"] + values[
+                "qk_rope_head_dim"]:
             raise ValueError(f"qk_head_dim={derived} is not qk_nope_head_dim + qk_rope_head_dim")
+        # DeepSeek-V2's gate (group_limited_greedy, greedy) is always softmax, and transformers'
+        # DeepseekV2Config has no scoring_func to say so.
+        if "scoring_func" not in values and values.get("topk_method", "noaux_tc") != "noaux_tc":
+            values["scoring_func"] = "softmax"
         # transformers 5 keeps rope settings in rope_parameters (and rope_theta inside it).
         rope = fields.get("rope_parameters")
+        if rope is not None and not isinstance(rope, dict):
+            raise ValueError(f"rope_parameters must be an object or null, got {rope!r}")
         if rope:
             values["rope_theta"] = rope.get("rope_theta", values.get("rope_theta", 10000.0))
             if rope.get("rope_type", "default") != "default":
@@ -142,3 +269,27 @@ PRESETS = {
         rope_scaling={"rope_type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
                       "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}),
 }
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_int(name, value, low, high=None, why=""):
+    """value must be an int in [low, high] (high None: no bound); why says where high comes
+    from."""
+    if _is_int(value) and value >= low and (high is None or value <= high):
+        return
+    bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+    raise ValueError(f"{name} must be an int {bound}{why}, got {value!r}")
+
+
+def _check_positive_number(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")

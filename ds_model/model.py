@@ -244,8 +244,7 @@ class DeepSeekForCausalLM(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        if config.hidden_act != "silu":
-            raise ValueError(f"hidden_act={config.hidden_act!r}: only 'silu' is supported")
+        config.validate()  # again: its fields may have been changed since it was built
         self.config = config
         self.model = DeepSeekModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)

@@ -1,5 +1,10 @@
 """DeepSeekForCausalLM.generate against transformers' generate (greedy, EOS), ragged batches
-against one-by-one generation, sampling, bad arguments, and the CLI."""
+against one-by-one generation, sampling, bad arguments, and the CLI (its errors: one line)."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,3 +112,40 @@ def test_cli(models, capsys):
           "--max-new-tokens", "2", "--temperature", "0.5", "--dtype", "bfloat16"])
     out, err = capsys.readouterr()
     assert f"model: {folder}" in err and "bfloat16" in err and "sequence 0:" in out
+
+
+@pytest.mark.parametrize("args, match", [
+    pytest.param(["--checkpoint", "{tmp}/nowhere"], "{tmp}/nowhere: no such checkpoint folder$",
+                 id="missing_checkpoint"),
+    pytest.param(["--checkpoint", "{tmp}"], r"{tmp}/config.json: missing config field\(s\) "
+                                            r"\['vocab_size'", id="broken_checkpoint"),
+    pytest.param(["--record-routing", "{tmp}/no/ids.safetensors"],
+                 "--record-routing {tmp}/no/ids.safetensors: no folder {tmp}/no$",
+                 id="record_routing_folder"),
+    pytest.param(["--device", "cuda"], "--device cuda: CUDA is not available on this machine$",
+                 id="no_cuda"),
+    pytest.param(["--device", "gpu"], "--device gpu: ", id="bad_device"),  # then torch's words
+    pytest.param(["--preset", "deepseek-v3-671b"], r"--preset deepseek-v3-671b: 671.0B "
+                 r"parameters in torch.float32 need ", id="too_large"),
+])
+def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch, args, match):
+    """What the user can fix ends the run with one line (argparse's "prog: error: ...", no
+    traceback, no usage) and exit status 1, before any generation."""
+    (tmp_path / "config.json").write_text("{}")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = [a.format(tmp=tmp_path) for a in args]
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "--batch", "1", "--prompt-len", "2", "--max-new-tokens", "1", *args])
+    message = exit_.value.code  # SystemExit(str): printed to stderr, exit status 1
+    assert isinstance(message, str) and "\n" not in message
+    assert re.match(f"python -m ds_model: error: {match.format(tmp=tmp_path)}", message)
+    assert capsys.readouterr() == ("", "")  # nothing else: no usage, no model line
+
+
+def test_cli_error_in_a_real_process(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "ds_model", "generate", "--checkpoint",
+                             str(tmp_path / "nowhere")], capture_output=True, text=True,
+                            timeout=300, cwd=Path(__file__).parents[1])
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == (f"python -m ds_model: error: {tmp_path / 'nowhere'}: no such "
+                             "checkpoint folder\n")

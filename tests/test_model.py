@@ -1,6 +1,7 @@
 """ds_model.DeepSeekForCausalLM against transformers' DeepseekV3ForCausalLM: the same
 state_dict keys and logits; the cached prefill and the absorbed decode against the uncached
-forward; the paged cache; the presets' parameter counts."""
+forward; the paged cache; the presets' parameter counts; ModelConfig's validation and
+topk_method."""
 
 import dataclasses
 
@@ -9,8 +10,8 @@ import torch
 
 import ds_kernels
 from ds_model import DeepSeekForCausalLM, ModelConfig
-from ds_model.config import PRESETS
-from tiny_deepseek import hf_model
+from ds_model.config import PRESETS, TOPK_METHODS
+from tiny_deepseek import CONFIG, hf_model, transformers
 
 # Unequal mscales: cos/sin get a factor (transformers) besides the softmax scale's.
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128,
@@ -107,8 +108,112 @@ def test_bad_input():
                 torch.zeros(2, 3)):
         with pytest.raises(ValueError, match="input_ids must be integer"):
             model(bad)
-    with pytest.raises(ValueError, match="hidden_act='gelu'"):
-        DeepSeekForCausalLM(dataclasses.replace(ModelConfig.preset("tiny"), hidden_act="gelu"))
+
+
+# The tiny preset (16 experts in 4 groups, top-2 groups, top-4 experts, 3 layers, 1024 tokens)
+# with one field changed, and the error that names it.
+BAD_FIELDS = [
+    (dict(n_routed_experts=0), r"^n_routed_experts must be an int >= 1, got 0$"),
+    (dict(hidden_size=128.0), r"^hidden_size must be an int >= 1, got 128.0$"),
+    (dict(vocab_size=True), r"^vocab_size must be an int >= 1, got True$"),
+    (dict(n_group=3), r"^n_routed_experts=16 is not divisible by n_group=3$"),
+    (dict(n_group=None), r"^n_group must be an int >= 1, got None$"),
+    (dict(topk_method="greedy", topk_group=0), r"^topk_group must be an int >= 1 or null, got 0$"),
+    (dict(n_group=16, topk_group=8),
+     r"^noaux_tc scores each group by its two best experts, but n_routed_experts=16 in "
+     r"n_group=16 groups leaves 1 per group$"),
+    (dict(topk_group=5), r"^topk_group must be an int in \[1, 4\] \(n_group=4\), got 5$"),
+    (dict(num_experts_per_tok=0), r"^num_experts_per_tok must be an int >= 1, got 0$"),
+    (dict(num_experts_per_tok=9), r"^num_experts_per_tok must be an int in \[1, 8\] "
+                                  r"\(topk_group=2 groups of 4 experts\), got 9$"),
+    (dict(topk_method="greedy", num_experts_per_tok=17),
+     r"^num_experts_per_tok must be an int in \[1, 16\] \(n_routed_experts=16\), got 17$"),
+    (dict(first_k_dense_replace=4),
+     r"^first_k_dense_replace must be an int in \[0, 3\] \(num_hidden_layers=3\), got 4$"),
+    (dict(n_shared_experts=-1), r"^n_shared_experts must be an int >= 0, got -1$"),
+    (dict(q_lora_rank=0), r"^q_lora_rank must be an int >= 1 or null, got 0$"),
+    (dict(qk_rope_head_dim=15), r"^qk_rope_head_dim must be even \(RoPE rotates pairs\)"),
+    (dict(kv_lora_rank=None), r"^kv_lora_rank must be an int >= 1, got None$"),
+    (dict(rms_norm_eps=0.0), r"^rms_norm_eps must be a finite number > 0, got 0.0$"),
+    (dict(routed_scaling_factor=float("nan")), r"^routed_scaling_factor must be a finite"),
+    (dict(norm_topk_prob="yes"), r"^norm_topk_prob must be true or false, got 'yes'$"),
+    (dict(scoring_func="relu"), r"^scoring_func must be one of \['sigmoid', 'softmax'"),
+    (dict(topk_method="top1"), r"^topk_method must be one of \['noaux_tc', "
+                               r"'group_limited_greedy', 'greedy'\], got 'top1'$"),
+    (dict(hidden_act="gelu"), r"^hidden_act must be one of \['silu'\], got 'gelu'$"),
+    (dict(rope_scaling={"rope_type": "linear", "factor": 2.0}),
+     r"^rope_scaling \{.*\}: scaling rope_type must be one of \('default', 'yarn'\)"),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}),
+     r"^rope_scaling \{.*\}: yarn scaling needs 'original_max_position_embeddings'"),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": -4.0,
+                        "original_max_position_embeddings": 128}),
+     r"^rope_scaling\['factor'\] must be a finite number > 0, got -4.0$"),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 4, "original_max_position_embeddings":
+                        128, "partial_rotary_factor": 0.5}),
+     r"^rope_scaling \{.*\}: scaling has keys this module does not implement: "
+     r"\['partial_rotary_factor'\]"),
+    (dict(eos_token_id=1024), r"^eos_token_id must be null, an id or a list of ids in "
+                              r"\[0, vocab_size=1024\), got 1024$"),
+    (dict(eos_token_id=[1, "2"]), r"^eos_token_id must be .*, got \[1, '2'\]$"),
+    (dict(quantization_config="fp8"), r"^quantization_config must be an object or null"),
+]
+
+
+@pytest.mark.parametrize("change, match", BAD_FIELDS, ids=[str(c) for c, _ in BAD_FIELDS])
+def test_config_validation_names_the_field(change, match):
+    """Every ModelConfig is validated when built: each field's type and range, and the rules
+    that ds_kernels.route (or the RoPE tables) would otherwise enforce only at the first
+    forward."""
+    with pytest.raises(ValueError, match=match):
+        dataclasses.replace(ModelConfig.preset("tiny"), **change)
+
+
+def test_model_validates_a_changed_config():
+    config = ModelConfig.preset("tiny")
+    config.n_group = 3
+    with pytest.raises(ValueError, match="n_routed_experts=16 is not divisible by n_group=3"):
+        DeepSeekForCausalLM(config)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("topk_method", TOPK_METHODS)
+def test_config_round_trips_through_its_fields(preset, topk_method):
+    """A ModelConfig written out as config.json fields and read back is the same config."""
+    config = dataclasses.replace(ModelConfig.preset(preset), topk_method=topk_method)
+    assert ModelConfig.from_hf_config(dataclasses.asdict(config)) == config
+
+
+def test_topk_method_from_transformers_config():
+    assert ModelConfig.from_hf_config(transformers.DeepseekV3Config(**CONFIG)).topk_method == \
+        "noaux_tc"  # transformers 5 writes no topk_method: DeepSeek-V3's
+    hf = transformers.DeepseekV3Config(**CONFIG, topk_method="group_limited_greedy")
+    assert ModelConfig.from_hf_config(hf).topk_method == "group_limited_greedy"
+
+
+def test_deepseek_v2_config_from_transformers():
+    """transformers' DeepseekV2Config: "greedy" with n_group and topk_group None, and no
+    scoring_func (V2's gate is softmax)."""
+    fields = {k: v for k, v in CONFIG.items() if k not in ("n_group", "topk_group")}
+    config = ModelConfig.from_hf_config(transformers.DeepseekV2Config(**fields))
+    assert (config.topk_method, config.scoring_func) == ("greedy", "softmax")
+    assert (config.n_group, config.topk_group, config.norm_topk_prob) == (None, None, False)
+    with torch.device("meta"):
+        DeepSeekForCausalLM(config)
+
+
+def test_greedy_routes_over_all_experts():
+    """topk_method "greedy" (DeepSeek-V2-Lite): plain top-k, whatever n_group and topk_group
+    say, even values that would not do for group-limited routing."""
+    config = dataclasses.replace(ModelConfig.preset("tiny"), topk_method="greedy", n_group=3,
+                                 topk_group=7, num_experts_per_tok=12)
+    model = DeepSeekForCausalLM(config).init_weights(generator=torch.Generator().manual_seed(4))
+    gate = model.model.layers[1].mlp.gate
+    x = torch.randn(5, 128, generator=torch.Generator().manual_seed(5))     # [T, H]
+    with torch.no_grad():
+        _, ids = gate(x)                                                    # [T, 12]
+        want = (x @ gate.weight.T).topk(12, dim=-1).indices   # zero bias: the top logits
+        assert torch.equal(ids.sort(dim=-1).values, want.sort(dim=-1).values.int())
+        assert model(torch.tensor([[1, 2, 3]])).shape == (1, 3, 1024)
 
 
 def test_presets_parameter_counts():
