@@ -1,7 +1,9 @@
 """python -m bench [--ops OP ...] [--device cpu|cuda] [--quick] [--out DIR]
 
 Runs each op's benchmark, prints progress to stderr and the table to stdout, and writes
-results.json, results.md and <op>.png (time vs T, log-log) to DIR.
+results.json, results.md and <op>.png (time and speedup vs T, log-log) to DIR. The machine's
+load is sampled through the run; rows timed while other processes used the CPU, or with a wide
+spread, are flagged noisy in all three (see bench/harness.py: flag_noisy).
 """
 
 import argparse
@@ -46,13 +48,16 @@ def main(argv=None):
 
     machine = harness.machine_info(device)  # before our own load shows in its load average
     rows = []
-    for op in args.ops:
-        rows += importlib.import_module(BENCHMARKS[op]).run(device, args.quick)
+    with harness.LoadSampler() as load:
+        for op in args.ops:
+            rows += importlib.import_module(BENCHMARKS[op]).run(device, args.quick)
     harness.add_speedups(rows)
-    harness.write_results(rows, out, "results", machine)
+    harness.flag_noisy(rows)
+    harness.write_results(rows, out, "results", machine, load.summary())
     for op in args.ops:
         harness.plot([r for r in rows if r.op == op], out / f"{op}.png")
     print(harness.format_table(rows))
+    print(harness.describe_load(rows, load.summary()))
 
 
 if __name__ == "__main__":

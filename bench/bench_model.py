@@ -120,4 +120,5 @@ def _row(impl, shape, dtype, device, tokens, t):
     return Row(op=OP, impl=impl, shape=shape, dtype=str(dtype).replace("torch.", ""),
                device=str(device), median_us=round(t["median_us"], 3),
                p20_us=round(t["p20_us"], 3), p80_us=round(t["p80_us"], 3),
-               tokens_per_s=round(tokens / (t["median_us"] * 1e-6), 1), baseline=BASELINE)
+               tokens_per_s=round(tokens / (t["median_us"] * 1e-6), 1), baseline=BASELINE,
+               others_cpu=t["others_cpu"])

@@ -1,8 +1,11 @@
-"""Smoke test of the benchmark harness on a tiny op: timing, speedups, JSON, table, plot."""
+"""The benchmark harness: timing, load sampling, noisy rows, speedups, JSON, table, plots;
+and every benchmark module on toy shapes."""
 
+import dataclasses
 import functools
 import importlib
 import json
+import threading
 
 import pytest
 import torch
@@ -11,31 +14,54 @@ from bench import harness
 from bench.__main__ import BENCHMARKS
 
 
+@pytest.fixture(autouse=True)
+def no_load_padding(monkeypatch):
+    """These tests time for milliseconds; padding each load window to MIN_LOAD_CPU_S would only
+    slow them down (test_time_fns_measures_the_load_of_its_window checks the padding)."""
+    monkeypatch.setattr(harness, "MIN_LOAD_CPU_S", 0.0)
+
+
+def _row(**fields):
+    """A Row with made-up timings: 100 us median, p20-p80 95-105 us, unless given."""
+    return harness.Row(**{**dict(op="tiny", impl="sum", shape=dict(T=1, n=32), dtype="float32",
+                                 device="cpu", median_us=100.0, p20_us=95.0, p80_us=105.0,
+                                 tokens_per_s=1e4, baseline="sum"), **fields})
+
+
 def test_harness_reports_a_tiny_op(tmp_path):
     impls = [harness.Impl("sum", torch.sum),
              harness.Impl("cumsum", lambda x: x.cumsum(0), backend="reference")]
+    g = torch.Generator().manual_seed(0)
     rows = []
     for T in (1, 8):
-        x = torch.randn(T, 32)
+        x = torch.randn(T, 32, generator=g)
         rows += harness.compare(impls, (x,), op="tiny", shape=dict(T=T, n=32), dtype=x.dtype,
                                 device="cpu", tokens=T, nbytes=x.nbytes, baseline="sum",
                                 warmup=1, reps=5, budget_s=0.01)
     harness.add_speedups(rows)
+    harness.flag_noisy(rows)
 
     assert [(r.impl, r.shape["T"]) for r in rows] == [("sum", 1), ("cumsum", 1), ("sum", 8),
                                                       ("cumsum", 8)]
     for r in rows:
         assert 0 < r.p20_us <= r.median_us <= r.p80_us
+        assert r.others_cpu is None or 0 <= r.others_cpu <= 1
+        assert isinstance(r.noisy, list)
         assert r.tokens_per_s == pytest.approx(r.shape["T"] / (r.median_us * 1e-6), rel=1e-3)
         assert r.speedup_vs == (1.0 if r.impl == "sum" else pytest.approx(
             next(b.median_us for b in rows if b.impl == "sum" and b.shape == r.shape)
             / r.median_us, rel=1e-3))
 
-    json_path, md_path = harness.write_results(rows, tmp_path, "tiny")
+    load = dict(interval_s=1.0, others_cpu_mean=0.0, others_cpu_max=0.0, samples=[])
+    json_path, md_path = harness.write_results(rows, tmp_path, "tiny", load=load)
     data = json.loads(json_path.read_text())
     assert {"cpu", "torch", "date", "device"} <= data["machine"].keys()
+    assert data["load"] == load
     assert [(r["impl"], r["shape"]) for r in data["rows"]] == [(r.impl, r.shape) for r in rows]
-    table = [line for line in md_path.read_text().splitlines() if line.startswith("| tiny |")]
+    assert [harness.Row(**r) for r in data["rows"]] == rows
+    text = md_path.read_text()
+    assert "Load: other processes (our compilers too) used 0.0% of the CPU over the run" in text
+    table = [line for line in text.splitlines() if line.startswith("| tiny |")]
     assert len(table) == len(rows)
     assert sum("| cumsum |" in line and "T=8 n=32" in line for line in table) == 1
 
@@ -87,7 +113,7 @@ def test_moe_benchmarks_on_tiny_shapes(monkeypatch, tmp_path):
 
 
 def test_working_skips_impls_that_raise_and_fails_wrong_ones(capsys):
-    x = torch.randn(4, 3)
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
 
     def boom(x):
         raise RuntimeError("no kernel for this layout")
@@ -168,3 +194,198 @@ def test_percent_of_the_measured_peak_is_of_flops_else_of_bytes():
     assert harness.pct_of_peak(None, None, peaks) is None
     assert harness.pct_of_peak(250.0, 100.0, None) is None       # off a GPU: nothing measured
     assert harness.measured_peaks(torch.device("cpu")) is None
+
+
+# --- load sampling --------------------------------------------------------------------------
+
+def test_proc_stat_counts_steal_as_busy_and_iowait_as_idle(monkeypatch):
+    monkeypatch.setattr(harness.os, "sysconf", lambda name: 100)   # clock ticks per second
+    #         user nice system idle iowait irq softirq steal guest guest_nice
+    line = "cpu  600 10 200 1000 50 5 15 20 300 0\n"
+    got = harness.parse_proc_stat(line, own_s=4.0)
+    assert got == harness.CpuTimes(total_s=19.0, busy_s=8.5, own_s=4.0)  # guest is in user
+
+
+def test_others_cpu_is_busy_time_minus_our_own_over_all_cores():
+    before = harness.CpuTimes(total_s=100.0, busy_s=50.0, own_s=10.0)
+    # 2 s of wall time on 2 cores: 3 CPU-seconds busy, 2 of them ours.
+    after = harness.CpuTimes(total_s=104.0, busy_s=53.0, own_s=12.0)
+    assert harness.others_cpu(before, after) == 0.25
+    # Tick rounding can make the machine look less busy than we were: 0, not negative.
+    assert harness.others_cpu(before, dataclasses.replace(after, busy_s=51.9)) == 0.0
+    assert harness.others_cpu(before, None) is None                  # no /proc/stat
+    assert harness.others_cpu(before, before) is None                # no time passed
+
+
+def test_read_cpu_times_reads_this_machine():
+    got = harness.read_cpu_times()
+    if got is None:
+        pytest.skip("no /proc/stat here")
+    assert 0 <= got.busy_s <= got.total_s and got.own_s > 0
+
+
+def _fake_cpu(others_share=0.25, own_share=0.5):
+    """A reader whose every call is one more second of a 2-core machine, ``others_share`` and
+    ``own_share`` of it used by others and by us."""
+    calls = []
+
+    def read():
+        calls.append(None)
+        n = len(calls)
+        return harness.CpuTimes(total_s=2.0 * n, busy_s=2.0 * n * (others_share + own_share),
+                                own_s=2.0 * n * own_share)
+    return read, calls
+
+
+def test_load_sampler_records_a_series_and_a_summary():
+    read, _ = _fake_cpu()
+    with harness.LoadSampler(interval_s=3600, read=read) as sampler:   # the thread never fires
+        sampler.sample()
+        sampler.sample()
+    summary = sampler.summary()
+    assert [(s["others_cpu"], s["own_cpu"]) for s in summary["samples"]] == [(0.25, 0.5)] * 2
+    assert all(s["t_s"] >= 0 for s in summary["samples"])
+    assert summary["others_cpu_mean"] == summary["others_cpu_max"] == 0.25
+    assert summary["interval_s"] == 3600
+
+
+def test_load_sampler_samples_on_its_thread():
+    read, calls = _fake_cpu()
+    sampled = threading.Event()
+
+    def read_and_tell():
+        got = read()
+        if len(calls) >= 3:       # the first reading, then two samples on the thread
+            sampled.set()
+        return got
+
+    with harness.LoadSampler(interval_s=0.001, read=read_and_tell) as sampler:
+        assert sampled.wait(timeout=30)
+    assert len(sampler.summary()["samples"]) >= 2
+
+
+def test_load_sampler_without_proc_stat_measures_nothing():
+    with harness.LoadSampler(interval_s=3600, read=lambda: None) as sampler:
+        sampler.sample()
+    assert sampler.summary() == dict(interval_s=3600, others_cpu_mean=None, others_cpu_max=None,
+                                     samples=[])
+
+
+def test_time_fns_measures_the_load_of_its_window(monkeypatch):
+    read, calls = _fake_cpu(others_share=0.3)
+    monkeypatch.setattr(harness, "read_cpu_times", read)
+    slept = []
+    monkeypatch.setattr(harness.time, "sleep", slept.append)
+    monkeypatch.setattr(harness, "MIN_LOAD_CPU_S", 1.0)
+    times = harness.time_fns({"a": lambda: None, "b": lambda: None}, "cpu", warmup=1,
+                             reps=harness.MIN_REPS, budget_s=0)
+    assert len(calls) == 2                      # one window for both contenders
+    assert {t["others_cpu"] for t in times.values()} == {0.3}
+    # Microseconds of timing: the window is padded to MIN_LOAD_CPU_S of the machine's CPU.
+    assert len(slept) == 1 and 0 < slept[0] <= 1.0 / harness.os.cpu_count()
+
+
+# --- noisy rows -----------------------------------------------------------------------------
+
+def test_a_row_is_noisy_when_its_spread_is_wide_or_others_used_the_cpu():
+    rows = [_row(),                                                   # clean
+            _row(p20_us=80.0, p80_us=120.0),                          # p80/p20 1.5
+            _row(others_cpu=0.2),                                     # others took 20%
+            _row(others_cpu=harness.OTHERS_NOISY),                    # at the threshold: clean
+            _row(p20_us=90.0, p80_us=90.0 * harness.SPREAD_NOISY)]    # at the threshold: clean
+    harness.flag_noisy(rows)
+    assert [r.noisy for r in rows] == [[], ["p80/p20 1.50"],
+                                       ["other processes used 20% of the CPU"], [], []]
+
+
+def test_results_written_before_the_load_was_sampled_still_read():
+    """A row of bench/results/cpu-2026-11-28-quick/results.json, which has no others_cpu or
+    noisy: it loads, gets flagged on its spread alone, and goes into a table and a plot."""
+    old = {"op": "route", "impl": "transformers", "shape": {"T": 1, "H": 1024, "E": 256, "k": 8},
+           "dtype": "float32", "device": "cpu", "median_us": 75.222, "p20_us": 74.451,
+           "p80_us": 97.585, "tokens_per_s": 13294.0, "gbytes_per_s": 13.995055,
+           "baseline": "transformers", "speedup_vs": 1.0, "tflops_per_s": None,
+           "pct_of_peak": None}
+    rows = [harness.Row(**old)]
+    harness.flag_noisy(rows)
+    assert rows[0].others_cpu is None and rows[0].noisy == ["p80/p20 1.31"]
+    assert "| yes: p80/p20 1.31 |" in harness.format_table(rows)
+    assert harness.describe_load(rows, None) == (
+        "Load: not measured. 1 of 1 rows noisy: 0 timed while other processes used more than 5% "
+        "of the CPU, 1 with p80/p20 above 1.25 (marked in the last column).")
+
+
+def test_the_table_marks_noisy_rows_and_the_summary_says_if_the_run_was_quiet():
+    rows = [_row(), _row(impl="cumsum", others_cpu=0.4)]
+    harness.flag_noisy(rows)
+    table = harness.format_table(rows).splitlines()
+    assert table[0].endswith("| noisy |")
+    assert table[2].endswith("|  |")
+    assert table[3].endswith("| yes: other processes used 40% of the CPU |")
+
+    load = dict(interval_s=1.0, others_cpu_mean=0.004, others_cpu_max=0.2, samples=[])
+    assert harness.describe_load(rows[:1], load) == (
+        "Load: other processes (our compilers too) used 0.4% of the CPU over the run, at most "
+        "20.0% in any 1 s sample. 0 of 1 rows noisy: 0 timed while other processes used more "
+        "than 5% of the CPU, 0 with p80/p20 above 1.25 (marked in the last column). "
+        "A quiet run.")   # the busy sample fell between timings
+    assert harness.describe_load(rows, load).endswith(
+        "1 of 2 rows noisy: 1 timed while other processes used more than 5% of the CPU, 0 with "
+        "p80/p20 above 1.25 (marked in the last column). Not a quiet run.")
+
+
+# --- plots ----------------------------------------------------------------------------------
+
+def _plotted_rows():
+    rows = []
+    for mode in ("forward", "forward+backward"):
+        for T, median in ((1, 10.0), (16, 40.0), (256, 500.0)):
+            shape = dict(T=T, n=32, mode=mode)
+            rows += [_row(impl="sum", shape=shape, median_us=median, p20_us=0.9 * median,
+                          p80_us=1.1 * median),
+                     _row(impl="cumsum", shape=shape, median_us=median / 2,
+                          p20_us=0.45 * median, p80_us=0.55 * median,
+                          others_cpu=0.5 if T == 16 else 0.0)]
+    harness.add_speedups(rows)
+    harness.flag_noisy(rows)
+    return rows
+
+
+def test_the_figure_names_its_shape_and_axes_and_keeps_the_legend_off_the_curves(tmp_path):
+    pytest.importorskip("matplotlib")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = harness.figure(_plotted_rows())
+    time_ax, speed_ax = fig.axes
+    assert fig._suptitle.get_text() == "tiny, n=32, float32, cpu"   # the fixed shape
+    for ax in (time_ax, speed_ax):
+        assert ax.get_xlabel() == "T = tokens per step"
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "16", "256"]
+    assert time_ax.get_ylabel() == "time per call (µs, lower is better)"
+    assert speed_ax.get_ylabel() == "speedup vs baseline (x, higher is better)"
+    assert "baseline (1x, dashed): sum" == speed_ax.get_title()
+    assert any(list(line.get_ydata()) == [1.0, 1.0] for line in speed_ax.get_lines())  # 1x
+    # One legend entry per impl and mode, none on the axes, and its box clear of both panels.
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == [
+        "sum mode=forward", "cumsum mode=forward", "sum mode=forward+backward",
+        "cumsum mode=forward+backward"]
+    assert time_ax.get_legend() is None and speed_ax.get_legend() is None
+    assert "hollow points: noisy timing (2 of 12)" in legend.get_title().get_text()
+    FigureCanvasAgg(fig).draw()
+    box = legend.get_window_extent()
+    assert not any(box.overlaps(ax.get_window_extent()) for ax in fig.axes)
+    # The noisy points (cumsum at T=16, once per mode) are hollow, in both panels.
+    for ax in (time_ax, speed_ax):
+        hollow = [line for line in ax.get_lines() if line.get_markerfacecolor() == "white"]
+        assert [list(line.get_xdata()) for line in hollow] == [[16], [16]]
+
+    png = harness.plot(_plotted_rows(), tmp_path / "tiny.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_figure_without_noisy_rows_says_so():
+    pytest.importorskip("matplotlib")
+    rows = [r for r in _plotted_rows() if not r.noisy]
+    (legend,) = harness.figure(rows).legends
+    assert "no noisy points" in legend.get_title().get_text()
