@@ -151,14 +151,17 @@ def direct_call_allowed(*tensors) -> bool:
     """Whether a public op may call its backend directly instead of through torch.ops.
 
     torch.ops' custom-op layer costs ~50 us a call on CPU (bench/bench_route.py at T=1), more
-    than a decode step's routing itself. It only matters to autograd, torch.compile and
-    dispatch modes (fake tensors, tracing), so plain eager inference on plain tensors skips it.
+    than a decode step's routing itself. It only matters to autograd, torch.compile,
+    dispatch modes (fake tensors, tracing) and meta tensors, so plain eager inference on plain
+    tensors skips it.
     """
     if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
         return False
     grad = torch.is_grad_enabled()
-    return all(t is None or (type(t) in _PLAIN and not (grad and t.requires_grad))
-               for t in tensors)
+    # Meta tensors (shape inference, deferred init) hold no values: the ops' fake
+    # implementations answer for them.
+    return all(t is None or (type(t) in _PLAIN and not t.is_meta
+                             and not (grad and t.requires_grad)) for t in tensors)
 
 
 # Tensor types that no subclass logic (fake tensors, DTensor, ...) needs to see.

@@ -22,6 +22,27 @@ settings.register_profile("ci", deadline=None, print_blob=True,
 settings.load_profile("ci")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def deterministic_rng(request):
+    """Plain tests start from one fixed global seed. Property tests may not touch the global
+    RNG at all: hypothesis replays a failing example on its own, so each random tensor must come
+    from the drawn example (a drawn seed into a local ``torch.Generator``)."""
+    property_test = getattr(request.function, "is_hypothesis_test", False)
+    devices = list(range(torch.cuda.device_count()))
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(0)
+        before = _rng_states(devices)
+        yield
+        after = _rng_states(devices)
+    if property_test and any(not torch.equal(b, a) for b, a in zip(before, after)):
+        pytest.fail(f"{request.node.nodeid} drew from the global torch RNG inside a property "
+                    "test; draw a seed and use a local torch.Generator", pytrace=False)
+
+
+def _rng_states(devices):
+    return [torch.random.get_rng_state()] + [torch.cuda.get_rng_state(d) for d in devices]
 # Every op's non-reference backends that can run here; each is checked against the reference.
 FAST_BACKENDS = ["torch", "triton"]
 

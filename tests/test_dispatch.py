@@ -114,3 +114,48 @@ def test_a_forced_backend_is_seen_by_other_threads():
         worker.start()
         worker.join()
     assert seen == ["reference"]
+
+
+def _small_calls():
+    """One small call of every public op: (name, function of the tensors, tensors)."""
+    g = torch.Generator().manual_seed(3)
+    r = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    i32 = lambda *values: torch.tensor(values, dtype=torch.int32)  # noqa: E731
+    ids = i32([0, 2], [1, 0], [2, 1], [0, 1])
+    cache = r(6, 16, 48)
+    table = i32([0, 1, 2], [3, 4, 5])
+    return [
+        ("route", lambda x: ds_kernels.route(x, 2, n_group=2, topk_group=1), [r(4, 8)]),
+        ("moe_align", lambda x: ds_kernels.moe_align(x, 3, 16), [ids]),
+        ("grouped_mm", ds_kernels.grouped_mm, [r(5, 8), r(3, 8, 4), i32(1, 1, 5)]),
+        ("fused_moe", ds_kernels.fused_moe, [r(4, 8), r(3, 6, 8), r(3, 8, 3), r(4, 2), ids]),
+        ("rms_norm", lambda x, w: ds_kernels.rms_norm(x, w, 1e-6), [r(4, 8), r(8)]),
+        ("apply_rope", lambda x, c, s: ds_kernels.apply_rope(x, c, s, interleaved=True),
+         [r(4, 2, 8), r(4, 4), r(4, 4)]),
+        ("mla_cache_write", ds_kernels.mla_cache_write,
+         [r(3, 32), r(3, 16), cache, torch.tensor([0, 17, -1])]),
+        ("mla_cache_write_fused",
+         lambda x, p, w, c, s, kv, slots: ds_kernels.mla_cache_write_fused(
+             x, p, w, 1e-6, c, s, kv, slots), [r(3, 32), r(3, 16), r(32), r(3, 8), r(3, 8),
+                                               cache, torch.tensor([0, 17, -1])]),
+        ("mla_decode", lambda *t: ds_kernels.mla_decode(*t, 0.1),
+         [r(2, 4, 32), r(2, 4, 16), cache, table, i32(5, 40)]),
+        ("mla_prefill", lambda q, k, v, cu: ds_kernels.mla_prefill(q, k, v, cu, softmax_scale=0.2),
+         [r(5, 2, 24), r(5, 2, 24), r(5, 2, 16), i32(0, 2, 5)]),
+    ]
+
+
+@pytest.mark.parametrize("name,call,tensors", _small_calls(), ids=lambda v: v if isinstance(
+    v, str) else "")
+def test_public_ops_take_meta_tensors(name, call, tensors):
+    """Shape inference (meta tensors: deferred init, memory planning) runs each op's fake
+    implementation, which reads no values, and gives the shapes and dtypes of a real call."""
+    def outputs(result):
+        result = result if isinstance(result, (tuple, list)) else [result]
+        return [(tuple(t.shape), t.dtype) for t in result if isinstance(t, torch.Tensor)]
+
+    real = outputs(call(*[t.clone() for t in tensors]))
+    meta = call(*[t.to("meta") for t in tensors])
+    assert all(t.is_meta for t in (meta if isinstance(meta, (tuple, list)) else [meta])
+               if isinstance(t, torch.Tensor))
+    assert outputs(meta) == real

@@ -11,7 +11,7 @@ from conftest import DEVICE, backend_fixture
 from ds_kernels import tuning
 from ds_kernels.reference.fused_moe import fused_moe as reference
 from ds_kernels.reference.fused_moe import fused_moe_backward
-from numerics import assert_close
+from numerics import SEEDS, VIEWS, as_view, assert_close, random_like
 
 SMALL_TILES = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)
 
@@ -46,9 +46,12 @@ def moe_problems(draw):
     I = draw(st.sampled_from([8, 20]))
     dtype = draw(st.sampled_from([torch.float32, torch.float16]))
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
-    return make_problem(g, T, H, I, E, k, dtype,
-                        routing=draw(st.sampled_from(["uniform", "one expert", "half idle"])),
-                        strided=draw(st.booleans()))
+    problem = make_problem(g, T, H, I, E, k, dtype,
+                           routing=draw(st.sampled_from(["uniform", "one expert", "half idle"])),
+                           strided=draw(st.booleans()))
+    # Any argument may be a strided or an expanded view (an expanded topk_ids routes every
+    # token like the first; expanded weights make every expert the first).
+    return tuple(as_view(t, draw(VIEWS)) for t in problem)
 
 
 @settings(max_examples=20)
@@ -63,11 +66,11 @@ def test_fused_moe_matches_reference(backend, problem):
 
 
 @settings(max_examples=12)
-@given(problem=moe_problems())
-def test_fused_moe_backward_matches_reference(backend, problem):
+@given(problem=moe_problems(), seed=SEEDS)
+def test_fused_moe_backward_matches_reference(backend, problem, seed):
     hidden, w13, w2, weights, ids = problem
     inputs = [t.clone().requires_grad_() for t in (hidden, w13, w2, weights)]
-    grad_out = torch.randn(hidden.shape, device=DEVICE).to(hidden.dtype)
+    grad_out = random_like(hidden, seed)
     with tuning.override(**SMALL_TILES):
         ds_kernels.fused_moe(*inputs, ids).backward(grad_out)
     want = fused_moe_backward(grad_out, hidden, w13, w2, weights, ids)
@@ -177,3 +180,22 @@ def test_strided_routing_tensors(backend):
     with tuning.override(**SMALL_TILES):
         out = ds_kernels.fused_moe(hidden, w13, w2, weights, ids)
     assert_close(out, reference(hidden, w13, w2, weights, ids), torch.float32, reduction=24)
+
+
+def test_fp16_intermediate_overflow_is_loud_never_wrong(backend):
+    """The documented fp16 limit (ops/fused_moe.py): token 0's silu(g) * u is ~1.6e5, past
+    fp16's 65504, although its output (~60) is not. Its output is then non-finite on every
+    backend, the other tokens stay exact, and fp32 has no such limit."""
+    g = torch.Generator().manual_seed(8)
+    hidden, w13, w2, weights, ids = make_problem(g, 3, 16, 8, 2, 1, torch.float32)
+    hidden[0] = 25.0
+    w13[:, :, :] = 1.0                                            # g = u = 16 * 25 = 400
+    w2 *= 1e-3
+    want = reference(hidden, w13, w2, weights, ids)
+    assert want.isfinite().all() and want[0].abs().max() > 1
+    with tuning.override(**SMALL_TILES):
+        out32 = ds_kernels.fused_moe(hidden, w13, w2, weights, ids)
+        out16 = ds_kernels.fused_moe(*(t.half() for t in (hidden, w13, w2)), weights, ids)
+    assert_close(out32, want, torch.float32, reduction=24, what="fp32 out")
+    assert not out16[0].isfinite().any(), "an fp16 overflow must show as inf/NaN"
+    assert_close(out16[1:], want[1:], torch.float16, reduction=24, what="fp16 out, other tokens")

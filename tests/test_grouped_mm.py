@@ -10,7 +10,7 @@ import ds_kernels
 from conftest import DEVICE, backend_fixture
 from ds_kernels import tuning
 from ds_kernels.reference.grouped_mm import grouped_mm as reference, grouped_mm_backward
-from numerics import assert_close
+from numerics import SEEDS, VIEWS, as_view, assert_close, random_like
 
 # Small tiles keep the interpreter's program count low and still leave ragged tails.
 SMALL_TILES = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)
@@ -41,7 +41,8 @@ def grouped_problems(draw):
         b = torch.randn(E, N, K, generator=g).to(DEVICE, dtype).transpose(1, 2)
     else:
         b = torch.randn(E, K, N, generator=g).to(DEVICE, dtype)
-    return a, b, offs.to(DEVICE)
+    return (as_view(a, draw(VIEWS)), as_view(b, draw(VIEWS)),
+            as_view(offs.to(DEVICE), draw(VIEWS)))
 
 
 @settings(max_examples=25)
@@ -56,11 +57,11 @@ def test_grouped_mm_matches_reference(backend, problem):
 
 
 @settings(max_examples=15)
-@given(problem=grouped_problems())
-def test_grouped_mm_backward_matches_reference(backend, problem):
+@given(problem=grouped_problems(), seed=SEEDS)
+def test_grouped_mm_backward_matches_reference(backend, problem, seed):
     a, b, offs = problem
     a, b = a.clone().requires_grad_(), b.detach().clone().requires_grad_()
-    grad_out = torch.randn(a.shape[0], b.shape[2], device=DEVICE).to(a.dtype)
+    grad_out = random_like(a.new_empty(a.shape[0], b.shape[2]), seed)
     with tuning.override(**SMALL_TILES):
         ds_kernels.grouped_mm(a, b, offs).backward(grad_out)
     want_a, want_b = grouped_mm_backward(grad_out, a.detach(), b.detach(), offs)

@@ -52,9 +52,14 @@ def cache_problems(draw, backend):
     weight = 1 + 0.3 * torch.randn(Dc, generator=g)
     angles = torch.randint(0, 200_000, (T,), generator=g)
     cos, sin = rope.rope_cos_sin(angles, rope.rope_frequencies(Dr, 10000.0))
-    slot_dtype = draw(st.sampled_from([torch.int64, torch.int32]))
+    slots = slots.to(DEVICE, draw(st.sampled_from([torch.int64, torch.int32])))
+    view = draw(st.sampled_from(["dense", "strided", "expanded padding"]))
+    if view == "strided":  # a column of [slot, other] pairs: read by its stride
+        slots = torch.stack([slots, torch.zeros_like(slots)], dim=1)[:, 0]
+    elif view == "expanded padding":  # one -1 for every token (stride 0): nothing is written
+        slots = torch.full((1,), -1, dtype=slots.dtype, device=DEVICE).expand(T)
     return (kv_latent, k_pe, weight.to(**to), 1e-6, cos.to(DEVICE),
-            sin.to(DEVICE), kv_cache, slots.to(DEVICE, slot_dtype), draw(st.booleans()))
+            sin.to(DEVICE), kv_cache, slots, draw(st.booleans()))
 
 
 def plain_args(problem):

@@ -331,3 +331,61 @@ def test_benchmark_on_tiny_shapes(monkeypatch):
                                       "ds_kernels[attention]"}
     assert all(r.speedup_vs is not None for r in rows)
     assert next(r for r in rows if r.impl == "ds_kernels[attention]").gbytes_per_s > 0
+
+
+@pytest.mark.parametrize("poison", ["q_nope", "q_pe", "cache latent", "cache rope", "unused row"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_input_poisons_only_its_own_heads(any_backend, poison, value):
+    """One NaN policy for out and lse on every backend (reference/mla_decode.py): a non-finite
+    query or used cache row makes exactly the heads that read it NaN; rows past the end and the
+    other sequences stay exact. 40 tokens: the interpreter's Triton path splits them."""
+    g = torch.Generator().manual_seed(11)
+    lens = [40, 7, 19]
+    kv_cache, block_table, cache_seqlens = make_cache(g, lens, 16, 48, torch.float32,
+                                                      garbage=0.0)
+    q_nope = torch.randn(3, 4, 32, generator=g).to(DEVICE)
+    q_pe = torch.randn(3, 4, 16, generator=g).to(DEVICE)
+    want_bad = torch.zeros(3, 4, dtype=torch.bool)
+    if poison == "q_nope":
+        q_nope[0, 2, 5] = value
+        want_bad[0, 2] = True
+    elif poison == "q_pe":
+        q_pe[2, 1, 3] = value
+        want_bad[2, 1] = True
+    else:
+        b, t = (0, 33) if poison != "unused row" else (1, 9)      # sequence 1 has 7 tokens
+        column = 40 if poison == "cache rope" else 3
+        kv_cache[block_table[b, t // 16], t % 16, column] = value
+        want_bad[b] = poison != "unused row"
+    args = (q_nope, q_pe, kv_cache, block_table, cache_seqlens, 0.3)
+    out, lse = mla_decode(*args)
+    assert torch.equal(lse.isnan().cpu(), want_bad), lse
+    assert torch.equal(out.isnan().all(-1).cpu(), want_bad) and not out[~want_bad].isnan().any()
+    want_out, want_lse = reference(*args)
+    assert_close(out, want_out, torch.float32, reduction=100, what="out")
+    assert_close(lse, want_lse, torch.float32, reduction=100, what="lse")
+
+
+@pytest.mark.parametrize("view", ["strided", "expanded"])
+def test_index_tensors_are_read_by_their_strides(any_backend, view):
+    """block_table and cache_seqlens as columns of larger tensors, or expanded from one row
+    (stride 0): read as the values they show, never as the dense memory beneath them."""
+    g = torch.Generator().manual_seed(12)
+    kv_cache, block_table, cache_seqlens = make_cache(g, [33, 33, 33], 16, 48, torch.float32,
+                                                      spare_columns=1)
+    if view == "strided":
+        wide = torch.full((3, 2 * block_table.shape[1]), -1, dtype=torch.int32, device=DEVICE)
+        wide[:, ::2] = block_table
+        table = wide[:, ::2]
+        seqlens = torch.stack([cache_seqlens, torch.full_like(cache_seqlens, 10**6)], 1)[:, 0]
+    else:  # every sequence reads sequence 0's pages
+        table = block_table[:1].expand(3, -1)
+        seqlens = torch.tensor([33], dtype=torch.int32, device=DEVICE).expand(3)
+    assert table.stride() != block_table.stride() and seqlens.stride() != (1,)
+    q_nope = torch.randn(3, 4, 32, generator=g).to(DEVICE)
+    q_pe = torch.randn(3, 4, 16, generator=g).to(DEVICE)
+    out, lse = mla_decode(q_nope, q_pe, kv_cache, table, seqlens, 0.3)
+    want_out, want_lse = reference(q_nope, q_pe, kv_cache, table.contiguous(),
+                                   seqlens.contiguous(), 0.3)
+    assert_close(out, want_out, torch.float32, reduction=100, what="out")
+    assert_close(lse, want_lse, torch.float32, reduction=100, what="lse")

@@ -41,6 +41,8 @@ def prefill_problems(draw):
     dtype = draw(st.sampled_from([torch.float32, torch.float16]))
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     q, k, v, cu_seqlens = make_problem(g, lengths, Hq, Dqk, Dv, dtype, strided=draw(st.booleans()))
+    if draw(st.booleans()):  # a column of a larger index tensor: read by its stride
+        cu_seqlens = torch.stack([cu_seqlens, torch.full_like(cu_seqlens, -7)], dim=1)[:, 0]
     causal = draw(st.booleans())
     softmax_scale = draw(st.sampled_from([0.5, 1.0, 3.0])) / Dqk**0.5  # softmax flat to peaked
     return q, k, v, cu_seqlens, causal, softmax_scale, draw(st.sampled_from(TILES))
@@ -207,3 +209,54 @@ def test_bad_arguments_raise_clear_errors(args, kwargs, error, match):
 def test_softmax_scale_is_required():
     with pytest.raises(TypeError, match="softmax_scale"):
         mla_prefill(*_args())
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("poison", ["q", "k", "v"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_input_stays_in_its_rows(backend, causal, poison, value):
+    """A NaN or inf in one token of one sequence (reference/mla_prefill.py's policy): only the
+    rows of that head that see it are NaN - no other sequence packed beside it, no earlier
+    query of its own - and no gradient anywhere turns NaN (poisoned rows are constants)."""
+    g = torch.Generator().manual_seed(21)
+    lengths = [5, 23, 9, 3]                                       # short: the torch path packs them
+    q, k, v, cu_seqlens = make_problem(g, lengths, 2, 24, 16, torch.float32)
+    bad_token, head = 5 + 12, 1                                   # token 12 of sequence 1
+    dirty = [t.clone() for t in (q, k, v)]
+    dirty["qkv".index(poison)][bad_token, head, 3] = value
+    want_bad = torch.zeros(q.shape[:2], dtype=torch.bool)
+    if poison == "q":
+        want_bad[bad_token, head] = True
+    else:  # the queries that see key 12: the later ones of its sequence, or all of it
+        want_bad[bad_token if causal else 5:5 + 23, head] = True
+    grad_out = torch.randn(v.shape, generator=g).to(DEVICE)
+    grad_lse = torch.randn(q.shape[:2], generator=g).to(DEVICE)
+
+    def run(inputs):
+        inputs = [t.detach().clone().requires_grad_() for t in inputs]
+        with tuning.override(**TILES[1]):
+            out, lse = mla_prefill(*inputs, cu_seqlens, causal=causal, softmax_scale=0.3)
+            torch.autograd.backward((out, lse), (grad_out, grad_lse))
+        return out.detach(), lse.detach(), [t.grad for t in inputs]
+
+    out, lse, grads = run(dirty)
+    assert torch.equal(lse.isnan().cpu(), want_bad)
+    assert torch.equal(out.isnan().all(-1).cpu(), want_bad) and not out[~want_bad].isnan().any()
+    want_out, want_lse = reference(*dirty, cu_seqlens, causal, 0.3)
+    n = 23 + 24 + 16
+    assert_close(out, want_out, torch.float32, reduction=n, what="out")
+    assert_close(lse, want_lse, torch.float32, reduction=n, what="lse")
+    want_grads = mla_prefill_backward(grad_out, grad_lse, *dirty, None, None, cu_seqlens, causal,
+                                      0.3)
+    for got, want, name in zip(grads, want_grads, ["d q", "d k", "d v"]):
+        assert got.isfinite().all(), f"{name}: NaN or inf"
+        assert_close(got, want, torch.float32, reduction=n, what=name)
+    # Every other row, and the keys no poisoned row sees, get exactly the clean answer.
+    clean_out, clean_lse, clean_grads = run((q, k, v))
+    good = ~want_bad
+    assert torch.equal(out[good], clean_out[good]) and torch.equal(lse[good], clean_lse[good])
+    assert torch.equal(grads[0][good], clean_grads[0][good]), "d q of clean rows"
+    unseen = torch.ones_like(want_bad)
+    unseen[5:5 + 23, head] = False
+    for got, clean in zip(grads[1:], clean_grads[1:]):
+        assert torch.equal(got[unseen], clean[unseen]), "d k, d v of keys no poisoned row sees"

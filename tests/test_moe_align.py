@@ -9,6 +9,7 @@ import ds_kernels
 from conftest import DEVICE
 from ds_kernels.reference.moe_align import moe_align as reference_moe_align
 from ds_kernels.reference.moe_align import padded_length
+from numerics import VIEWS, as_view
 
 
 @st.composite
@@ -28,7 +29,8 @@ def alignment_problems(draw):
     else:  # -1 (another rank's expert) and ids past E are excluded
         ids = torch.randint(-2, E + 3, (T, k), generator=g)
     dtype = draw(st.sampled_from([torch.int32, torch.int64]))
-    return ids.to(DEVICE, dtype), E, block_m
+    # An expanded view routes every token like the first.
+    return as_view(ids.to(DEVICE, dtype), draw(VIEWS)), E, block_m
 
 
 def check_invariants(alignment, topk_ids, E, block_m):

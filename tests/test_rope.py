@@ -14,7 +14,7 @@ from conftest import DEVICE
 from ds_kernels import rope
 from ds_kernels.ops.apply_rope import apply_rope
 from ds_kernels.reference.apply_rope import apply_rope as reference
-from numerics import assert_close
+from numerics import SEEDS, VIEWS, as_view, assert_close, random_like
 
 # DeepSeek-V3's config.json "rope_scaling", in transformers' rope_parameters form.
 V3_YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0,
@@ -103,6 +103,7 @@ def rope_problems(draw, backend):
         x = torch.randn(T, *heads, D, generator=g).to(DEVICE, dtype)
     table_dtype = draw(st.sampled_from([torch.float32, dtype]))
     cos, sin = tables(g, T, D // 2, table_dtype, sliced=draw(st.booleans()))
+    x, cos, sin = (as_view(t, draw(VIEWS)) for t in (x, cos, sin))
     return x, cos, sin, draw(st.booleans())
 
 
@@ -119,7 +120,7 @@ def test_apply_rope_matches_reference(backend, data):
 @given(data=st.data())
 def test_apply_rope_backward_matches_autograd_through_reference(backend, data):
     x, cos, sin, interleaved = data.draw(rope_problems(backend))
-    grad_out = torch.randn(x.shape, device=DEVICE).to(x.dtype)
+    grad_out = random_like(x, data.draw(SEEDS, label="grad_out seed"))
     xg, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
     apply_rope(xg, cos, sin, interleaved=interleaved).backward(grad_out)
     reference(xr, cos, sin, interleaved).backward(grad_out)

@@ -20,9 +20,10 @@ def _torch_grouped_mm_takes(*tensors) -> bool:
     for t in tensors:
         if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             return False
-        # One of the two matrix dims must be unit-stride; every other stride 16-byte aligned.
+        # One of the two matrix dims must be unit-stride; every other stride 16-byte aligned
+        # and not 0 (it rejects expanded views).
         unit = t.dim() - 1 if t.stride(-1) == 1 else t.dim() - 2 if t.stride(-2) == 1 else None
-        if unit is None or any((s * t.itemsize) % _ALIGN_BYTES
+        if unit is None or any(s == 0 or (s * t.itemsize) % _ALIGN_BYTES
                                for d, s in enumerate(t.stride()) if d != unit):
             return False
     return True

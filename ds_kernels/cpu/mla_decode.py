@@ -32,6 +32,7 @@ def mla_decode(q_nope, q_pe, kv_cache, block_table, cache_seqlens, softmax_scale
     m = torch.full((B, Hq), float("-inf"), device=q_nope.device)    # running max score
     l = torch.zeros(B, Hq, device=q_nope.device)                    # running sum of exp
     acc = torch.zeros(B, Hq, Dc, device=q_nope.device)              # running weighted V
+    bad = torch.zeros(B, Hq, dtype=torch.bool, device=q_nope.device)  # a non-finite score seen
     q = torch.cat([q_nope, q_pe], dim=-1)[order].float() * softmax_scale   # [B, Hq, D]
     table = block_table[order]                                      # [B, max_blocks]
     chunk_pages = max(1, chunk_elements // (max(B, 1) * D * block_size))
@@ -51,6 +52,9 @@ def mla_decode(q_nope, q_pe, kv_cache, block_table, cache_seqlens, softmax_scale
         for i in ending:
             rows[i, lengths[i] - start:] = 0
         scores = torch.bmm(q[:n], rows.transpose(1, 2))             # [n, Hq, C]
+        # Blanked rows score 0 (or NaN, for a query that is bad anyway): the flag sees only
+        # what the sequences really read.
+        bad[:n] |= ~scores.isfinite().all(dim=-1)
         for i in ending:
             scores[i, :, lengths[i] - start:] = float("-inf")
         new_m = torch.maximum(m[:n], scores.amax(dim=-1))           # finite: each has a token
@@ -60,9 +64,10 @@ def mla_decode(q_nope, q_pe, kv_cache, block_table, cache_seqlens, softmax_scale
         acc[:n] = acc[:n] * alpha[..., None] + torch.bmm(p, rows[..., :Dc])
         m[:n] = new_m
     # l >= 1 wherever a token was seen (its maximum counts 1); empty sequences keep acc = 0,
-    # l = 0 and m = -inf, so they come out 0 with lse -inf.
+    # l = 0 and m = -inf, so they come out 0 with lse -inf. Heads that saw a non-finite score
+    # are NaN (reference/mla_decode.py's policy).
     out = torch.empty_like(acc)
-    out[order] = acc / l.clamp_min(1)[..., None]
+    out[order] = (acc / l.clamp_min(1)[..., None]).masked_fill(bad[..., None], float("nan"))
     lse = torch.empty_like(l)
-    lse[order] = m + torch.log(l)
+    lse[order] = (m + torch.log(l)).masked_fill(bad, float("nan"))
     return out.to(q_nope.dtype), lse

@@ -13,6 +13,12 @@ Softmax in base 2 (log2(e) folded into the scale; exp2 is ~2x cheaper than exp h
 max subtracted per row; the backward recomputes probabilities from the saved lse (flash
 attention's formulas), so it also never holds more than one chunk of scores.
 
+Packed sequences share matmuls, where a masked score's probability 0 still meets the other
+sequences' values: 0 * NaN would carry one request's NaN into another's output. So a NaN or
+inf in q, k or v is found first (one max per row), and then the inputs are read with those
+values zeroed and the rows that see them are set to NaN afterwards (the policy of
+reference/mla_prefill.py); finite inputs pay only that check.
+
 The three sizes below (KNOBS) are tuned per token-count bucket, separately for the forward
 and the backward, by `python -m autotune sweep --op mla_prefill`.
 """
@@ -101,9 +107,36 @@ def _heads_first(t, dtype):
     return t.to(dtype).transpose(0, 1)                               # [Hq, T, D] view
 
 
+def _finite_rows(t):
+    """bool [T, Hq]: rows of t [T, Hq, D] without NaN or inf (amax keeps NaNs)."""
+    return t.amax(dim=-1).isfinite() & t.amin(dim=-1).isfinite()
+
+
+def _poisoned_rows(q, k, v, cu_seqlens, causal):
+    """bool [T, Hq]: the (query, head) rows that see a NaN or inf, or None if there are none."""
+    bad_q = ~_finite_rows(q)
+    bad_key = ~(_finite_rows(k) & _finite_rows(v))                  # [T, Hq]
+    if not (bad_q.any() or bad_key.any()):
+        return None
+    lengths = torch.diff(cu_seqlens).long()
+    first = torch.repeat_interleave(cu_seqlens[:-1].long(), lengths)   # [T] its sequence's start
+    seen = torch.cat([bad_key.new_zeros(1, bad_key.shape[1], dtype=torch.int64),
+                      bad_key.long().cumsum(0)])                      # [T + 1, Hq] bad keys before
+    last = torch.arange(1, q.shape[0] + 1, device=q.device) if causal else (
+        torch.repeat_interleave(cu_seqlens[1:].long(), lengths))     # [T] one past its last key
+    return bad_q | (seen[last] > seen[first])
+
+
+def _zero_non_finite(*tensors):
+    return [torch.where(t.isfinite(), t, 0) for t in tensors]
+
+
 def mla_prefill(q, k, v, cu_seqlens, causal, softmax_scale):
     T, Hq, Dv = v.shape
     acc = torch.promote_types(q.dtype, torch.float32)
+    poisoned = _poisoned_rows(q, k, v, cu_seqlens, causal)
+    if poisoned is not None:
+        q, k, v = _zero_non_finite(q, k, v)
     qh, kh, vh = (_heads_first(t, acc) for t in (q, k, v))
     # Every token belongs to exactly one chunk, which writes its rows.
     out = torch.empty(T, Hq, Dv, dtype=q.dtype, device=q.device)
@@ -116,12 +149,22 @@ def mla_prefill(q, k, v, cu_seqlens, causal, softmax_scale):
         total = p.sum(dim=-1, keepdim=True)                          # [Hq, n, 1]
         out[rows] = torch.bmm(p, vh[:, keys]).div_(total).transpose(0, 1)
         lse[rows] = ((row_max + total.log2()) / _LOG2E).squeeze(-1).t()
+    if poisoned is not None:
+        out[poisoned] = float("nan")
+        lse[poisoned] = float("nan")
     return out, lse
 
 
 def mla_prefill_backward(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens, causal,
                          softmax_scale):
     acc = torch.promote_types(q.dtype, torch.float32)
+    # The forward's NaN rows (lse NaN) are constants: their P is 0 and they pass no gradient;
+    # every non-finite input has one (a key sees itself), so without them all is finite.
+    poisoned = lse.isnan()                                            # [T, Hq]
+    if poisoned.any():
+        q, k, v = _zero_non_finite(q, k, v)
+        out = out.masked_fill(poisoned[..., None], 0)
+        lse = lse.masked_fill(poisoned, float("inf"))
     qh, kh, vh, doh = (_heads_first(t, acc) for t in (q, k, v, grad_out))
     # delta = d(loss)/d(lse) folded into rowsum(dO * O): dS = P * (dP - delta).
     delta = ((grad_out.to(acc) * out.to(acc)).sum(-1) - grad_lse).t()   # [Hq, T]

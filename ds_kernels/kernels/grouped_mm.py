@@ -198,7 +198,7 @@ def _offs_layout(offs, M, config):
     """moe_align's layout of the rows of a grouped_mm: row r belongs to the e with
     offs[e-1] <= r < offs[e]; rows past offs[-1] get id E and are excluded."""
     rows = torch.arange(M, device=offs.device, dtype=offs.dtype)
-    row_group = torch.searchsorted(offs, rows, right=True).to(torch.int32)  # [M]
+    row_group = torch.searchsorted(offs.contiguous(), rows, right=True).to(torch.int32)  # [M]
     return moe_align(row_group.view(M, 1), offs.shape[0], config["BLOCK_M"])
 
 

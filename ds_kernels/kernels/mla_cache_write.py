@@ -31,14 +31,15 @@ def _mla_cache_write_kernel(
     latent_out_ptr, k_pe_out_ptr,
     T, DC, HALF, num_slots, block_size, eps,
     stride_lt, stride_ld, stride_kt, stride_kd, stride_ct, stride_cd, stride_st, stride_sd,
-    stride_cache_b, stride_cache_o, stride_cache_d,
+    stride_slot, stride_cache_b, stride_cache_o, stride_cache_d,
     FUSED: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_DC: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
     """Write tokens pid * BLOCK_T ... into the cache; with FUSED, normalise and rotate first.
 
     latent_ptr: [T, DC], strides (stride_lt, stride_ld). k_pe_ptr: [T, 2 * HALF], strides
-    (stride_kt, stride_kd). slot_ptr: [T] int32/int64. cache_ptr: [num_blocks, block_size,
+    (stride_kt, stride_kd). slot_ptr: [T] int32/int64, stride stride_slot (a column of a
+    larger index tensor, or 0 for an expanded one). cache_ptr: [num_blocks, block_size,
     DC + 2 * HALF], strides (stride_cache_b, stride_cache_o, stride_cache_d); num_slots =
     num_blocks * block_size. FUSED only: w_ptr [DC] contiguous norm weight, eps; cos_ptr,
     sin_ptr [T, HALF] (strides (stride_ct, stride_cd), (stride_st, stride_sd)); latent_out_ptr
@@ -46,7 +47,7 @@ def _mla_cache_write_kernel(
     """
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)       # [BT]
     token_ok = tokens < T
-    slot = tl.load(slot_ptr + tokens, mask=token_ok, other=-1).to(tl.int64)
+    slot = tl.load(slot_ptr + tokens.to(tl.int64) * stride_slot, mask=token_ok, other=-1).to(tl.int64)
     write = token_ok & (slot >= 0) & (slot < num_slots)
     slot = tl.where(write, slot, 0)
     cache_row = cache_ptr + ((slot // block_size) * stride_cache_b
@@ -108,7 +109,7 @@ def _launch(latent, k_pe, kv_cache, slot_mapping, fused, interleaved=False, norm
         latent if k_pe_out is None else k_pe_out,
         T, Dc, Dr // 2, num_blocks * block_size, block_size, float(eps),
         latent.stride(0), latent.stride(1), k_pe.stride(0), k_pe.stride(1),
-        cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
+        cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1), slot_mapping.stride(0),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
         FUSED=fused, INTERLEAVED=interleaved, BLOCK_T=block_t, BLOCK_DC=block_dc,
         BLOCK_HALF=triton.next_power_of_2(Dr // 2))

@@ -67,7 +67,7 @@ def _mla_decode_kernel(
     q_nope_ptr, q_pe_ptr, cache_ptr, block_table_ptr, seqlens_ptr, out_ptr, lse_ptr,
     Hq, num_blocks, max_blocks, num_splits, scale_log2,
     stride_qnb, stride_qnh, stride_qnd, stride_qpb, stride_qph, stride_qpd,
-    stride_cb, stride_ct, stride_cd, stride_btb, stride_btp,
+    stride_cb, stride_ct, stride_cd, stride_btb, stride_btp, stride_sl,
     stride_ob, stride_oh, stride_os, stride_od, stride_lb, stride_lh, stride_ls,
     DC: tl.constexpr, DR: tl.constexpr, DC_POW2: tl.constexpr, DR_POW2: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
@@ -78,7 +78,7 @@ def _mla_decode_kernel(
     q_nope_ptr: [B, Hq, DC], strides (stride_qnb, stride_qnh, stride_qnd); q_pe_ptr: [B, Hq, DR]
     likewise. cache_ptr: [num_blocks, PAGE, DC + DR] latent cache, strides (stride_cb,
     stride_ct, stride_cd), same dtype as q. block_table_ptr: int32 [B, max_blocks], strides
-    (stride_btb, stride_btp). seqlens_ptr: int32 [B]. out_ptr: [B, Hq, num_splits, DC] partial
+    (stride_btb, stride_btp). seqlens_ptr: int32 [B], stride stride_sl (0 when expanded). out_ptr: [B, Hq, num_splits, DC] partial
     (or, with one split, final) output, strides (stride_ob, stride_oh, stride_os, stride_od);
     lse_ptr: fp32 [B, Hq, num_splits] natural-log lse of the split's scores, strides
     (stride_lb, stride_lh, stride_ls). An empty split writes out 0 and lse -inf.
@@ -99,7 +99,7 @@ def _mla_decode_kernel(
                             + dr[None, :] * stride_qpd,
                             mask=h_ok[:, None] & dr_ok[None, :], other=0.0), UPCAST)
 
-    seqlen = tl.minimum(tl.maximum(tl.load(seqlens_ptr + b), 0), max_blocks * PAGE)
+    seqlen = tl.minimum(tl.maximum(tl.load(seqlens_ptr + b * stride_sl), 0), max_blocks * PAGE)
     per_split = tl.cdiv(tl.cdiv(seqlen, num_splits), BLOCK_N) * BLOCK_N
     start = split * per_split
     end = tl.minimum(start + per_split, seqlen)
@@ -107,6 +107,7 @@ def _mla_decode_kernel(
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)             # running max (log2 units)
     l = tl.zeros([BLOCK_H], tl.float32)                           # running sum of exp2
     acc = tl.zeros([BLOCK_H, DC_POW2], tl.float32)                # running weighted V
+    bad = tl.zeros([BLOCK_H], tl.int32)                           # a non-finite score seen
     for n0 in range(start, end, BLOCK_N):
         tok = n0 + tl.arange(0, BLOCK_N)                          # [BN]
         page = tl.load(block_table_ptr + b * stride_btb + (tok // PAGE) * stride_btp,
@@ -119,7 +120,12 @@ def _mla_decode_kernel(
                                 mask=t_ok[:, None] & dr_ok[None, :], other=0.0), UPCAST)
         s = tl.dot(q_nope, tl.trans(kv), input_precision=PRECISION)      # [BH, BN]
         s = tl.dot(q_pe, tl.trans(k_pe), s, input_precision=PRECISION)
-        s = tl.where(t_ok[None, :], s * scale_log2, float("-inf"))
+        s = s * scale_log2
+        # A NaN or inf score makes the head NaN (reference/mla_decode.py), set at the end
+        # rather than left to max(), which may drop NaNs on a GPU; the softmax skips it.
+        finite = (s == s) & (tl.abs(s) < float("inf"))
+        bad = tl.maximum(bad, tl.max((t_ok[None, :] & ~finite).to(tl.int32), axis=1))
+        s = tl.where(t_ok[None, :] & finite, s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         # Only skipped (bad) pages leave a row at -inf; exp2 against 0 then gives 0, not NaN.
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -131,8 +137,9 @@ def _mla_decode_kernel(
 
     found = l > 0
     l = tl.where(found, l, 1.0)
-    out = acc / l[:, None]
+    out = tl.where(bad[:, None] > 0, float("nan"), acc / l[:, None])
     lse = tl.where(found, (m + tl.log2(l)) * _LN2, float("-inf"))
+    lse = tl.where(bad > 0, float("nan"), lse)
     tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + split * stride_os
              + dc[None, :] * stride_od, out.to(out_ptr.dtype.element_ty),
              mask=h_ok[:, None] & dc_ok[None, :])
@@ -146,7 +153,8 @@ def _merge_splits_kernel(
     DC: tl.constexpr, DC_POW2: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """out[b, h] = sum_s w_s part_out[b, h, s] / sum_s w_s, w_s = exp(part_lse[b, h, s]);
-    lse[b, h] = log(sum_s w_s) (all splits empty: out 0, lse -inf).
+    lse[b, h] = log(sum_s w_s) (all splits empty: out 0, lse -inf; a split with lse NaN - a
+    non-finite score - makes both NaN).
 
     part_out_ptr: fp32 [B, Hq, num_splits, DC] contiguous; part_lse_ptr: fp32 [B, Hq,
     num_splits] contiguous, natural log. out_ptr: [B, Hq, DC] in q's dtype, strides (stride_ob,
@@ -160,10 +168,13 @@ def _merge_splits_kernel(
     m = tl.full((), float("-inf"), tl.float32)
     l = tl.zeros((), tl.float32)
     acc = tl.zeros([DC_POW2], tl.float32)
+    bad = tl.zeros((), tl.int32)
     for s0 in range(0, num_splits, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)                            # [BS]
         lse_s = tl.load(part_lse_ptr + first + s, mask=s < num_splits,
                         other=float("-inf")) * _LOG2E
+        bad = tl.maximum(bad, tl.max((lse_s != lse_s).to(tl.int32), axis=0))
+        lse_s = tl.where(lse_s == lse_s, lse_s, float("-inf"))
         part = tl.load(part_out_ptr + (first + s)[:, None] * DC + dc[None, :],
                        mask=(s < num_splits)[:, None] & dc_ok[None, :], other=0.0)  # [BS, DCP]
         m_new = tl.maximum(m, tl.max(lse_s, axis=0))
@@ -175,9 +186,11 @@ def _merge_splits_kernel(
         m = m_new
     found = l > 0
     l = tl.where(found, l, 1.0)
+    out = tl.where(bad > 0, float("nan"), acc / l)
+    lse = tl.where(found, (m + tl.log2(l)) * _LN2, float("-inf"))
     tl.store(out_ptr + b * stride_ob + h * stride_oh + dc * stride_od,
-             (acc / l).to(out_ptr.dtype.element_ty), mask=dc_ok)
-    tl.store(lse_ptr + b * Hq + h, tl.where(found, (m + tl.log2(l)) * _LN2, float("-inf")))
+             out.to(out_ptr.dtype.element_ty), mask=dc_ok)
+    tl.store(lse_ptr + b * Hq + h, tl.where(bad > 0, float("nan"), lse))
 
 
 def num_splits(programs: int, capacity: int, sms: int, min_split_tokens: int) -> int:
@@ -243,7 +256,7 @@ def mla_decode(q_nope, q_pe, kv_cache, block_table, cache_seqlens, softmax_scale
     _mla_decode_kernel[(B, head_groups, splits)](
         q_nope, q_pe, kv_cache, block_table, cache_seqlens, part_out, part_lse,
         Hq, num_blocks, block_table.shape[1], splits, softmax_scale * _LOG2E.value,
-        *q_nope.stride(), *q_pe.stride(), *kv_cache.stride(), *block_table.stride(),
+        *q_nope.stride(), *q_pe.stride(), *kv_cache.stride(), *block_table.stride(), cache_seqlens.stride(0),
         *part_out.stride(), *part_lse.stride(),
         DC=Dc, DR=Dr, DC_POW2=dc_p, DR_POW2=dr_p, PAGE=page, BLOCK_H=_BLOCK_H,
         BLOCK_N=config["BLOCK_N"],

@@ -21,6 +21,12 @@ a column mask against a runtime bound keeps Triton from vectorising the loads, a
 pipelining them at all (seen in the sm_90 builds). Key tiles that no causal or length mask
 touches run a separate loop without the mask. Token offsets are 64-bit: T * Hq * D passes
 2**31 at ~90K tokens with 128 heads.
+
+Non-finite input (reference/mla_prefill.py): a probability 0 still multiplies its value in a
+dot, and 0 * NaN is NaN, so a masked key's NaN would reach the queries that cannot see it. The
+forward flags a row when a key it sees has a NaN or inf score or value, leaves that key out,
+zeroes non-finite values, and writes the row's out and lse as NaN. The backward reads inputs
+with non-finite values zeroed and treats a NaN lse as a row of constants (P = 0).
 """
 
 import functools
@@ -65,6 +71,16 @@ def _load_rows(ptr, rows, row_ok, stride_t, stride_d, D_OFF: tl.constexpr, D: tl
 
 
 @triton.jit
+def _is_finite(x):
+    return (x == x) & (tl.abs(x) < float("inf"))
+
+
+@triton.jit
+def _finite_or_zero(x):
+    return tl.where(_is_finite(x), x, 0.0)
+
+
+@triton.jit
 def _store_rows(ptr, value, rows, row_ok, stride_t, D_OFF: tl.constexpr, D: tl.constexpr,
                 D_MAX: tl.constexpr):
     d = D_OFF + tl.arange(0, D)
@@ -79,12 +95,12 @@ def _mma(a, b, acc, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _fwd_step(acc, l_i, m_i, q1, q2, k_ptr, v_ptr, start, L, n0, offs_m,
+def _fwd_step(acc, l_i, m_i, bad, q1, q2, k_ptr, v_ptr, start, L, n0, offs_m,
               stride_kt, stride_kd, stride_vt, stride_vd, scale2,
               DQK: tl.constexpr, DV: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
               DV_P: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
               BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    """Fold key tile n0 into the running (acc, sum, max) of a query tile."""
+    """Fold key tile n0 into the running (acc, sum, max, poisoned) of a query tile."""
     offs_n = n0 + tl.arange(0, BLOCK_N)                           # [BN]
     col_ok = offs_n < L
     cols = (start + offs_n).to(tl.int64)
@@ -94,20 +110,28 @@ def _fwd_step(acc, l_i, m_i, q1, q2, k_ptr, v_ptr, start, L, n0, offs_m,
     if D2 > 0:
         s = _mma(q2, _load_rows(k_ptr, cols, col_ok, stride_kt, stride_kd, D1, D2, DQK, True), s,
                  PRECISION)
+    v = _load_rows(v_ptr, cols, col_ok, stride_vt, stride_vd, 0, DV_P, DV, False)  # [BN, DV]
+    v_ok = _is_finite(v)
+    v_bad = tl.max((~v_ok).to(tl.int32), axis=1)                  # [BN]
+    v = tl.where(v_ok, v, 0.0)
     s = s * scale2
+    poison = ~_is_finite(s) | (v_bad[None, :] > 0)                # [BM, BN]
     if MASK:
         ok = col_ok[None, :]
         if CAUSAL:
             ok = ok & (offs_n[None, :] <= offs_m[:, None])
+        poison = poison & ok
         s = tl.where(ok, s, float("-inf"))
-    # Every row sees key 0 in its first tile, so m_new is finite and no exp2 sees inf - inf.
+    bad = tl.maximum(bad, tl.max(poison.to(tl.int32), axis=1))
+    s = tl.where(poison, float("-inf"), s)
+    # Every row sees key 0 in its first tile, so m_new is finite and no exp2 sees inf - inf
+    # (but in a poisoned row, which comes out NaN anyway).
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    v = _load_rows(v_ptr, cols, col_ok, stride_vt, stride_vd, 0, DV_P, DV, False)  # [BN, DV]
     acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], PRECISION)
-    return acc, l_i, m_new
+    return acc, l_i, m_new, bad
 
 
 @triton.jit
@@ -148,6 +172,7 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
     l_i = tl.zeros([BLOCK_M], dtype=ACC)
     acc = tl.zeros([BLOCK_M, DV_P], dtype=ACC)
+    bad = tl.zeros([BLOCK_M], dtype=tl.int32)                     # sees a non-finite input
     if CAUSAL:
         hi = tl.minimum(m0 + BLOCK_M, L)
         unmasked = (m0 + 1) // BLOCK_N * BLOCK_N   # tiles whose last key <= the first query
@@ -155,16 +180,20 @@ def _fwd_kernel(
         hi = L
         unmasked = L // BLOCK_N * BLOCK_N
     for n0 in range(0, unmasked, BLOCK_N):
-        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q1, q2, k_ptr, v_ptr, start, L, n0, offs_m,
-                                  stride_kt, stride_kd, stride_vt, stride_vd, scale2, DQK, DV,
-                                  D1, D2, DV_P, False, CAUSAL, BLOCK_N, PRECISION)
+        acc, l_i, m_i, bad = _fwd_step(acc, l_i, m_i, bad, q1, q2, k_ptr, v_ptr, start, L,
+                                       n0, offs_m, stride_kt, stride_kd, stride_vt, stride_vd,
+                                       scale2, DQK, DV, D1, D2, DV_P, False, CAUSAL, BLOCK_N,
+                                       PRECISION)
     for n0 in range(unmasked, hi, BLOCK_N):
-        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q1, q2, k_ptr, v_ptr, start, L, n0, offs_m,
-                                  stride_kt, stride_kd, stride_vt, stride_vd, scale2, DQK, DV,
-                                  D1, D2, DV_P, True, CAUSAL, BLOCK_N, PRECISION)
+        acc, l_i, m_i, bad = _fwd_step(acc, l_i, m_i, bad, q1, q2, k_ptr, v_ptr, start, L,
+                                       n0, offs_m, stride_kt, stride_kd, stride_vt, stride_vd,
+                                       scale2, DQK, DV, D1, D2, DV_P, True, CAUSAL, BLOCK_N,
+                                       PRECISION)
 
-    _store_rows(out_ptr + h * DV, acc / l_i[:, None], rows, row_ok, H * DV, 0, DV_P, DV)
+    out = tl.where(bad[:, None] > 0, float("nan"), acc / l_i[:, None])
+    _store_rows(out_ptr + h * DV, out, rows, row_ok, H * DV, 0, DV_P, DV)
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453                 # log2 -> natural log
+    lse = tl.where(bad > 0, float("nan"), lse)
     tl.store(lse_ptr + rows * H + h, lse.to(tl.float32), mask=row_ok)
 
 
@@ -184,8 +213,9 @@ def _bwd_delta_kernel(
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)      # [BT]
     row_ok = rows < T
     rows = rows.to(tl.int64)
-    o = _load_rows(out_ptr + h * stride_oh, rows, row_ok, stride_ot, stride_od, 0, DV_P, DV,
-                   False)
+    # A poisoned row's out is NaN and its P will be 0: its delta only has to stay finite.
+    o = _finite_or_zero(_load_rows(out_ptr + h * stride_oh, rows, row_ok, stride_ot, stride_od,
+                                   0, DV_P, DV, False))
     do = _load_rows(do_ptr + h * stride_doh, rows, row_ok, stride_dot, stride_dod, 0, DV_P, DV,
                     False)
     dlse = tl.load(dlse_ptr + rows * stride_dlt + h * stride_dlh, mask=row_ok, other=0.0)
@@ -203,13 +233,15 @@ def _bwd_dkdv_step(dk1, dk2, dv, k1, k2, v, q_ptr, do_ptr, lse_ptr, delta_ptr, s
     offs_m = m0 + tl.arange(0, BLOCK_M)                           # [BM]
     row_ok = offs_m < L
     rows = (start + offs_m).to(tl.int64)
-    q1 = _load_rows(q_ptr, rows, row_ok, stride_qt, stride_qd, 0, D1, DQK, False)
+    q1 = _finite_or_zero(_load_rows(q_ptr, rows, row_ok, stride_qt, stride_qd, 0, D1, DQK, False))
     s = _mma(k1, tl.trans(q1), tl.zeros([k1.shape[0], BLOCK_M], dtype=dv.dtype), PRECISION)
     if D2 > 0:
-        q2 = _load_rows(q_ptr, rows, row_ok, stride_qt, stride_qd, D1, D2, DQK, False)
+        q2 = _finite_or_zero(_load_rows(q_ptr, rows, row_ok, stride_qt, stride_qd, D1, D2, DQK,
+                                        False))
         s = _mma(k2, tl.trans(q2), s, PRECISION)                  # [BN, BM]
-    # Rows past the sequence get lse = +inf, so p = 0 there without a mask.
+    # Rows past the sequence, and poisoned rows (lse NaN), get lse = +inf: p = 0 there.
     lse = tl.load(lse_ptr + rows * H + h, mask=row_ok, other=float("inf")).to(dv.dtype)
+    lse = tl.where(lse == lse, lse, float("inf"))
     p = tl.exp2(s * scale2 - lse[None, :] * 1.4426950408889634)
     if MASK:  # causal: key j sees query i only if j <= i
         p = tl.where(offs_n[:, None] <= offs_m[None, :], p, 0.0)
@@ -251,12 +283,14 @@ def _bwd_dkdv_kernel(
     offs_n = n0 + tl.arange(0, BLOCK_N)                           # [BN] keys in the sequence
     col_ok = offs_n < L
     cols = (start + offs_n).to(tl.int64)
-    k1 = _load_rows(k_ptr + h * stride_kh, cols, col_ok, stride_kt, stride_kd, 0, D1, DQK, False)
+    k1 = _finite_or_zero(_load_rows(k_ptr + h * stride_kh, cols, col_ok, stride_kt, stride_kd,
+                                    0, D1, DQK, False))
     k2 = k1  # unread without a tail
     if D2 > 0:
-        k2 = _load_rows(k_ptr + h * stride_kh, cols, col_ok, stride_kt, stride_kd, D1, D2, DQK,
-                        False)
-    v = _load_rows(v_ptr + h * stride_vh, cols, col_ok, stride_vt, stride_vd, 0, DV_P, DV, False)
+        k2 = _finite_or_zero(_load_rows(k_ptr + h * stride_kh, cols, col_ok, stride_kt,
+                                        stride_kd, D1, D2, DQK, False))
+    v = _finite_or_zero(_load_rows(v_ptr + h * stride_vh, cols, col_ok, stride_vt, stride_vd, 0,
+                                   DV_P, DV, False))
 
     dk1 = tl.zeros([BLOCK_N, D1], dtype=ACC)
     dk2 = tl.zeros([BLOCK_N, D2 if D2 > 0 else 1], dtype=ACC)
@@ -295,10 +329,12 @@ def _bwd_dq_step(dq1, dq2, q1, q2, do, lse2, delta, k_ptr, v_ptr, start, L, n0, 
     offs_n = n0 + tl.arange(0, BLOCK_N)                           # [BN]
     col_ok = offs_n < L
     cols = (start + offs_n).to(tl.int64)
-    k1 = _load_rows(k_ptr, cols, col_ok, stride_kt, stride_kd, 0, D1, DQK, False)  # [BN, D1]
+    k1 = _finite_or_zero(_load_rows(k_ptr, cols, col_ok, stride_kt, stride_kd, 0, D1, DQK,
+                                    False))                       # [BN, D1]
     s = _mma(q1, tl.trans(k1), tl.zeros([q1.shape[0], BLOCK_N], dtype=dq1.dtype), PRECISION)
     if D2 > 0:
-        k2 = _load_rows(k_ptr, cols, col_ok, stride_kt, stride_kd, D1, D2, DQK, False)
+        k2 = _finite_or_zero(_load_rows(k_ptr, cols, col_ok, stride_kt, stride_kd, D1, D2, DQK,
+                                        False))
         s = _mma(q2, tl.trans(k2), s, PRECISION)                  # [BM, BN]
     p = tl.exp2(s * scale2 - lse2[:, None])
     if MASK:
@@ -306,7 +342,8 @@ def _bwd_dq_step(dq1, dq2, q1, q2, do, lse2, delta, k_ptr, v_ptr, start, L, n0, 
         if CAUSAL:
             ok = ok & (offs_n[None, :] <= offs_m[:, None])
         p = tl.where(ok, p, 0.0)
-    vt = _load_rows(v_ptr, cols, col_ok, stride_vt, stride_vd, 0, DV_P, DV, True)  # [DV, BN]
+    vt = _finite_or_zero(_load_rows(v_ptr, cols, col_ok, stride_vt, stride_vd, 0, DV_P, DV,
+                                    True))                        # [DV, BN]
     dp = _mma(do, vt, tl.zeros([q1.shape[0], BLOCK_N], dtype=dq1.dtype), PRECISION)
     ds = (p * (dp - delta[:, None])).to(k1.dtype)                 # [BM, BN]
     dq1 = _mma(ds, k1, dq1, PRECISION)
@@ -339,15 +376,17 @@ def _bwd_dq_kernel(
     offs_m = m0 + tl.arange(0, BLOCK_M)                           # [BM]
     row_ok = offs_m < L
     rows = (start + offs_m).to(tl.int64)
-    q1 = _load_rows(q_ptr + h * stride_qh, rows, row_ok, stride_qt, stride_qd, 0, D1, DQK, False)
+    q1 = _finite_or_zero(_load_rows(q_ptr + h * stride_qh, rows, row_ok, stride_qt, stride_qd,
+                                    0, D1, DQK, False))
     q2 = q1  # unread without a tail
     if D2 > 0:
-        q2 = _load_rows(q_ptr + h * stride_qh, rows, row_ok, stride_qt, stride_qd, D1, D2, DQK,
-                        False)
+        q2 = _finite_or_zero(_load_rows(q_ptr + h * stride_qh, rows, row_ok, stride_qt,
+                                        stride_qd, D1, D2, DQK, False))
     do = _load_rows(do_ptr + h * stride_doh, rows, row_ok, stride_dot, stride_dod, 0, DV_P, DV,
                     False)
-    # Rows past the sequence get lse = +inf, so p = 0 there without a mask.
+    # Rows past the sequence, and poisoned rows (lse NaN), get lse = +inf: p = 0 there.
     lse = tl.load(lse_ptr + rows * H + h, mask=row_ok, other=float("inf")).to(ACC)
+    lse = tl.where(lse == lse, lse, float("inf"))
     lse2 = lse * 1.4426950408889634                               # natural log -> log2
     delta = tl.load(delta_ptr + rows * H + h, mask=row_ok, other=0.0)
 
@@ -509,6 +548,7 @@ def mla_prefill(q, k, v, cu_seqlens, causal, softmax_scale):
     lse = torch.empty(T, H, dtype=torch.float32, device=q.device)
     if T == 0 or H == 0:
         return out, lse
+    cu_seqlens = cu_seqlens.contiguous()  # B + 1 ints, read densely by the kernels
     config = _config("fwd", T, H, Dqk, Dv, causal, q.dtype, q.device)
     tile_seq, tile_row = _tile_map(cu_seqlens, T, config["BLOCK_M"], heavy_last=causal)
     _fwd_kernel[(tile_seq.shape[0], H)](
@@ -525,6 +565,7 @@ def mla_prefill_backward(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens, caus
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     if T == 0 or H == 0:
         return dq, dk, dv
+    cu_seqlens = cu_seqlens.contiguous()  # B + 1 ints, read densely by the kernels
     common = _common(q, v)
     delta = torch.empty(T, H, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
     _bwd_delta_kernel[(triton.cdiv(T, _DELTA_ROWS), H)](

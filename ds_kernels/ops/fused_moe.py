@@ -19,7 +19,13 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
 
     hidden [T, H]; w13 [E, 2I, H]; w2 [E, H, I] (same dtype as hidden, any strides);
     topk_weights [T, k] (any float dtype); topk_ids [T, k] int32/int64 in [0, E).
-    Accumulates in fp32; output in hidden's dtype.
+    Accumulates in fp32; output in hidden's dtype. Index and weight tensors may be any strided
+    or expanded views.
+
+    fp16 limit: the intermediate silu(g) * u and each expert's output are held in fp16 between
+    the GEMMs, as transformers and vLLM hold them; beyond +-65504 they become inf, and that
+    token's output is then inf or NaN - never a finite wrong value. bf16 and fp32 have the
+    range of fp32 (the reference computes in fp64 and has no such limit).
     """
     if activation not in ACTIVATIONS:  # not an argument of the op: checked here
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")

@@ -25,6 +25,9 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
     read. Each head scores the first cache_seqlens[b] rows, score = softmax_scale * (q_nope .
     row[:Dc] + q_pe . row[Dc:]); out = softmax(scores) @ row[:Dc]; lse = logsumexp(scores)
     (natural log). cache_seqlens[b] = 0 gives out 0 and lse -inf. Accumulates in fp32.
+    A NaN or infinity in a head's query or in a row its sequence uses makes that head's out and
+    lse NaN; other heads and sequences are unaffected. Index tensors may be any strided or
+    expanded views.
     """
     args = (q_nope, q_pe, kv_cache, block_table, cache_seqlens, softmax_scale)
     if dispatch.direct_call_allowed(q_nope, q_pe, kv_cache, block_table, cache_seqlens):

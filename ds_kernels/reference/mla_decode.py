@@ -3,6 +3,11 @@
 Token t of sequence b is row kv_cache[block_table[b, t // block_size], t % block_size]; the
 whole Dc + Dr row is the key, its first Dc columns the value. Math in fp64 (the exact answer
 the kernels approach); out in q's dtype, lse (natural log) in fp32.
+
+Non-finite input: if a head's query or any row its sequence uses holds a NaN or an infinity,
+some score of that head is not finite, and then its out row and lse are NaN (every backend
+alike, whatever the IEEE softmax would make of an infinity). Rows past a sequence's end are
+never read, so whatever they hold cannot reach any output.
 """
 
 import torch
@@ -21,6 +26,7 @@ def mla_decode(q_nope, q_pe, kv_cache, block_table, cache_seqlens, softmax_scale
         rows = kv_cache[pages, t % block_size].double()                 # [n, Dc + Dr]
         q = torch.cat([q_nope[b], q_pe[b]], dim=-1).double()            # [Hq, Dc + Dr]
         scores = softmax_scale * (q @ rows.t())                         # [Hq, n]
-        lse[b] = torch.logsumexp(scores, dim=-1)
-        out[b] = scores.softmax(dim=-1) @ rows[:, :Dc]                  # [Hq, Dc]
+        bad = ~scores.isfinite().all(dim=-1)                            # [Hq]
+        lse[b] = torch.logsumexp(scores, dim=-1).masked_fill(bad, float("nan"))
+        out[b] = (scores.softmax(dim=-1) @ rows[:, :Dc]).masked_fill(bad[:, None], float("nan"))
     return out.to(q_nope.dtype), lse.float()
