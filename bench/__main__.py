@@ -24,6 +24,7 @@ BENCHMARKS = {
     "norm_rope": "bench.bench_norm_rope",
     "mla_decode": "bench.bench_mla_decode",
     "mla_prefill": "bench.bench_mla_prefill",
+    "quant_linear": "bench.bench_quant_linear",
     "model": "bench.bench_model",
 }
 

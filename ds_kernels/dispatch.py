@@ -49,6 +49,8 @@ _IMPLEMENTATIONS: dict[str, dict[str, str]] = {
     "mla_decode": _paths("mla_decode", "mla_decode"),
     "mla_prefill": _paths("mla_prefill", "mla_prefill"),
     "mla_prefill_backward": _paths("mla_prefill", "mla_prefill_backward"),
+    "quant_linear": _paths("quant_linear", "quant_linear"),
+    "quant_linear_backward": _paths("quant_linear", "quant_linear_backward"),
 }
 
 # Devices whose tensors Triton compiles for (ROCm GPUs report "cuda" too).

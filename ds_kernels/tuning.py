@@ -53,6 +53,7 @@ SHAPE_KEYS = {
     "route": "E={E}",
     "mla_decode": "Hq={Hq},Dc={Dc},Dr={Dr},page={page}",
     "mla_prefill": "H={H},Dqk={Dqk},Dv={Dv},causal={causal:d}",
+    "quant_linear": "fmt={fmt},N={N},K={K}",
 }
 
 

@@ -16,6 +16,7 @@ _GEMM = (dict(BLOCK_M=[16, 32, 64, 128], BLOCK_N=[32, 64, 128, 256], BLOCK_K=[32
 SPACES = {
     ("fused_moe", "triton"): _GEMM,
     ("grouped_mm", "triton"): _GEMM,
+    ("quant_linear", "triton"): _GEMM,
     ("mla_decode", "triton"): (
         # num_stages above 2 builds the same kernel (the page loop is not pipelined).
         dict(BLOCK_N=[16, 32, 64], min_split_tokens=[64, 128, 256, 512, 1024],
@@ -32,6 +33,7 @@ SPACES = {
     ("route", "torch"): (dict(strategy=["numpy", "sort", "topk"]),) * 2,
     ("fused_moe", "torch"): (dict(strategy=["grouped_mm", "mm_loop", "expert_threads"]),) * 2,
     ("grouped_mm", "torch"): (dict(strategy=["grouped_mm", "mm_loop"]),) * 2,
+    ("quant_linear", "torch"): (dict(chunk_elements=[1 << 16, 1 << 18, 1 << 20]),) * 2,
     ("mla_decode", "torch"): (
         dict(chunk_elements=[1 << 16, 1 << 18, 1 << 19, 1 << 20, 1 << 21, 1 << 22, 1 << 24]),
         dict(chunk_elements=[1 << 18, 1 << 20, 1 << 22])),
@@ -66,6 +68,8 @@ def problem(op: str, backend: str, config) -> str | None:
     keys it may set), or None if it can."""
     if not isinstance(config, dict):
         return f"a config must be an object of keys, got {config!r:.80}"
+    if (op, backend) not in SPACES:
+        return f"{op} has no tunable config on the {backend} backend"
     space = SPACES[op, backend][0]
     for key, value in config.items():
         if key not in space:

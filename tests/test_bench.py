@@ -389,3 +389,19 @@ def test_a_figure_without_noisy_rows_says_so():
     rows = [r for r in _plotted_rows() if not r.noisy]
     (legend,) = harness.figure(rows).legends
     assert "no noisy points" in legend.get_title().get_text()
+
+
+def test_quant_linear_benchmark_on_tiny_shapes(monkeypatch):
+    from bench import bench_quant_linear
+
+    monkeypatch.setattr(bench_quant_linear, "compare", functools.partial(
+        harness.compare, warmup=1, reps=harness.MIN_REPS, budget_s=0))
+    monkeypatch.setitem(bench_quant_linear.SHAPES, ("cpu", True), dict(N=160, K=96))
+    monkeypatch.setitem(bench_quant_linear.TOKENS, "cpu", (1, 33))
+    rows = bench_quant_linear.run(torch.device("cpu"), quick=True)
+    harness.add_speedups(rows)
+    assert {r.impl for r in rows} == {"ds_kernels", "F.linear(dequantised)",
+                                      "dequantize + F.linear", "reference"}
+    assert {(r.shape["fmt"], r.shape["x"]) for r in rows} == {
+        (f, x) for f in ("fp8", "mxfp4") for x in ("float32", "bfloat16")}
+    assert all(r.gbytes_per_s for r in rows if r.impl != "reference")
