@@ -1,12 +1,21 @@
 """fused_moe: ds_kernels.fused_moe against transformers' DeepseekV3Experts (every
 experts_implementation it registers), a plain torch version on F.grouped_mm, and the reference.
 
-Two modes, told apart by shape["mode"]: "forward" (inference) and "forward+backward" (the
+Three modes, told apart by shape["mode"]: "forward" (inference) and "forward+backward" (the
 gradients of hidden, w13, w2 and topk_weights for a random output gradient, i.e. of (out *
 random).sum()). CPU: fp32 at the issue's goal shape. CUDA: bf16 at DeepSeek-V3's layer, with
 TFLOP/s and the percentage of the GPU's measured peak. Routing: k distinct uniformly random
 experts per token with softmax weights, so every expert is about equally loaded (what a balanced
 router aims for).
+
+"quantised" (forward, bf16 activations on every device): ds_kernels on the experts quantised
+as DeepSeek ships them - "ds_kernels[fp8]" (e4m3, 128x128 fp32 block scales, V3/R1) and
+"ds_kernels[mxfp4]" (V4's experts) - against the bf16 weights that transformers dequantises
+such an FP8 checkpoint to: transformers' experts and "ds_kernels[bf16]" on them. Each row's
+gbytes_per_s counts the bytes that impl reads per call (hidden, the hit experts' weights as it
+holds them, the routing) and writes (out); stderr says the bytes read per token and the weight
+memory each format holds. The fp8 and bf16 rows are checked against ds_kernels[bf16], the
+mxfp4 row against ds_kernels on its own dequantised weights.
 
 Each shape's baseline is the fastest transformers implementation there ("transformers[...]").
 Every impl's output (and, with backward, its four gradients) is checked against ds_kernels' before
@@ -23,15 +32,17 @@ GPU and bf16) is reported on stderr and has no row. Left out on purpose, also re
   reference's data-dependent loop (nonzero, .tolist()), so it runs about as fast as the reference.
 """
 
+import sys
+
 import torch
 import torch.nn.functional as F
 
 import ds_kernels
-from bench.harness import Impl, Row, assert_close, compare, skip, working
+from bench.harness import Impl, Row, assert_close, compare, format_shape, skip, working
 from ds_kernels.reference.fused_moe import fused_moe as reference_fused_moe
 
 OP = "fused_moe"
-FORWARD, BACKWARD = "forward", "forward+backward"
+FORWARD, BACKWARD, QUANTISED = "forward", "forward+backward", "quantised"
 # The issue's goal shape on CPU; DeepSeek-V3's routed experts (one layer, all 256) on CUDA.
 SHAPES = {"cpu": dict(H=1024, I=256, E=64, k=6), "cuda": dict(H=7168, I=2048, E=256, k=8)}
 # (full, quick) token counts per device and mode.
@@ -40,6 +51,8 @@ TOKENS = {
     ("cpu", BACKWARD): ((16, 256, 4096), (16, 4096)),
     ("cuda", FORWARD): ((1, 16, 256, 4096, 16384), (1, 16, 256, 4096, 16384)),
     ("cuda", BACKWARD): ((16, 256, 4096, 16384), (16, 4096)),
+    ("cpu", QUANTISED): ((1, 16, 256, 4096), (16, 4096)),  # quick: the issue's two goals
+    ("cuda", QUANTISED): ((1, 16, 256, 4096, 16384), (16, 4096)),
 }
 REFERENCE_MAX_T = 256
 # Relative (norm-wise) error allowed against ds_kernels: summation order only, in each dtype.
@@ -69,7 +82,105 @@ def run(device: torch.device, quick: bool) -> list[Row]:
             shape = dict(T=T, H=H, I=I, E=E, k=K, mode=mode)
             rows += _bench(mode, shape, hidden, w13, w2, weights, ids, compiled, quick,
                            unavailable)
+    experts = _quantised_experts(w13, w2)
+    del w13, w2
+    for T in TOKENS[kind, QUANTISED][quick]:
+        hidden = torch.randn(T, H, generator=g, device=device, dtype=torch.bfloat16)
+        ids = torch.rand(T, E, generator=g, device=device).argsort(dim=-1)[:, :K]  # [T, k]
+        weights = torch.randn(T, K, generator=g, device=device).softmax(dim=-1)    # fp32
+        shape = dict(T=T, H=H, I=I, E=E, k=K, mode=QUANTISED)
+        rows += _bench_quantised(shape, hidden, weights, ids, experts, unavailable)
     return rows
+
+
+def _quantised_experts(w13, w2):
+    """{format: (w13, w2, w13_scale, w2_scale)}: "fp8" and "mxfp4" (where H and I fill its
+    32-groups), and "bf16": the FP8 experts dequantised, as transformers loads an FP8
+    checkpoint (scales None). Says on stderr how much memory each holds."""
+    w13_q, w13_s = ds_kernels.quantize_fp8_block(w13)
+    w2_q, w2_s = ds_kernels.quantize_fp8_block(w2)
+    experts = {"fp8": (w13_q, w2_q, w13_s, w2_s),
+               "bf16": (ds_kernels.dequantize(w13_q, w13_s, torch.bfloat16),
+                        ds_kernels.dequantize(w2_q, w2_s, torch.bfloat16), None, None)}
+    if w13.shape[2] % 32 or w2.shape[2] % 32:
+        skip(OP, dict(mode=QUANTISED), "ds_kernels[mxfp4]", "MXFP4 needs H and I to be "
+             "multiples of 32")
+    else:
+        (w13_q, w13_s), (w2_q, w2_s) = ds_kernels.quantize_mxfp4(w13), ds_kernels.quantize_mxfp4(w2)
+        experts["mxfp4"] = (w13_q, w2_q, w13_s, w2_s)
+    held = ", ".join(f"{fmt} {_expert_bytes(e, w13.shape[0]) / 2**20:.1f} MiB"
+                     for fmt, e in experts.items())
+    print(f"[{OP}] expert weights held ({w13.shape[0]} experts, codes + scales): {held}",
+          file=sys.stderr, flush=True)
+    return experts
+
+
+def _expert_bytes(experts, n_hit):
+    """Bytes of ``n_hit`` experts' weights and scales, as held."""
+    return n_hit * sum(t[0].nbytes for t in experts if t is not None)  # t[0]: one expert
+
+
+def _bench_quantised(shape, hidden, weights, ids, experts, unavailable):
+    T = shape["T"]
+    args = (hidden, weights, ids)
+    impls = {}
+    for fmt, (w13, w2, w13_scale, w2_scale) in experts.items():
+        impls[f"ds_kernels[{fmt}]"] = (Impl(f"ds_kernels[{fmt}]", _quantised_call(
+            w13, w2, w13_scale, w2_scale)), fmt)
+    bf16_w13, bf16_w2 = experts["bf16"][:2]
+    for name in _hf_names():
+        impl_name = f"transformers[{name}]"
+        if name == "batched_mm":
+            need = T * shape["k"] * 3 * shape["I"] * shape["H"] * bf16_w13.itemsize
+            limit = (CPU_GATHER_BYTES if hidden.device.type != "cuda"
+                     else CUDA_GATHER_FRACTION * torch.cuda.mem_get_info(hidden.device)[0])
+            if need > limit:
+                skip(OP, shape, impl_name, f"would gather {need / 2**30:.1f} GiB of expert "
+                     f"weights (limit {limit / 2**30:.1f} GiB)")
+                continue
+        experts_fn = _hf_experts(name, shape, bf16_w13, bf16_w2, False)
+        impls[impl_name] = (Impl(impl_name, lambda h, w, i, f=experts_fn: f(h, None, None, w, i)),
+                            "bf16")
+    n_hit = int(ids.unique().numel())
+    moved = {fmt: 2 * hidden.nbytes + ids.nbytes + weights.nbytes + _expert_bytes(e, n_hit)
+             for fmt, e in experts.items()}
+    print(f"[{OP}] {format_shape(shape)}: bytes read per token (hit experts' weights / T): "
+          + ", ".join(f"{fmt} {_expert_bytes(e, n_hit) / T / 2**10:.0f} KiB"
+                      for fmt, e in experts.items()), file=sys.stderr, flush=True)
+
+    with torch.inference_mode():
+        want = {fmt: _quantised_call(*experts["bf16"][:2], None, None)(*args)
+                for fmt in ("fp8", "bf16")}
+        if "mxfp4" in experts:
+            mx = experts["mxfp4"]
+            want["mxfp4"] = _quantised_call(ds_kernels.dequantize(mx[0], mx[2], torch.bfloat16),
+                                            ds_kernels.dequantize(mx[1], mx[3], torch.bfloat16),
+                                            None, None)(*args)
+
+        def check(name, got):
+            assert_close(f"{OP} ({format_shape(shape)}) {name}", got, want[impls[name][1]],
+                         TOLERANCE[torch.bfloat16])
+
+        kept = working([impl for impl, _ in impls.values()], args, check, op=OP, shape=shape,
+                       unavailable=unavailable)
+        del want
+        timing = dict(warmup=1) if hidden.device.type == "cpu" and T >= 1024 else {}
+        flops = T * shape["k"] * (2 * shape["H"] * 2 * shape["I"] + 2 * shape["I"] * shape["H"])
+        rows = compare(kept, args, op=OP, shape=shape, dtype=hidden.dtype, device=hidden.device,
+                       tokens=T, flops=flops, **timing)
+    hf = [r for r in rows if r.impl.startswith("transformers")]
+    baseline = min(hf, key=lambda r: r.median_us).impl if hf else None
+    for r in rows:
+        r.baseline = baseline
+        r.gbytes_per_s = round(moved[impls[r.impl][1]] / (r.median_us * 1e-6) / 1e9, 6)
+    return rows
+
+
+def _quantised_call(w13, w2, w13_scale, w2_scale):
+    def call(hidden, weights, ids):
+        return ds_kernels.fused_moe(hidden, w13, w2, weights, ids, w13_scale=w13_scale,
+                                    w2_scale=w2_scale)
+    return call
 
 
 def _bench(mode, shape, hidden, w13, w2, weights, ids, compiled, quick, unavailable):

@@ -204,3 +204,245 @@ def test_fp16_intermediate_overflow_is_loud_never_wrong(backend):
     assert_close(out32, want, torch.float32, reduction=24, what="fp32 out")
     assert not out16[0].isfinite().any(), "an fp16 overflow must show as inf/NaN"
     assert_close(out16[1:], want[1:], torch.float16, reduction=24, what="fp16 out, other tokens")
+
+
+# Quantised experts (FP8 blocks with fp32 / ue8m0-valued / e8m0 scales, MXFP4), on every
+# backend against the reference on the dequantised weights.
+FORMATS = ["fp8", "fp8 ue8m0", "fp8 e8m0 scales", "mxfp4"]
+
+
+def quantized(fmt, w):
+    """(w_q, scale) of w [..., N, K] in one of FORMATS."""
+    if fmt == "mxfp4":
+        return ds_kernels.quantize_mxfp4(w)
+    w_q, scale = ds_kernels.quantize_fp8_block(w, scale_fmt="float" if fmt == "fp8" else "ue8m0")
+    return w_q, scale.to(torch.float8_e8m0fnu) if fmt == "fp8 e8m0 scales" else scale
+
+
+def code_view(t, view):
+    """as_view for code and scale tensors (float8/float4 have few ops): through their bytes."""
+    if t.dtype == torch.float32:
+        return as_view(t, view)
+    return as_view(t.view(torch.uint8), view).view(t.dtype)
+
+
+def quantized_dtypes(backend):
+    # bf16 arithmetic is wrong in Triton's interpreter (ENVIRONMENT.md): GPU only there.
+    return [torch.float32, torch.float16] + (
+        [torch.bfloat16] if backend.startswith("torch") or DEVICE == "cuda" else [])
+
+
+@st.composite
+def quantized_moe_problems(draw, backend):
+    fmt = draw(st.sampled_from(FORMATS))
+    E = draw(st.integers(1, 5))
+    k = draw(st.integers(1, min(E, 3)))
+    T = draw(st.sampled_from([0, 1, 5, 19]))
+    # Sizes off the tiles and off the 128-blocks (2I = 144: a scale block across gate and up);
+    # MXFP4 needs H and I to be multiples of its 32-group.
+    H = draw(st.sampled_from([32, 64] if fmt == "mxfp4" else [24, 40, 136]))
+    I = draw(st.sampled_from([32] if fmt == "mxfp4" else [8, 20, 72]))
+    dtype = draw(st.sampled_from(quantized_dtypes(backend)))
+    g = torch.Generator().manual_seed(draw(SEEDS, label="seed"))
+    hidden, w13, w2, weights, ids = make_problem(
+        g, T, H, I, E, k, torch.float32,
+        routing=draw(st.sampled_from(["uniform", "one expert", "half idle"])))
+    (q13, s13), (q2, s2) = quantized(fmt, w13), quantized(fmt, w2)
+    if draw(st.booleans()):  # codes stored transposed (a strided view, as for the plain weights)
+        q13, q2 = (code_view(q, "dense").mT.contiguous().mT if fmt != "mxfp4" else
+                   q.view(torch.uint8).mT.contiguous().mT.view(q.dtype) for q in (q13, q2))
+    views = [draw(VIEWS) for _ in range(7)]
+    return (as_view(hidden.to(dtype), views[0]), code_view(q13, views[1]),
+            code_view(q2, views[2]), as_view(weights, views[3]), as_view(ids, views[4]),
+            code_view(s13, views[5]), code_view(s2, views[6]))
+
+
+def _quantized_terms(hidden, w13, w2, weights, ids, s13, s2):
+    """The size of out's terms: the reference on absolute values (no cancellation)."""
+    absolute = [ds_kernels.dequantize(w, s).abs() for w, s in ((w13, s13), (w2, s2))]
+    return reference(hidden.double().abs(), *absolute, weights.double().abs(), ids)
+
+
+@settings(max_examples=20)
+@given(data=st.data())
+def test_quantized_fused_moe_matches_reference(backend, data):
+    hidden, w13, w2, weights, ids, s13, s2 = data.draw(quantized_moe_problems(backend))
+    with tuning.override(**SMALL_TILES, chunk_elements=700):  # chunks of a few weight rows
+        out = ds_kernels.fused_moe(hidden, w13, w2, weights, ids, w13_scale=s13, w2_scale=s2)
+    assert out.dtype == hidden.dtype and out.shape == hidden.shape
+    want = reference(hidden, w13, w2, weights, ids, s13, s2)
+    # Weight tiles are rounded to hidden's dtype before the GEMMs: an error relative to the
+    # terms, not to their (possibly cancelling) sum.
+    H, I = hidden.shape[1], w13.shape[1] // 2
+    terms = _quantized_terms(hidden, w13, w2, weights, ids, s13, s2).double()
+    assert_close(out, want, hidden.dtype, reduction=H + I, what="out",
+                 scale=(terms / (H + I) ** 0.5).clamp_min(1))
+
+
+@settings(max_examples=12)
+@given(data=st.data(), seed=SEEDS)
+def test_quantized_fused_moe_backward_matches_reference(backend, data, seed):
+    hidden, w13, w2, weights, ids, s13, s2 = data.draw(quantized_moe_problems(backend))
+    hidden, weights = (t.clone().requires_grad_() for t in (hidden, weights))
+    grad_out = random_like(hidden, seed)
+    with tuning.override(**SMALL_TILES, chunk_elements=700):
+        ds_kernels.fused_moe(hidden, w13, w2, weights, ids, w13_scale=s13,
+                             w2_scale=s2).backward(grad_out)
+    want = fused_moe_backward(grad_out, hidden.detach(), w13, w2, weights.detach(), ids, s13,
+                              s2)
+    H, I = hidden.shape[1], w13.shape[1] // 2
+    absolute = [ds_kernels.dequantize(w, s).abs() for w, s in ((w13, s13), (w2, s2))]
+    sizes = fused_moe_backward(grad_out.abs(), hidden.detach().abs(), *absolute,
+                               weights.detach().abs(), ids)
+    for got, expected, size, name, n in [(hidden.grad, want[0], sizes[0], "d hidden", 2 * I + H),
+                                          (weights.grad, want[3], sizes[3], "d topk_weights",
+                                           H + I)]:
+        assert got.dtype == expected.dtype
+        assert_close(got, expected, hidden.dtype, reduction=n, what=name,
+                     scale=(size.double() / n).clamp_min(1))
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "mxfp4"])
+@pytest.mark.parametrize("T,routing", [(0, "uniform"), (1, "uniform"), (9, "one expert"),
+                                       (9, "half idle")])
+def test_quantized_edge_routings(backend, fmt, T, routing):
+    """No tokens, one token, every token's first choice on expert 0, experts without tokens."""
+    g = torch.Generator().manual_seed(T)
+    hidden, w13, w2, weights, ids = make_problem(g, T, 64, 32, 4, 2, torch.float32, routing)
+    (q13, s13), (q2, s2) = quantized(fmt, w13), quantized(fmt, w2)
+    hidden.requires_grad_()
+    with tuning.override(**SMALL_TILES):
+        out = ds_kernels.fused_moe(hidden, q13, q2, weights, ids, w13_scale=s13, w2_scale=s2)
+        out.sum().backward()
+    assert_close(out, reference(hidden.detach(), q13, q2, weights, ids, s13, s2),
+                 torch.float32, reduction=96, what="out")
+    want = fused_moe_backward(torch.ones_like(out), hidden.detach(), q13, q2, weights, ids,
+                              s13, s2)[0]
+    assert_close(hidden.grad, want, torch.float32, reduction=128, what="d hidden")
+
+
+def test_quantized_nan_weight_poisons_only_its_tokens(backend):
+    g = torch.Generator().manual_seed(3)
+    hidden, w13, w2, weights, ids = make_problem(g, 6, 64, 32, 4, 1, torch.float32)
+    ids[:] = torch.tensor([[0], [1], [0], [2], [3], [1]], dtype=torch.int32)
+    w13[1, 5, 7] = torch.nan                                      # expert 1: tokens 1 and 5
+    for fmt in ["fp8", "mxfp4"]:
+        (q13, s13), (q2, s2) = quantized(fmt, w13), quantized(fmt, w2)
+        with tuning.override(**SMALL_TILES):
+            out = ds_kernels.fused_moe(hidden, q13, q2, weights, ids, w13_scale=s13, w2_scale=s2)
+        poisoned = torch.tensor([False, True, False, False, False, True])
+        assert out[poisoned].isnan().all() and out[~poisoned].isfinite().all(), fmt
+
+
+def test_quantized_opcheck():
+    g = torch.Generator().manual_seed(12)
+    hidden, w13, w2, weights, ids = make_problem(g, 6, 64, 32, 4, 2, torch.float32)
+    for fmt in ["fp8 e8m0 scales", "mxfp4"]:
+        (q13, s13), (q2, s2) = quantized(fmt, w13), quantized(fmt, w2)
+        name = "mxfp4" if fmt == "mxfp4" else "fp8"
+        codes = (q13.view(torch.uint8), s13.view(torch.uint8), q2.view(torch.uint8),
+                 s2.view(torch.uint8))
+        with tuning.override(**SMALL_TILES):
+            torch.library.opcheck(torch.ops.ds_kernels.fused_moe_quant.default,
+                                  (hidden.clone().requires_grad_(), *codes,
+                                   weights.clone().requires_grad_(), ids, name))
+            torch.library.opcheck(torch.ops.ds_kernels.fused_moe_quant_backward.default,
+                                  (torch.randn(6, 64, generator=g).to(DEVICE), hidden, *codes,
+                                   weights, ids, name))
+
+
+def test_quantized_torch_compile_fullgraph_forward_and_backward():
+    g = torch.Generator().manual_seed(13)
+    hidden, w13, w2, weights, ids = make_problem(g, 6, 64, 32, 4, 2, torch.float32)
+    (q13, s13), (q2, s2) = quantized("fp8", w13), quantized("fp8", w2)
+    hidden.requires_grad_()
+
+    @torch.compile(fullgraph=True)
+    def loss(hidden):
+        return ds_kernels.fused_moe(hidden, q13, q2, weights, ids, w13_scale=s13,
+                                    w2_scale=s2).square().sum()
+
+    loss(hidden).backward()
+    out = reference(hidden.detach(), q13, q2, weights, ids, s13, s2)
+    want = fused_moe_backward(2 * out, hidden.detach(), q13, q2, weights, ids, s13, s2)[0]
+    assert_close(hidden.grad, want, torch.float32, reduction=128)
+
+
+def _fp8_experts(E=4, H=64, I=32):
+    w13, s13 = ds_kernels.quantize_fp8_block(torch.randn(E, 2 * I, H))
+    w2, s2 = ds_kernels.quantize_fp8_block(torch.randn(E, H, I))
+    return dict(w13=w13, w13_scale=s13, w2=w2, w2_scale=s2)
+
+
+def _mxfp4_experts(E=4, H=64, I=32):
+    w13, s13 = ds_kernels.quantize_mxfp4(torch.randn(E, 2 * I, H))
+    w2, s2 = ds_kernels.quantize_mxfp4(torch.randn(E, H, I))
+    return dict(w13=w13, w13_scale=s13, w2=w2, w2_scale=s2)
+
+
+@pytest.mark.parametrize("change,error,match", [
+    (dict(w13_scale=torch.ones(4, 1, 2)), ValueError,
+     r"w13_scale must have shape \[4, 1, 1\] for w13 of shape \(4, 64, 64\)"),
+    (dict(w2_scale=torch.ones(4, 1, 1, dtype=torch.float16)), TypeError,
+     "w2_scale of the fp8 weight w2 must have dtype"),
+    (dict(w2=torch.zeros(4, 64, 32), w2_scale=None), ValueError,
+     "w13 and w2 must be quantised alike .* got w13 fp8 and w2 unquantised torch.float32"),
+    (dict(w2=_mxfp4_experts()["w2"], w2_scale=_mxfp4_experts()["w2_scale"]), ValueError,
+     "got w13 fp8 and w2 mxfp4"),
+    (dict(w13=torch.zeros(4, 64, 64)), TypeError,
+     "w13_scale is given, so w13 must be quantised .* got torch.float32"),
+    (dict(w13_scale=None), TypeError, "w13 is torch.float8_e4m3fn, a quantised weight: pass "
+     "its scales as w13_scale"),
+    (dict(w13=_fp8_experts(H=72)["w13"], w13_scale=_fp8_experts(H=72)["w13_scale"]),
+     ValueError, r"w13 must be \[E, 2I, H=64\], got \(4, 64, 72\)"),
+    (dict(w2_scale=torch.ones(4, 1, 1, device="meta")), ValueError, "w2_scale is on meta"),
+])
+def test_quantized_bad_arguments_raise_clear_errors(change, error, match):
+    args = dict(hidden=torch.zeros(1, 64), topk_weights=torch.ones(1, 2),
+                topk_ids=torch.tensor([[0, 1]]), **_fp8_experts())
+    args.update(change)
+    with pytest.raises(error, match=match):
+        ds_kernels.fused_moe(**args)
+
+
+def test_quantized_mxfp4_sizes_must_fill_groups():
+    experts = _mxfp4_experts()
+    w2, s2 = ds_kernels.quantize_mxfp4(torch.randn(4, 64, 64))  # I = 64: not w13's 32
+    with pytest.raises(ValueError, match=r"w2 must be \[E=4, H=64, I=32\], got \(4, 64, 64\) "
+                       r"\(mxfp4 codes"):
+        ds_kernels.fused_moe(torch.zeros(1, 64), experts["w13"], w2, torch.ones(1, 2),
+                             torch.tensor([[0, 1]]), w13_scale=experts["w13_scale"], w2_scale=s2)
+    with pytest.raises(ValueError, match="MXFP4 needs K = 48 to be a multiple of 32"):
+        ds_kernels.fused_moe(torch.zeros(1, 48), torch.zeros(4, 64, 24, dtype=torch.uint8).view(
+            torch.float4_e2m1fn_x2), experts["w2"], torch.ones(1, 2), torch.tensor([[0, 1]]),
+            w13_scale=torch.zeros(4, 64, 1, dtype=torch.uint8).view(torch.float8_e8m0fnu),
+            w2_scale=experts["w2_scale"])
+
+
+@pytest.mark.parametrize("frozen", ["w13", "w2_scale"])
+def test_quantized_weights_refuse_gradients(frozen):
+    """Quantised experts get no gradient: asking for one is an error, not a silent None."""
+    args = dict(hidden=torch.zeros(1, 64, requires_grad=True), topk_weights=torch.ones(1, 2),
+                topk_ids=torch.tensor([[0, 1]]), **_fp8_experts())
+    args[frozen].requires_grad_()
+    with pytest.raises(ValueError, match=f"{frozen} requires grad, but quantised weights are "
+                       "frozen"):
+        ds_kernels.fused_moe(**args)
+    with torch.no_grad():  # inference with such a tensor is fine
+        ds_kernels.fused_moe(**args)
+
+
+@pytest.mark.parametrize("fmt", [None, "fp8"])
+def test_inference_mode(backend, fmt):
+    """Under torch.inference_mode, as serving runs, on every strategy (expert_threads' worker
+    threads do not inherit the mode, yet update outputs made under it)."""
+    g = torch.Generator().manual_seed(14)
+    hidden, w13, w2, weights, ids = make_problem(g, 9, 64, 32, 4, 2, torch.float32)
+    scales = {}
+    if fmt is not None:
+        (w13, scales["w13_scale"]), (w2, scales["w2_scale"]) = (quantized(fmt, w13),
+                                                                quantized(fmt, w2))
+    with torch.inference_mode(), tuning.override(**SMALL_TILES):
+        out = ds_kernels.fused_moe(hidden, w13, w2, weights, ids, **scales)
+    want = reference(hidden, w13, w2, weights, ids, *scales.values())
+    assert_close(out, want, torch.float32, reduction=96)

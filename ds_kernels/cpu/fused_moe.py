@@ -17,6 +17,21 @@ Strategies (``python -m autotune sweep --op fused_moe`` picks per machine and to
                 the duration of the call.
 The backward recomputes the first GEMM rather than keeping [T*k, 2I] activations alive
 between forward and backward (the same choice as the Triton path).
+
+Quantised experts (w13_scale, w2_scale: FP8 blocks or MXFP4) stay quantised in memory: each
+expert's GEMMs run through quant_linear's torch path, which dequantises one block of the
+expert's rows at a time, multiplied while it is in cache (ds_kernels/cpu/quant_linear.py,
+ds_kernels/cpu/quantize.py). Only the per-expert strategies apply (untuned default:
+expert_threads, see QUANTIZED_DEFAULT): "grouped_mm" would need all hit experts dequantised at
+once - for DeepSeek-V3's 256 experts, 22 GB of bf16 a layer, the memory the format saves - so a
+quantised call tuned or forced to it runs "mm_loop". The experts are frozen: the backward
+computes d hidden and d topk_weights only (each GEMM expert by expert).
+
+Speed: decoding costs ~0.7-0.9 ns a weight in torch ops (cpu/quantize.py), a pass over every
+hit expert's weights each call, on top of the GEMMs. Where weights stream from memory at
+~5-6 GB/s a core, FP8 halves the bytes of bf16; but on AVX-512/AMX CPUs a bf16 GEMM with few
+rows per expert spends only ~0.2-0.4 ns a weight, so the decode alone costs more than the whole
+bf16 product (bench/bench_fused_moe.py, mode "quantised").
 """
 
 from concurrent.futures import ThreadPoolExecutor
@@ -25,27 +40,52 @@ import torch
 import torch.nn.functional as F
 
 from ds_kernels import tuning
-from ds_kernels.cpu.grouped_mm import grouped_matmul, grouped_matmul_tn, groups
+from ds_kernels.cpu.grouped_mm import (grouped_matmul, grouped_matmul_quantized, grouped_matmul_tn,
+                                       groups, tuned_kernel)
+from ds_kernels.cpu.quant_linear import quant_linear
+from ds_kernels.quant_formats import format_of
 
 # Untuned default, measured on a quiet 2-core x86 CPU (fp32, H=1024, I=256, E=64, k=6), against
 # transformers' eager experts: T=16 grouped_mm 1.19x, expert_threads 1.15x, mm_loop 1.06x;
 # T=4096 mm_loop 1.07x, expert_threads 1.05x, grouped_mm 0.70x. Few rows per expert: one
 # grouped_mm call; many: the per-expert loop.
 GROUPED_BELOW_ROWS_PER_EXPERT = 16
+# Quantised experts: each expert's work is mostly elementwise decoding passes (~10 torch calls
+# per block of rows), which a multi-threaded mm_loop splits over the cores call by call, paying
+# a fork-join each and stalling at every barrier while another process holds a core. On the
+# 2-core Xeon dev machine (H=1024 I=256 E=64 k=6, FP8, bf16), quiet: mm_loop 43 ms and 219 ms
+# at T=16 and 4096, expert_threads 49 ms and 200 ms; with another process on a core: mm_loop
+# 9.7 s and 19 s, expert_threads 85 ms and 350 ms. One expert per core is the robust choice.
+QUANTIZED_DEFAULT = "expert_threads"
 
 
-def _plan(hidden, w13, topk_ids, kernel=None):
+def _plan(hidden, w13, w13_scale, topk_ids, backward=False):
     T, H = hidden.shape
     E, two_i, _ = w13.shape
     k = topk_ids.shape[1]
     flat = topk_ids.reshape(-1)                                   # [N = T*k]
     order = torch.sort(flat, stable=True).indices                 # [N] assignment per slot
     offs = torch.bincount(flat, minlength=E).cumsum(0)            # [E]
-    default = "grouped_mm" if T * k / E < GROUPED_BELOW_ROWS_PER_EXPERT else "mm_loop"
+    quantized = w13_scale is not None
+    if quantized:
+        default = QUANTIZED_DEFAULT
+    else:
+        default = "grouped_mm" if T * k / E < GROUPED_BELOW_ROWS_PER_EXPERT else "mm_loop"
+    kernel = tuned_kernel(format_of(w13) if quantized else None, backward)
     key = tuning.shape_key("fused_moe", kernel, E=E, I=two_i // 2, H=H, k=k)
     strategy = tuning.config("fused_moe", "torch", key, T, hidden.dtype, hidden.device,
                              dict(strategy=default), kernel=kernel)["strategy"]
+    if quantized and strategy == "grouped_mm":
+        strategy = "mm_loop"
     return order, offs, strategy
+
+
+def _times_weight(a, w, scale, offs, strategy, *, transposed):
+    """[N, out]: each expert's rows of a times w[e]^T (``transposed``) or w[e]; a quantised w
+    (scale given) dequantised a block of rows at a time."""
+    if scale is not None:
+        return grouped_matmul_quantized(a, w, scale, offs, transposed=transposed)
+    return grouped_matmul(a, w.transpose(1, 2) if transposed else w, offs, strategy)
 
 
 _workers: ThreadPoolExecutor | None = None
@@ -69,11 +109,16 @@ def _shares(work, workers: int):
     return shares
 
 
-def fused_moe(hidden, w13, w2, topk_weights, topk_ids):
+def _expert_mm(x, w, scale, e):
+    """x @ w[e]^T; a quantised w[e] dequantised a block of rows at a time."""
+    return torch.mm(x, w[e].t()) if scale is None else quant_linear(x, w[e], scale[e])
+
+
+def fused_moe(hidden, w13, w2, topk_weights, topk_ids, w13_scale=None, w2_scale=None):
     T, H = hidden.shape
     k = topk_ids.shape[1]
-    I = w2.shape[2]
-    order, offs, strategy = _plan(hidden, w13, topk_ids)
+    I = w13.shape[1] // 2
+    order, offs, strategy = _plan(hidden, w13, w13_scale, topk_ids)
     acc = torch.promote_types(hidden.dtype, torch.float32)
     weight = topk_weights.reshape(-1)[order].to(acc)              # [N] per slot
     token = order // k                                            # [N] per slot
@@ -86,12 +131,14 @@ def fused_moe(hidden, w13, w2, topk_weights, topk_ids):
 
     def add_experts(share, out):
         # Worker threads start with autograd on; the op computes values only (its backward
-        # is the fused_moe_backward op).
-        with torch.no_grad():
+        # is the fused_moe_backward op). Inference mode, not no_grad: a caller's inference
+        # mode does not reach worker threads, and outside it they may not update the outputs
+        # that it made (inference tensors); inside it, in-place updates of any tensor are fine.
+        with torch.inference_mode():
             for e, s, t in share:
                 rows = token[s:t]
-                gate_up = torch.mm(hidden[rows], w13[e].t())      # [rows, 2I]
-                y = torch.mm(F.silu(gate_up[:, :I]) * gate_up[:, I:], w2[e].t())  # [rows, H]
+                gate_up = _expert_mm(hidden[rows], w13, w13_scale, e)  # [rows, 2I]
+                y = _expert_mm(F.silu(gate_up[:, :I]) * gate_up[:, I:], w2, w2_scale, e)
                 out.index_add_(0, rows, y.to(acc) * weight[s:t].unsqueeze(1))
         return out
 
@@ -108,20 +155,24 @@ def fused_moe(hidden, w13, w2, topk_weights, topk_ids):
     return torch.stack(outs).sum(dim=0).to(hidden.dtype)
 
 
-def fused_moe_backward(grad_out, hidden, w13, w2, topk_weights, topk_ids):
+def fused_moe_backward(grad_out, hidden, w13, w2, topk_weights, topk_ids, w13_scale=None,
+                       w2_scale=None):
+    """(d hidden, d w13, d w2, d topk_weights); d w13 and d w2 are None for quantised
+    (frozen) weights."""
     T, H = hidden.shape
     k = topk_ids.shape[1]
-    order, offs, strategy = _plan(hidden, w13, topk_ids, "backward")
+    order, offs, strategy = _plan(hidden, w13, w13_scale, topk_ids, backward=True)
     acc = torch.promote_types(hidden.dtype, torch.float32)
     x = hidden[order // k]                                        # [N, H] token of each slot
-    gate_up = grouped_matmul(x, w13.transpose(1, 2), offs, strategy)  # [N, 2I] recomputed
+    gate_up = _times_weight(x, w13, w13_scale, offs, strategy, transposed=True)  # [N, 2I]
     gate, up = gate_up.to(acc).chunk(2, dim=-1)                   # [N, I] each
     silu = F.silu(gate)
     act = (silu * up).to(hidden.dtype)                            # [N, I]
     g = grad_out[order // k]                                      # [N, H] d out of each slot
     weight = topk_weights.reshape(-1)[order].to(acc).unsqueeze(1)  # [N, 1]
 
-    d_act_unweighted = grouped_matmul(g, w2, offs, strategy).to(acc)  # [N, I] = g @ w2[e]
+    d_act_unweighted = _times_weight(g, w2, w2_scale, offs, strategy,
+                                     transposed=False).to(acc)   # [N, I] = g @ w2[e]
     d_weight = torch.empty(order.numel(), dtype=acc, device=hidden.device)
     d_weight[order] = (d_act_unweighted * act.to(acc)).sum(dim=1)
     d_act = d_act_unweighted * weight
@@ -129,10 +180,13 @@ def fused_moe_backward(grad_out, hidden, w13, w2, topk_weights, topk_ids):
     d_gate = d_act * up * sig * (1 + gate * (1 - sig))            # silu'(g) = s (1 + g (1 - s))
     d_gate_up = torch.cat([d_gate, d_act * silu], dim=1).to(hidden.dtype)  # [N, 2I]
 
-    d_x = grouped_matmul(d_gate_up, w13, offs, strategy)          # [N, H]
+    d_x = _times_weight(d_gate_up, w13, w13_scale, offs, strategy, transposed=False)  # [N, H]
     d_hidden = torch.zeros(T, H, dtype=acc, device=hidden.device)
     d_hidden.index_add_(0, order // k, d_x.to(acc))
+    d_topk_weights = d_weight.view(T, k).to(topk_weights.dtype)
+    if w13_scale is not None:
+        return d_hidden.to(hidden.dtype), None, None, d_topk_weights
     d_w13 = grouped_matmul_tn(d_gate_up, x, offs, strategy)       # [E, 2I, H]
     d_w2 = grouped_matmul_tn((g.to(acc) * weight).to(hidden.dtype), act, offs, strategy)
     return (d_hidden.to(hidden.dtype), d_w13.to(w13.dtype), d_w2.to(w2.dtype),
-            d_weight.view(T, k).to(topk_weights.dtype))
+            d_topk_weights)

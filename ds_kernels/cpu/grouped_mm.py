@@ -4,12 +4,17 @@ Two strategies (``python -m autotune sweep --op grouped_mm`` picks per machine a
   "grouped_mm": torch's own grouped_mm, one C++ call, where its layout rules allow;
   "mm_loop":    one torch.mm per non-empty group - MKL's best kernel for each group's size,
                 which beat torch's CPU grouped_mm at large groups (bench/bench_fused_moe.py).
+A quantised b always runs per group, through quant_linear's torch path (each group's weight
+dequantised one block of rows at a time, never the whole stack): torch's grouped_mm would need
+every weight dequantised at once, the memory the format saves.
 """
 
 import torch
 import torch.nn.functional as F
 
 from ds_kernels import tuning
+from ds_kernels.cpu.quant_linear import quant_linear, quant_linear_backward
+from ds_kernels.quant_formats import format_of, in_features
 
 _ALIGN_BYTES = 16  # torch._grouped_mm wants every stride but the unit one 16-byte aligned
 
@@ -27,6 +32,13 @@ def _torch_grouped_mm_takes(*tensors) -> bool:
                                for d, s in enumerate(t.stride()) if d != unit):
             return False
     return True
+
+
+def tuned_kernel(fmt: str | None, backward: bool) -> str | None:
+    """The name under which the configs of a GEMM of grouped_mm / fused_moe are tuned apart,
+    on every backend: None / "backward" for plain weights, "fp8" / "fp8-backward" (or mxfp4)
+    for quantised ones."""
+    return "-".join(n for n in (fmt, "backward" if backward else None) if n) or None
 
 
 def groups(offs) -> list[tuple[int, int, int]]:
@@ -56,6 +68,20 @@ def grouped_matmul_tn(a, g, offs, strategy):
     return out
 
 
+def grouped_matmul_quantized(a, w_q, scale, offs, *, transposed: bool):
+    """[M, N]: rows offs[e-1]:offs[e] of a times W[e]^T (``transposed``; W [E, N, K]) or W[e]
+    (W [E, K, N]), W = dequantize(w_q, scale) a block of rows at a time. Rows past offs[-1]
+    are left uninitialised, as by grouped_matmul."""
+    N = w_q.shape[1] if transposed else in_features(w_q, format_of(w_q))
+    out = a.new_empty(a.shape[0], N)
+    for e, s, t in groups(offs):
+        if transposed:
+            out[s:t] = quant_linear(a[s:t], w_q[e], scale[e])
+        else:
+            out[s:t] = quant_linear_backward(a[s:t], w_q[e], scale[e])
+    return out
+
+
 def _strategy(kernel, a, b):
     """The tuned strategy of the forward (kernel None) or the backward, else grouped_mm."""
     key = tuning.shape_key("grouped_mm", kernel, E=b.shape[0], N=b.shape[2], K=b.shape[1])
@@ -63,14 +89,21 @@ def _strategy(kernel, a, b):
                          dict(strategy="grouped_mm"), kernel=kernel)["strategy"]
 
 
-def grouped_mm(a, b, offs):
-    strategy = _strategy(None, a, b)
-    out = grouped_matmul(a, b, offs, strategy)
+def grouped_mm(a, b, offs, b_scale=None):
+    if b_scale is None:
+        out = grouped_matmul(a, b, offs, _strategy(None, a, b))
+    else:  # b = W^T of the quantised weight W = b.mT
+        out = grouped_matmul_quantized(a, b.mT, b_scale.mT, offs, transposed=True)
     out[int(offs[-1]):] = 0
     return out
 
 
-def grouped_mm_backward(grad_out, a, b, offs):
+def grouped_mm_backward(grad_out, a, b, offs, b_scale=None):
+    """(d a, d b); with b_scale (b quantised, frozen) (d a, None), and a may be None."""
+    if b_scale is not None:  # d a = d out @ b^T = d out @ W
+        grad_a = grouped_matmul_quantized(grad_out, b.mT, b_scale.mT, offs, transposed=False)
+        grad_a[int(offs[-1]):] = 0
+        return grad_a, None
     strategy = _strategy("backward", a, b)
     grad_a = grouped_matmul(grad_out, b.transpose(1, 2), offs, strategy)
     grad_a[int(offs[-1]):] = 0

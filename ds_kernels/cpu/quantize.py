@@ -3,12 +3,20 @@ the policy for non-finite weights: ds_kernels/reference/quantize.py); and dequan
 weight's rows, which quant_linear's torch path shares.
 
 Decoding: torch's own float8_e4m3fn -> fp32 conversion is not vectorised on CPU (~10 ns a weight
-on the EPYC dev machine, one thread). Measured there per weight, one thread, chunks in cache:
-  - e4m3 by bit shifts into fp16 (_e4m3_as_fp16), then fp16 -> fp32 and the scale: ~0.7 ns;
-    gathering from a 256-entry table (index_select on the code bytes): ~1.0 ns.
+on the EPYC dev machine, ~6 ns on the Xeon one, one thread). Measured per weight, one thread,
+chunks in cache:
+  - e4m3 by bit arithmetic straight into fp32 (_e4m3_as_fp32: widen, x 2^20, mask) and the
+    block scale: ~0.7-0.9 ns on the contended 2-core Xeon (AVX-512, AMX), where part 1's fp16
+    route (shift into fp16, fp16 -> fp32, then the scale; NaN codes found by an aminmax of the
+    fp16 values) took ~1.1 ns: torch vectorises integer mul_ but not the shift, and the NaN
+    check now reads the code bytes (two byte-wide max) instead of the decoded values. Each
+    torch pass costs ~0.06-0.12 ns a weight however simple: about what a bf16 GEMM with few
+    rows spends on a weight there, which bounds what any torch-op decoder can save.
+    Gathering from a 256-entry table (index_select on the code bytes): ~1.0 ns (EPYC).
   - e2m1 by a 256-entry table of each byte's two values (an int64 entry holding two fp32s, the
-    even column first): ~0.6 ns, each gather yielding two weights. Splitting nibbles costs more
-    (interleaving the halves back, torch.stack, alone takes ~0.9 ns).
+    even column first): ~0.6 ns (EPYC), ~0.9 ns (Xeon, contended), each gather yielding two
+    weights. Splitting nibbles costs more (interleaving the halves back, torch.stack, alone
+    takes ~0.9 ns).
 """
 
 import functools
@@ -109,29 +117,35 @@ def quantize_mxfp4(w: torch.Tensor):
             exponent.view(E8M0_DTYPE).view(*w.shape[:-1], K // MXFP4_GROUP))
 
 
-# fp16 reads an e4m3 code's bits shifted into place as the value times 2^-8 (its exponent
-# bias is 15, e4m3's 7): the scale is multiplied by 256 to undo it.
-_E4M3_AS_FP16 = 2.0 ** 8
-# The 256 is folded into scales below this; above, 256 x scale could overflow fp32 (largest
+# An e4m3 code's 7 magnitude bits shifted into fp32's exponent and mantissa (bits 26-20) read
+# as the value times 2^-120 (e4m3's exponent bias is 7, fp32's 127), subnormal codes included
+# (they become fp32 subnormals; exact unless torch.set_flush_denormal(True) flushes them, values
+# below 2^-6 of a block's scale). The scale is multiplied by 2^120 to undo it.
+_E4M3_AS_FP32 = 2.0 ** 120
+# 2^120 is folded into scales below this; above, 2^120 x scale could overflow fp32 (largest
 # finite ~2^128) where code x scale does not.
-_FOLD_LIMIT = 2.0 ** 119
-# e4m3 NaN codes read as +-1.875 in fp16, past the largest finite code's 448 / 256 = 1.75.
-_E4M3_MAX_AS_FP16 = E4M3_MAX / _E4M3_AS_FP16
-_E4M3_NAN_AS_FP16 = 1.875
+_FOLD_LIMIT = 2.0 ** 8
+_SIGN_AND_E4M3_BITS = -0x78100000  # int32 0x87F00000: bits 31 and 26-20
+# e4m3 NaN codes read as +-1.875 x 2^-112: the largest magnitude, past 448 x 2^-120.
+_E4M3_NAN_AS_FP32 = 1.875 * 2.0 ** -112
 
 
-def _e4m3_as_fp16(codes: torch.Tensor) -> torch.Tensor:
-    """fp16 [R, K] = e4m3 value / 256 of each code byte (int8 view [R, K]), exactly, NaN and
-    subnormal codes included: the 7 magnitude bits shifted into fp16's exponent and mantissa
-    (bits 13-7), the sign kept in bit 15."""
-    bits = codes.to(torch.int16)            # sign-extended: a negative code sets bits 15-7
-    bits.bitwise_left_shift_(7).bitwise_and_(~(1 << 14))  # clear bit 14, the sign's copy
-    half = bits.view(torch.float16)
-    if half.numel():
-        low, high = torch.aminmax(half)    # one cheap pass: NaN codes are rare
-        if high > _E4M3_MAX_AS_FP16 or low < -_E4M3_MAX_AS_FP16:
-            half.masked_fill_(half.abs() == _E4M3_NAN_AS_FP16, torch.nan)
-    return half
+def _e4m3_as_fp32(codes: torch.Tensor) -> torch.Tensor:
+    """fp32 [R, K] = e4m3 value x 2^-120 of each code byte (int8 view [R, K]), exactly, NaN and
+    subnormal codes included: three integer passes over the codes."""
+    bits = codes.to(torch.int32)            # sign-extended: a negative code sets bits 31-7
+    # x 2^20 is << 20 (int32 wraps alike): torch vectorises mul_ better than the shift.
+    bits.mul_(1 << 20).bitwise_and_(_SIGN_AND_E4M3_BITS)  # clear the sign's copies (30-27)
+    w = bits.view(torch.float32)
+    if _has_nan_codes(codes):  # rare: checked on the bytes, a cheap read
+        w.masked_fill_(w.abs() == _E4M3_NAN_AS_FP32, torch.nan)
+    return w
+
+
+def _has_nan_codes(codes: torch.Tensor) -> bool:
+    """Whether int8 e4m3 codes hold a NaN: 0x7F, the largest int8, or 0xFF, the largest byte."""
+    return codes.numel() > 0 and (int(codes.max()) == 0x7F
+                                  or int(codes.view(torch.uint8).max()) == 0xFF)
 
 
 @functools.cache
@@ -149,13 +163,13 @@ def dequantize_rows(w_q: torch.Tensor, scale: torch.Tensor, start: int, end: int
     fmt = format_of(w_q)
     K, rows = in_features(w_q, fmt), end - start
     if fmt == FP8:
-        w = _e4m3_as_fp16(w_q[start:end].view(torch.int8)).float()   # [rows, K]
+        w = _e4m3_as_fp32(w_q[start:end].view(torch.int8))         # [rows, K]
         first = start // FP8_BLOCK
         block_scales = scale[first:math.ceil(end / FP8_BLOCK)].float()  # [row blocks, K/128]
         if bool((block_scales.abs() < _FOLD_LIMIT).all()):
-            block_scales = block_scales * _E4M3_AS_FP16
+            block_scales = block_scales * _E4M3_AS_FP32
         else:
-            w.mul_(_E4M3_AS_FP16)
+            w.mul_(_E4M3_AS_FP32)
         columns = block_scales.repeat_interleave(FP8_BLOCK, dim=1)[:, :K]  # [row blocks, K]
         for b in range(0, rows, FP8_BLOCK):
             w[b:b + FP8_BLOCK].mul_(columns[(start + b) // FP8_BLOCK - first])

@@ -10,6 +10,14 @@ expert's block, whatever the routing, and no launch waits on the device for size
       C rows: row id (scatter) or the slot; optional SwiGLU and per-row scale epilogues.
   _grouped_wgrad_kernel  D[e] = sum over e's rows of A[row]^T @ G[row]   (d(weight))
 
+B may be a quantised weight (FP8 blocks or MXFP4; ds_kernels/quant_formats.py), the same
+kernel with QUANT_B: each B tile is decoded from its code bytes and scales in the K-loop
+(ds_kernels/kernels/quant.py), rounded to A's dtype and fed to tl.dot, accumulating in fp32.
+Weight-only: A stays unquantised, so this runs on any GPU and in the interpreter. A w8a8 path
+(A quantised per token and 128 columns, FP8 tensor cores on sm89+, DeepGEMM's recipe) is not
+here yet: it needs its own kernel body and tolerance, and hardware to validate it on. Quantised
+weights are frozen: there is no d(weight) for them (_grouped_wgrad_kernel is plain only).
+
 Address arithmetic on rows and experts is 64-bit: rows x columns passes 2**31 in DeepSeek-V3
 prefill at ~37K tokens, where 32-bit offsets read out of bounds.
 """
@@ -18,7 +26,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ds_kernels.cpu.grouped_mm import tuned_kernel
 from ds_kernels.kernels.moe_align import moe_align
+from ds_kernels.kernels.quant import weight_tile
+from ds_kernels.quant_formats import MXFP4, SCALE_BLOCK, format_of
 from ds_kernels.tuning import gemm_config
 
 
@@ -31,12 +42,30 @@ def _row_offsets(ids, slots, sentinel, ROW_DIV: tl.constexpr, BY_SLOT: tl.conste
 
 
 @triton.jit
+def _b_tile(b_ptr, s_ptr, k, n, ok, stride_bk, stride_bn, stride_sk, stride_sn,
+            QUANT_B: tl.constexpr, B_TRANSPOSED: tl.constexpr, FP4: tl.constexpr,
+            E8M0_SCALES: tl.constexpr, SCALE_ROWS: tl.constexpr, SCALE_COLS: tl.constexpr):
+    """B[k, n] for index tensors k, n that broadcast to the tile (0 where not ok): loaded, or
+    decoded from the quantised weight W (B = W^T or W; see _grouped_gemm_kernel)."""
+    if not QUANT_B:
+        return tl.load(b_ptr + k * stride_bk + n * stride_bn, mask=ok, other=0.0)
+    if B_TRANSPOSED:  # B[k, n] = W[n, k]
+        return weight_tile(b_ptr, s_ptr, n, k, ok, stride_bn, stride_bk, stride_sn, stride_sk,
+                           FP4, E8M0_SCALES, SCALE_ROWS, SCALE_COLS)
+    return weight_tile(b_ptr, s_ptr, k, n, ok, stride_bk, stride_bn, stride_sk, stride_sn,
+                       FP4, E8M0_SCALES, SCALE_ROWS, SCALE_COLS)
+
+
+@triton.jit
 def _grouped_gemm_kernel(
     a_ptr, b_ptr, c_ptr, slot_ids_ptr, block_expert_ptr, num_slots_ptr, row_scale_ptr,
-    N, K, sentinel, num_blocks,
+    s_ptr, N, K, sentinel, num_blocks,
     stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_cn,
+    stride_se, stride_sk, stride_sn,
     A_ROW_DIV: tl.constexpr, A_BY_SLOT: tl.constexpr, C_BY_SLOT: tl.constexpr,
     SWIGLU: tl.constexpr, ROW_SCALE: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    QUANT_B: tl.constexpr, B_TRANSPOSED: tl.constexpr, FP4: tl.constexpr,
+    E8M0_SCALES: tl.constexpr, SCALE_ROWS: tl.constexpr, SCALE_COLS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """C[r, :N] = epilogue(A[r, :K] @ B[e][:K, :N]) for the rows r of each expert e.
@@ -50,6 +79,13 @@ def _grouped_gemm_kernel(
     PRECISION: tl.dot input precision for fp32 operands ("ieee" or "tf32"). ACC: accumulator
     dtype, fp32 (fp64 for fp64 operands, which gradcheck uses; triton 3.6 needs it spelled out
     as tl.dot's out_dtype).
+    QUANT_B: b_ptr holds a quantised weight W's code bytes (uint8, strides in bytes) and s_ptr
+    its scales, strides (stride_se, stride_sk, stride_sn) along B's dims; else s_ptr is unused.
+    B_TRANSPOSED: B = W^T (B[k, n] = W[n, k], W [E, N', K] quantised along K: the forward
+    GEMMs), else B = W (W [E, K, N'] quantised along N': the d(input) GEMMs of a backward).
+    FP4: MXFP4 codes, two a byte along W's in-features (so B's packed dim is K, or N' when not
+    B_TRANSPOSED), else FP8. E8M0_SCALES: scales are e8m0 bytes, else fp32. SCALE_ROWS,
+    SCALE_COLS: W's rows and in-feature columns one scale covers (128, 128 or 1, 32).
     """
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -71,20 +107,25 @@ def _grouped_gemm_kernel(
     n_ok = n < N
     kk = tl.arange(0, BLOCK_K)                                    # [BK]
     b_base = b_ptr + expert * stride_be
+    s_base = s_ptr + expert * stride_se
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     up = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for k0 in range(0, K, BLOCK_K):
-        k_ok = (k0 + kk) < K
-        a = tl.load(a_ptr + a_rows[:, None] * stride_am + (k0 + kk)[None, :] * stride_ak,
+        k = k0 + kk
+        k_ok = k < K
+        a = tl.load(a_ptr + a_rows[:, None] * stride_am + k[None, :] * stride_ak,
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b_ptrs = b_base + (k0 + kk)[:, None] * stride_bk + n[None, :] * stride_bn
         b_ok = k_ok[:, None] & n_ok[None, :]
-        acc = tl.dot(a, tl.load(b_ptrs, mask=b_ok, other=0.0), acc, input_precision=PRECISION,
-                     out_dtype=ACC)
+        b = _b_tile(b_base, s_base, k[:, None], n[None, :], b_ok, stride_bk, stride_bn,
+                    stride_sk, stride_sn, QUANT_B, B_TRANSPOSED, FP4, E8M0_SCALES, SCALE_ROWS,
+                    SCALE_COLS)
+        acc = tl.dot(a, b.to(a.dtype), acc, input_precision=PRECISION, out_dtype=ACC)
         if SWIGLU:
-            b_up = tl.load(b_ptrs + N * stride_bn, mask=b_ok, other=0.0)
-            up = tl.dot(a, b_up, up, input_precision=PRECISION, out_dtype=ACC)
+            b_up = _b_tile(b_base, s_base, k[:, None], (n + N)[None, :], b_ok, stride_bk,
+                           stride_bn, stride_sk, stride_sn, QUANT_B, B_TRANSPOSED, FP4,
+                           E8M0_SCALES, SCALE_ROWS, SCALE_COLS)
+            up = tl.dot(a, b_up.to(a.dtype), up, input_precision=PRECISION, out_dtype=ACC)
 
     if SWIGLU:
         acc = acc * tl.sigmoid(acc) * up
@@ -139,6 +180,10 @@ def _grouped_wgrad_kernel(
              acc.to(d_ptr.dtype.element_ty), mask=(k < K)[:, None] & (n < N)[None, :])
 
 
+# The quantisation constexprs of a plain B: unused, fixed so that they compile one kernel.
+_PLAIN_B = dict(B_TRANSPOSED=True, FP4=False, E8M0_SCALES=False, SCALE_ROWS=1, SCALE_COLS=1)
+
+
 def _precision(dtype) -> str:
     return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
@@ -149,24 +194,42 @@ def _launch_options(config, dtype):
 
 
 def grouped_gemm(a, b, c, layout, num_rows, config, *, a_row_div=1, a_by_slot=False,
-                 c_by_slot=False, swiglu=False, row_scale=None):
+                 c_by_slot=False, swiglu=False, row_scale=None, b_scale=None,
+                 b_transposed=True):
     """C rows of each expert's rows = epilogue(A rows @ B[e]); see _grouped_gemm_kernel.
 
     layout: moe_align's output for num_rows row ids (its sentinel), made with block_m ==
-    config["BLOCK_M"]. b: [E, K, N'] (any strides). Returns c.
+    config["BLOCK_M"]. b: [E, K, N'] (any strides); or, with b_scale, a quantised weight in B's
+    orientation: b_transposed - B = W^T, b = w_q.transpose(1, 2) of w_q [E, N', K] (MXFP4:
+    [E, K/2, N']) and b_scale = scale.transpose(1, 2); else B = W, b = w_q [E, K, N'] (MXFP4:
+    [E, K, N'/2]) and b_scale = scale. Returns c.
     """
     sorted_ids, block_expert, num_slots, _ = layout
-    K, N = b.shape[1], b.shape[2] // 2 if swiglu else b.shape[2]
+    fmt = None if b_scale is None else format_of(b)
+    packed = 2 if fmt == MXFP4 else 1
+    K = b.shape[1] * (packed if b_transposed else 1)
+    N = b.shape[2] * (1 if b_transposed else packed) // (2 if swiglu else 1)
     num_blocks = block_expert.shape[0]
     if num_blocks == 0 or N == 0:
         return c
+    if fmt is None:
+        scales, scale_strides, quant = c, (0, 0, 0), _PLAIN_B
+    else:
+        e8m0 = b_scale.dtype != torch.float32
+        b, scales = b.view(torch.uint8), b_scale.view(torch.uint8) if e8m0 else b_scale
+        scale_strides = scales.stride()
+        scale_rows, scale_cols = SCALE_BLOCK[fmt]
+        quant = dict(B_TRANSPOSED=b_transposed, FP4=fmt == MXFP4, E8M0_SCALES=e8m0,
+                     SCALE_ROWS=scale_rows, SCALE_COLS=scale_cols)
     grid = (num_blocks * triton.cdiv(N, config["BLOCK_N"]),)
     _grouped_gemm_kernel[grid](
         a, b, c, sorted_ids, block_expert, num_slots, row_scale if row_scale is not None else c,
-        N, K, num_rows, num_blocks,
+        scales, N, K, num_rows, num_blocks,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
+        *scale_strides,
         A_ROW_DIV=a_row_div, A_BY_SLOT=a_by_slot, C_BY_SLOT=c_by_slot, SWIGLU=swiglu,
-        ROW_SCALE=row_scale is not None, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
+        ROW_SCALE=row_scale is not None, QUANT_B=fmt is not None, **quant,
+        BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
         BLOCK_K=config["BLOCK_K"], GROUP_M=config["GROUP_M"], **_launch_options(config, a.dtype))
     return c
 
@@ -193,7 +256,6 @@ def grouped_wgrad(a, g, d, layout, num_rows, config, *, a_row_div=1, a_by_slot=F
     return d
 
 
-
 def _offs_layout(offs, M, config):
     """moe_align's layout of the rows of a grouped_mm: row r belongs to the e with
     offs[e-1] <= r < offs[e]; rows past offs[-1] get id E and are excluded."""
@@ -202,23 +264,32 @@ def _offs_layout(offs, M, config):
     return moe_align(row_group.view(M, 1), offs.shape[0], config["BLOCK_M"])
 
 
-def grouped_mm(a, b, offs):
+def grouped_mm(a, b, offs, b_scale=None):
     M, K = a.shape
-    E, _, N = b.shape
+    E, N = b.shape[0], b.shape[2]
     out = torch.zeros(M, N, dtype=a.dtype, device=a.device)  # rows past offs[-1] stay 0
-    config = gemm_config("grouped_mm", None, dict(E=E, N=N, K=K), M, M / E, N, K, a.dtype,
+    kernel = tuned_kernel(None if b_scale is None else format_of(b), False)
+    config = gemm_config("grouped_mm", kernel, dict(E=E, N=N, K=K), M, M / E, N, K, a.dtype,
                          a.device)
-    return grouped_gemm(a, b, out, _offs_layout(offs, M, config), M, config)
+    return grouped_gemm(a, b, out, _offs_layout(offs, M, config), M, config, b_scale=b_scale)
 
 
-def grouped_mm_backward(grad_out, a, b, offs):
-    M, K = a.shape
-    E, _, N = b.shape
-    config = gemm_config("grouped_mm", "backward", dict(E=E, N=N, K=K), M, M / E, K, N, a.dtype,
-                         a.device)
+def grouped_mm_backward(grad_out, a, b, offs, b_scale=None):
+    """(d a, d b); with b_scale (b quantised, frozen) (d a, None), and a may be None."""
+    M, N = grad_out.shape
+    E = b.shape[0]
+    K = b.shape[1] * (2 if b_scale is not None and format_of(b) == MXFP4 else 1)
+    kernel = tuned_kernel(None if b_scale is None else format_of(b), True)
+    config = gemm_config("grouped_mm", kernel, dict(E=E, N=N, K=K), M, M / E, K, N,
+                         grad_out.dtype, grad_out.device)
     layout = _offs_layout(offs, M, config)
-    grad_a = torch.zeros_like(a)
-    grouped_gemm(grad_out, b.transpose(1, 2), grad_a, layout, M, config)
+    grad_a = grad_out.new_zeros(M, K)
+    # d a = d out @ b^T; a quantised b is W^T, so its transpose is the weight W itself.
+    grouped_gemm(grad_out, b.transpose(1, 2), grad_a, layout, M, config,
+                 b_scale=None if b_scale is None else b_scale.transpose(1, 2),
+                 b_transposed=False)
+    if b_scale is not None:
+        return grad_a, None
     grad_b = torch.empty(E, K, N, dtype=b.dtype, device=b.device)
     grouped_wgrad(a, grad_out, grad_b, layout, M, config)
     return grad_a, grad_b

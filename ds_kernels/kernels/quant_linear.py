@@ -9,13 +9,9 @@ weight tile is decoded to fp32 (code times its scale), rounded to the activation
 to tl.dot, accumulating in fp32. fp16 activations therefore see an fp16 weight tile: weights
 below ~6e-8 flush to 0, as in any fp16 checkpoint.
 
-Codes are read as bytes and decoded arithmetically (e4m3, e2m1 and e8m0 bit layouts), not
-through Triton's fp8 types: the interpreter reads fp8 pointers wrongly and has no fp4/e8m0 at
-all, and GPUs before sm_89 have no fp8 conversion. Each element's scale is gathered from the
-small scale grid (FP8: one per 128x128 block; MXFP4: one per row and 32 of K), so any tile shape
-works in both directions; the grid stays in L1/L2.
-
-Weight, scale and row addressing is 64-bit: an expert stack of N x K passes 2**31 bytes.
+Codes are decoded from bytes in the K-loop by ds_kernels/kernels/quant.py (weight_tile), which
+the grouped GEMM of grouped_mm / fused_moe shares: any tile shape works in both directions.
+Row addressing is 64-bit, like the weight's.
 """
 
 import torch
@@ -23,61 +19,8 @@ import triton
 import triton.language as tl
 
 from ds_kernels import tuning
+from ds_kernels.kernels.quant import weight_tile
 from ds_kernels.quant_formats import MXFP4, SCALE_BLOCK, format_of, in_features
-
-_TWO_POW_MINUS_9 = tl.constexpr(0.001953125)              # e4m3's subnormal step
-_TWO_POW_MINUS_127 = tl.constexpr(5.877471754111438e-39)  # e8m0 byte 0, an fp32 subnormal
-
-
-@triton.jit
-def _e4m3_to_fp32(code):
-    """fp32 value of e4m3 bytes (int32 0..255): sign, 4 exponent bits (bias 7), 3 mantissa."""
-    magnitude = code & 0x7F
-    # exponent e > 0: fp32 exponent field e + 120 (bias 127 - 7), mantissa in bits 22-20
-    normal = ((magnitude << 20) + (120 << 23)).to(tl.float32, bitcast=True)
-    value = tl.where(magnitude < 8, magnitude.to(tl.float32) * _TWO_POW_MINUS_9, normal)
-    value = tl.where(magnitude == 0x7F, float("nan"), value)
-    return tl.where(code >= 0x80, -value, value)
-
-
-@triton.jit
-def _e2m1_to_fp32(code):
-    """fp32 value of e2m1 nibbles (int32 0..15): 0, 0.5, 1, 1.5, 2, 3, 4, 6 and negatives."""
-    magnitude = code & 7
-    # exponent e > 0: fp32 exponent field e + 126 (bias 127 - 1), mantissa in bit 22
-    normal = ((magnitude << 22) + (126 << 23)).to(tl.float32, bitcast=True)
-    value = tl.where(magnitude < 2, magnitude.to(tl.float32) * 0.5, normal)
-    return tl.where(code >= 8, -value, value)
-
-
-@triton.jit
-def _e8m0_to_fp32(byte):
-    """2^(byte - 127) of e8m0 bytes (int32 0..255); 255 is NaN."""
-    value = (byte << 23).to(tl.float32, bitcast=True)
-    value = tl.where(byte == 0, _TWO_POW_MINUS_127, value)
-    return tl.where(byte == 255, float("nan"), value)
-
-
-@triton.jit
-def _weight_tile(w_ptr, s_ptr, n, k, ok, stride_wn, stride_wk, stride_sn, stride_sk,
-                 FP4: tl.constexpr, E8M0_SCALES: tl.constexpr, SCALE_ROWS: tl.constexpr,
-                 SCALE_COLS: tl.constexpr):
-    """W[n, k] in fp32 for index tensors n, k that broadcast to the tile; 0 where not ok."""
-    n = n.to(tl.int64)
-    k = k.to(tl.int64)
-    if FP4:
-        byte = tl.load(w_ptr + n * stride_wn + (k // 2) * stride_wk, mask=ok, other=0)
-        shift = ((k % 2) * 4).to(tl.int32)                     # even column: low nibble
-        q = _e2m1_to_fp32((byte.to(tl.int32) >> shift) & 0xF)
-    else:
-        q = _e4m3_to_fp32(tl.load(w_ptr + n * stride_wn + k * stride_wk, mask=ok,
-                                  other=0).to(tl.int32))
-    s_ptrs = s_ptr + (n // SCALE_ROWS) * stride_sn + (k // SCALE_COLS) * stride_sk
-    if E8M0_SCALES:
-        s = _e8m0_to_fp32(tl.load(s_ptrs, mask=ok, other=127).to(tl.int32))
-    else:
-        s = tl.load(s_ptrs, mask=ok, other=0.0)
-    return q * s
 
 
 @triton.jit
@@ -125,11 +68,11 @@ def _quant_linear_kernel(
                     mask=m_ok[:, None] & r_ok[None, :], other=0.0)  # [BM, BK]
         ok = r_ok[:, None] & j_ok[None, :]
         if BACKWARD:  # W'[r, j] = W[r, j]
-            w = _weight_tile(w_ptr, s_ptr, r[:, None], j[None, :], ok, stride_wn, stride_wk,
-                             stride_sn, stride_sk, FP4, E8M0_SCALES, SCALE_ROWS, SCALE_COLS)
+            w = weight_tile(w_ptr, s_ptr, r[:, None], j[None, :], ok, stride_wn, stride_wk,
+                            stride_sn, stride_sk, FP4, E8M0_SCALES, SCALE_ROWS, SCALE_COLS)
         else:         # W'[r, j] = W[j, r]
-            w = _weight_tile(w_ptr, s_ptr, j[None, :], r[:, None], ok, stride_wn, stride_wk,
-                             stride_sn, stride_sk, FP4, E8M0_SCALES, SCALE_ROWS, SCALE_COLS)
+            w = weight_tile(w_ptr, s_ptr, j[None, :], r[:, None], ok, stride_wn, stride_wk,
+                            stride_sn, stride_sk, FP4, E8M0_SCALES, SCALE_ROWS, SCALE_COLS)
         acc = tl.dot(a, w.to(a.dtype), acc, input_precision=PRECISION, out_dtype=ACC)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + j, mask=j_ok, other=0.0).to(ACC)[None, :]

@@ -3,15 +3,21 @@
 out[t] = sum_j topk_weights[t, j] * w2[e] @ (silu(g) * u), e = topk_ids[t, j],
 g, u = (w13[e] @ hidden[t]).chunk(2): gate first, as transformers' DeepseekV3Experts and vLLM.
 Math in fp64 (the exact answer the kernels approach), output in hidden's dtype.
+
+Quantised experts (w13_scale, w2_scale given): the same on the weights dequantised by the
+reference recipe (ds_kernels/reference/quantize.py). They are frozen: no gradient for them.
 """
 
 import torch
 import torch.nn.functional as F
 
 from ds_kernels.reference.autograd import grads_through
+from ds_kernels.reference.quantize import dequantize
 
 
-def fused_moe(hidden, w13, w2, topk_weights, topk_ids):
+def fused_moe(hidden, w13, w2, topk_weights, topk_ids, w13_scale=None, w2_scale=None):
+    if w13_scale is not None:
+        w13, w2 = dequantize(w13, w13_scale), dequantize(w2, w2_scale)
     T, H = hidden.shape
     E = w13.shape[0]
     out = torch.zeros(T, H, dtype=torch.float64, device=hidden.device)
@@ -27,6 +33,14 @@ def fused_moe(hidden, w13, w2, topk_weights, topk_ids):
     return out.to(hidden.dtype)
 
 
-def fused_moe_backward(grad_out, hidden, w13, w2, topk_weights, topk_ids):
-    """(d hidden, d w13, d w2, d topk_weights) by autograd through the reference."""
-    return grads_through(fused_moe, (hidden, w13, w2, topk_weights), grad_out, topk_ids)
+def fused_moe_backward(grad_out, hidden, w13, w2, topk_weights, topk_ids, w13_scale=None,
+                       w2_scale=None):
+    """(d hidden, d w13, d w2, d topk_weights) by autograd through the reference; d w13 and
+    d w2 are None for quantised weights."""
+    if w13_scale is None:
+        return grads_through(fused_moe, (hidden, w13, w2, topk_weights), grad_out, topk_ids)
+    w13, w2 = dequantize(w13, w13_scale), dequantize(w2, w2_scale)
+    d_hidden, d_topk_weights = grads_through(
+        lambda hidden, topk_weights: fused_moe(hidden, w13, w2, topk_weights, topk_ids),
+        (hidden, topk_weights), grad_out)
+    return d_hidden, None, None, d_topk_weights

@@ -2,14 +2,21 @@
 
 Rows offs[e-1]:offs[e] of a (offs[-1] = 0) are multiplied by b[e]; rows past offs[-1] belong
 to no group and are 0 (torch leaves them uninitialised).
+
+A quantised b (b_scale given) is the transpose of a quantised [E, N, K] weight (see
+ds_kernels.grouped_mm): b = dequantize(b.mT, b_scale.mT).mT by the reference recipe. It is
+frozen: no gradient for it.
 """
 
 import torch
 
 from ds_kernels.reference.autograd import grads_through
+from ds_kernels.reference.quantize import dequantize
 
 
-def grouped_mm(a, b, offs):
+def grouped_mm(a, b, offs, b_scale=None):
+    if b_scale is not None:
+        b = dequantize(b.mT, b_scale.mT).mT                          # [E, K, N]
     M, N = a.shape[0], b.shape[2]
     out = torch.zeros(M, N, dtype=a.dtype, device=a.device)
     start = 0
@@ -19,6 +26,15 @@ def grouped_mm(a, b, offs):
     return out
 
 
-def grouped_mm_backward(grad_out, a, b, offs):
-    """(d a, d b) by autograd through the reference."""
-    return grads_through(grouped_mm, (a, b), grad_out, offs)
+def grouped_mm_backward(grad_out, a, b, offs, b_scale=None):
+    """(d a, d b) by autograd through the reference; d b is None for a quantised b, and a
+    may then be None."""
+    if b_scale is None:
+        return grads_through(grouped_mm, (a, b), grad_out, offs)
+    b = dequantize(b.mT, b_scale.mT).mT                              # [E, K, N]
+    d_a = torch.zeros(grad_out.shape[0], b.shape[1], dtype=grad_out.dtype, device=b.device)
+    start = 0
+    for e, end in enumerate(offs.tolist()):
+        d_a[start:end] = (grad_out[start:end].double() @ b[e].double().T).to(grad_out.dtype)
+        start = end
+    return d_a, None
