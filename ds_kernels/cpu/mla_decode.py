@@ -5,14 +5,19 @@ pages. For each chunk, the sequences still running there are a prefix of the sor
 their pages are gathered once into [n, C, Dc + Dr] (never expanded per head), scored by one
 batched GEMM against all heads' [q_nope, q_pe], and folded into a running softmax (max, sum,
 fp32 accumulator), as flash-decoding does. Short sequences drop out of later chunks, and
-chunking bounds the gathered copy for long contexts.
+chunking bounds the gathered copy for long contexts. An FP8 cache's chunk is gathered as bytes
+and dequantised to fp32 right there, so no dequantised copy of the whole cache ever exists.
 """
 
 import bisect
+import functools
 
 import torch
 
 from ds_kernels import tuning
+from ds_kernels.mla_cache_format import (FP8_TILE, ROPE_DTYPE, SCALE_DTYPE, is_fp8, rope_offset,
+                                         scales_offset)
+from ds_kernels.quant_formats import FP8_DTYPE
 
 # Gathered fp32 cache elements per chunk (4 MB): the copy stays in cache between the chunk's
 # two GEMMs, and buffers this small are reused rather than page-faulted in anew each call
@@ -21,12 +26,39 @@ from ds_kernels import tuning
 CHUNK_ELEMENTS = 1 << 20
 
 
+@functools.cache
+def _e4m3_values(device: torch.device) -> torch.Tensor:
+    """fp32 [256]: the value of each e4m3 code byte. Gathering from it (index_select) decodes
+    ~6x faster than torch's float8_e4m3fn -> fp32 conversion, which is not vectorised on CPU."""
+    return torch.arange(256, dtype=torch.uint8).view(FP8_DTYPE).float().to(device)
+
+
+def _dequantize(rows, Dc, Dr, dtype):
+    """fp32 [..., Dc + Dr] of FP8 rows uint8 [..., width] (contiguous): codes times their
+    tile's scale, k_pe from bf16, rounded through ``dtype`` (the query's) as the reference's
+    dequantised cache is; exact for the power-of-two scales that mla_cache_write stores."""
+    lead, tiles = rows.shape[:-1], Dc // FP8_TILE
+    out = torch.empty(*lead, Dc + Dr, device=rows.device)                      # [..., Dc + Dr]
+    codes = rows[..., :Dc].reshape(-1).int()
+    latent = _e4m3_values(rows.device).index_select(0, codes).view(*lead, tiles, FP8_TILE)
+    scales = rows[..., scales_offset(Dc):rope_offset(Dc)].contiguous().view(SCALE_DTYPE)
+    # Straight into out's columns: no concatenated copy (~1/4 of this function's time).
+    torch.mul(latent, scales[..., None], out=out[..., :Dc].unflatten(-1, (tiles, FP8_TILE)))
+    out[..., Dc:] = rows[..., rope_offset(Dc):].view(ROPE_DTYPE)
+    return out if dtype == torch.float32 else out.to(dtype).float()
+
+
 def mla_decode(q_nope, q_pe, kv_cache, block_table, cache_seqlens, softmax_scale):
     B, Hq, Dc = q_nope.shape
-    block_size, D = kv_cache.shape[1], kv_cache.shape[2]
-    key = tuning.shape_key("mla_decode", Hq=Hq, Dc=Dc, Dr=D - Dc, page=block_size)
+    Dr = q_pe.shape[2]
+    D = Dc + Dr
+    block_size, width = kv_cache.shape[1], kv_cache.shape[2]
+    fp8 = is_fp8(kv_cache)
+    key = tuning.shape_key("mla_decode", "fp8_cache" if fp8 else None, Hq=Hq, Dc=Dc, Dr=Dr,
+                           page=block_size)
     chunk_elements = tuning.config("mla_decode", "torch", key, B, q_nope.dtype, q_nope.device,
-                                   dict(chunk_elements=CHUNK_ELEMENTS))["chunk_elements"]
+                                   dict(chunk_elements=CHUNK_ELEMENTS),
+                                   kernel="fp8_cache" if fp8 else None)["chunk_elements"]
     lens, order = cache_seqlens.long().sort(descending=True)        # [B] longest first
     lengths = lens.tolist()
     m = torch.full((B, Hq), float("-inf"), device=q_nope.device)    # running max score
@@ -45,7 +77,8 @@ def mla_decode(q_nope, q_pe, kv_cache, block_table, cache_seqlens, softmax_scale
         used = start + block_size * torch.arange(pages.shape[1]) < lens[:n, None]   # [n, P]
         # Past a sequence's end, table entries and cache rows may hold anything (garbage, NaN).
         pages = pages.masked_fill(~used.to(pages.device), 0)
-        rows = kv_cache.index_select(0, pages.flatten()).view(n, C, D).float()   # [n, C, D]
+        rows = kv_cache.index_select(0, pages.flatten()).view(n, C, width)   # [n, C, width]
+        rows = _dequantize(rows, Dc, Dr, q_nope.dtype) if fp8 else rows.float()  # [n, C, D]
         # The sequences ending in this chunk (sorted, so the last ones): blank their rows past
         # the end, a few slices instead of a masked pass over the whole chunk.
         ending = range(bisect.bisect_left([-x for x in lengths[:n]], -(start + C)), n)

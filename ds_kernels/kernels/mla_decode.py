@@ -17,6 +17,10 @@ plus q_pe x K_pe^T, so nothing is padded to 1024 columns.
 
 The split count depends only on B, Hq and the block table's width (not on cache_seqlens, so
 no device sync and CUDA-graph safe); each split takes 1/splits of its own sequence's tokens.
+An FP8 cache (FP8 on: ds_kernels/mla_cache_format.py) is the same kernel reading bytes: each
+K/V tile's codes and scales are dequantised in registers (kernels/fp8_mla_cache.py) and rounded
+to q's dtype, so the dots see what they would on the dequantised cache, for 656 bytes a token
+read instead of 1,152.
 Cache addresses are 64-bit: num_blocks * block_size * 576 passes 2**31 at ~58K pages of 64.
 Lengths are clamped to the table's capacity and pages outside [0, num_blocks) are skipped, so
 even unchecked bad input (CUDA graph capture skips the checks) never reads out of bounds.
@@ -27,6 +31,8 @@ import triton
 import triton.language as tl
 
 from ds_kernels import tuning
+from ds_kernels.kernels.fp8_mla_cache import load_rows
+from ds_kernels.mla_cache_format import is_fp8
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
@@ -47,6 +53,9 @@ _SHARED_EXTRA = 16 << 10
 # where writing and merging the [16, 512] fp32 partials would cost ~20% of reading the split's
 # cache. `python -m autotune sweep --op mla_decode` tunes all four keys per batch-size bucket.
 _GPU = dict(min_split_tokens=256, num_warps=8, num_stages=3)
+# FP8 caches: 16 tokens a step whatever q's dtype - a guess, not measured: the decoded tile
+# holds int32 codes and gathered fp32 scales beside the values, ~3x a bf16 tile's registers.
+_FP8_BLOCK_N = 16
 # Interpreter: a fixed small "GPU" and 16-token steps, so that the tests' tiny contexts still
 # cross several tiles and splits (and the merge kernel runs).
 _INTERPRETER = dict(BLOCK_N=16, min_split_tokens=16, num_warps=4, num_stages=1)
@@ -71,20 +80,21 @@ def _mla_decode_kernel(
     stride_ob, stride_oh, stride_os, stride_od, stride_lb, stride_lh, stride_ls,
     DC: tl.constexpr, DR: tl.constexpr, DC_POW2: tl.constexpr, DR_POW2: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, FP8: tl.constexpr,
 ):
     """Split program_id(2) of sequence program_id(0)'s tokens, for heads program_id(1)*BLOCK_H...
 
     q_nope_ptr: [B, Hq, DC], strides (stride_qnb, stride_qnh, stride_qnd); q_pe_ptr: [B, Hq, DR]
     likewise. cache_ptr: [num_blocks, PAGE, DC + DR] latent cache, strides (stride_cb,
-    stride_ct, stride_cd), same dtype as q. block_table_ptr: int32 [B, max_blocks], strides
+    stride_ct, stride_cd), same dtype as q; with FP8, the bytes (uint8) of FP8 rows, the
+    strides in bytes (stride_cd 1). block_table_ptr: int32 [B, max_blocks], strides
     (stride_btb, stride_btp). seqlens_ptr: int32 [B], stride stride_sl (0 when expanded). out_ptr: [B, Hq, num_splits, DC] partial
     (or, with one split, final) output, strides (stride_ob, stride_oh, stride_os, stride_od);
     lse_ptr: fp32 [B, Hq, num_splits] natural-log lse of the split's scores, strides
     (stride_lb, stride_lh, stride_ls). An empty split writes out 0 and lse -inf.
     scale_log2: softmax_scale * log2(e). DC_POW2, DR_POW2: tile widths (powers of two >= 16).
     PAGE: block_size. PRECISION: tl.dot input precision for fp32 operands. UPCAST: dot in fp32
-    whatever the input dtype.
+    whatever the input dtype. FP8: the cache holds FP8 rows.
     """
     b = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)   # [BH]
@@ -114,10 +124,17 @@ def _mla_decode_kernel(
                        mask=tok < end, other=0)
         t_ok = (tok < end) & (page >= 0) & (page < num_blocks)
         row = cache_ptr + page.to(tl.int64) * stride_cb + (tok % PAGE).to(tl.int64) * stride_ct
-        kv = _operand(tl.load(row[:, None] + dc[None, :] * stride_cd,   # [BN, DCP] K_nope = V
-                              mask=t_ok[:, None] & dc_ok[None, :], other=0.0), UPCAST)
-        k_pe = _operand(tl.load(row[:, None] + (DC + dr)[None, :] * stride_cd,   # [BN, DRP]
-                                mask=t_ok[:, None] & dr_ok[None, :], other=0.0), UPCAST)
+        if FP8:
+            kv, k_pe = load_rows(row, t_ok, dc, dc_ok, dr, dr_ok, DC)
+            kv = kv.to(q_nope_ptr.dtype.element_ty)                # [BN, DCP] K_nope = V
+            k_pe = k_pe.to(q_nope_ptr.dtype.element_ty)            # [BN, DRP]
+        else:
+            kv = tl.load(row[:, None] + dc[None, :] * stride_cd,   # [BN, DCP] K_nope = V
+                         mask=t_ok[:, None] & dc_ok[None, :], other=0.0)
+            k_pe = tl.load(row[:, None] + (DC + dr)[None, :] * stride_cd,   # [BN, DRP]
+                           mask=t_ok[:, None] & dr_ok[None, :], other=0.0)
+        kv = _operand(kv, UPCAST)
+        k_pe = _operand(k_pe, UPCAST)
         s = tl.dot(q_nope, tl.trans(kv), input_precision=PRECISION)      # [BH, BN]
         s = tl.dot(q_pe, tl.trans(k_pe), s, input_precision=PRECISION)
         s = s * scale_log2
@@ -217,15 +234,17 @@ def fits(config, Dc, Dr, dtype, device) -> bool:
             and registers <= _REGISTER_WORDS)
 
 
-def _config(B, Hq, Dc, Dr, page, dtype, device) -> dict:
+def _config(B, Hq, Dc, Dr, page, dtype, fp8, device) -> dict:
     """BLOCK_N, min_split_tokens, num_warps, num_stages: tuned for this batch-size bucket, else
-    the heuristic."""
+    the heuristic. FP8 caches are tuned apart (as kernel "fp8_cache")."""
     if device.type == "cpu":
         default = _INTERPRETER
     else:
-        default = dict(_GPU, BLOCK_N=32 if dtype.itemsize <= 2 else 16)
-    key = tuning.shape_key("mla_decode", Hq=Hq, Dc=Dc, Dr=Dr, page=page)
-    return tuning.config("mla_decode", "triton", key, B, dtype, device, default)
+        block_n = _FP8_BLOCK_N if fp8 else 32 if dtype.itemsize <= 2 else 16
+        default = dict(_GPU, BLOCK_N=block_n)
+    kernel = "fp8_cache" if fp8 else None
+    key = tuning.shape_key("mla_decode", kernel, Hq=Hq, Dc=Dc, Dr=Dr, page=page)
+    return tuning.config("mla_decode", "triton", key, B, dtype, device, default, kernel=kernel)
 
 
 def _sms(device) -> int:
@@ -236,13 +255,14 @@ def _sms(device) -> int:
 
 def mla_decode(q_nope, q_pe, kv_cache, block_table, cache_seqlens, softmax_scale):
     B, Hq, Dc = q_nope.shape
-    num_blocks, page, D = kv_cache.shape
-    Dr = D - Dc
+    Dr = q_pe.shape[2]
+    num_blocks, page = kv_cache.shape[:2]
+    fp8 = is_fp8(kv_cache)
     out = q_nope.new_empty(B, Hq, Dc)
     lse = torch.empty(B, Hq, dtype=torch.float32, device=q_nope.device)
     if B == 0:
         return out, lse
-    config = _config(B, Hq, Dc, Dr, page, q_nope.dtype, q_nope.device)
+    config = _config(B, Hq, Dc, Dr, page, q_nope.dtype, fp8, q_nope.device)
     head_groups = triton.cdiv(Hq, _BLOCK_H)
     splits = num_splits(B * head_groups, block_table.shape[1] * page, _sms(q_nope.device),
                         config["min_split_tokens"])
@@ -261,7 +281,7 @@ def mla_decode(q_nope, q_pe, kv_cache, block_table, cache_seqlens, softmax_scale
         DC=Dc, DR=Dr, DC_POW2=dc_p, DR_POW2=dr_p, PAGE=page, BLOCK_H=_BLOCK_H,
         BLOCK_N=config["BLOCK_N"],
         PRECISION=fp32_precision if q_nope.dtype == torch.float32 else "ieee",
-        UPCAST=q_nope.dtype == torch.bfloat16 and q_nope.device.type == "cpu",
+        UPCAST=q_nope.dtype == torch.bfloat16 and q_nope.device.type == "cpu", FP8=fp8,
         num_warps=config["num_warps"], num_stages=config["num_stages"])
     if splits > 1:
         _merge_splits_kernel[(B, Hq)](

@@ -1,11 +1,14 @@
 """ds_kernels.mla_cache_write and mla_cache_write_fused: writes of tokens' [latent | k_pe] rows
-into a paged MLA cache, as ``torch.ops.ds_kernels.mla_cache_write`` and
+into a paged MLA cache (float rows, or FP8 rows: ds_kernels/mla_cache_format.py), as
+``torch.ops.ds_kernels.mla_cache_write`` and
 ``torch.ops.ds_kernels.mla_cache_write_fused`` (both mutate kv_cache; neither is
 differentiable - training uses rms_norm and apply_rope, which are)."""
 
 import torch
 
 from ds_kernels import dispatch
+from ds_kernels.mla_cache_format import (FP8_CACHE_DTYPE, FP8_TILE, SCALE_DTYPE, fp8_row_bytes,
+                                         is_fp8)
 from ds_kernels.ops.apply_rope import check_rope
 from ds_kernels.ops.checks import (FLOAT_DTYPES, INDEX_DTYPES, check_same_device,
                                    check_same_dtype, check_tensor, device_checks_allowed)
@@ -17,9 +20,18 @@ def mla_cache_write(latent: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Te
     """kv_cache[slot // block_size, slot % block_size] = [latent[t] | k_pe[t]] for each token t
     with slot = slot_mapping[t] != -1 (in place; -1 marks padding tokens, which are skipped).
 
-    latent [T, Dc], k_pe [T, Dr] (Dr even), kv_cache [num_blocks, block_size, Dc + Dr], all of
-    one dtype (fp16/bf16/fp32; any strides); slot_mapping [T] int64 (or int32) in
-    [-1, num_blocks * block_size). Two tokens with the same slot: which one lands is undefined.
+    latent [T, Dc], k_pe [T, Dr] (Dr even), of one dtype (fp16/bf16/fp32; any strides).
+    kv_cache, either
+      - float rows [num_blocks, block_size, Dc + Dr] in latent's dtype (any strides), or
+      - FP8 rows: uint8 [num_blocks, block_size, Dc + 4 * Dc/128 + 2 * Dr] (656 bytes for
+        DeepSeek-V3), FlashMLA's DeepSeek-V3.2 layout (ds_kernels/mla_cache_format.py): each
+        token's latent quantised to e4m3 with one power-of-two fp32 scale per 128 columns,
+        k_pe rounded to bf16. Needs Dc % 128 == 0; each row's bytes contiguous and 4-byte
+        aligned (strides of dims 0 and 1 multiples of 4), as the fp32 scales are accessed in
+        place. A non-finite latent value becomes a NaN code (the row then poisons the heads
+        that read it, as in a float cache).
+    slot_mapping [T] int64 (or int32) in [-1, num_blocks * block_size). Two tokens with the
+    same slot: which one lands is undefined.
     """
     if dispatch.direct_call_allowed(latent, k_pe, kv_cache, slot_mapping):
         _mla_cache_write(latent, k_pe, kv_cache, slot_mapping)  # checks the arguments itself
@@ -40,7 +52,8 @@ def mla_cache_write_fused(kv_latent: torch.Tensor, k_pe: torch.Tensor,
     kv_latent: the un-normalised latent (kv_a_proj's first Dc columns; any strides); k_pe: its
     un-rotated rope part; norm_weight [Dc] (kv_a_layernorm's weight); cos, sin [T, Dr/2] at each
     token's position. The returned tensors are what the prefill path attends with; they and
-    the cache rows hold the same values. Shapes and dtypes otherwise as ``mla_cache_write``.
+    a float cache's rows hold the same values (an FP8 cache: those values quantised). Shapes and
+    dtypes otherwise as ``mla_cache_write``.
     """
     args = (kv_latent, k_pe, norm_weight, eps, cos, sin, kv_cache, slot_mapping, interleaved)
     if dispatch.direct_call_allowed(kv_latent, k_pe, norm_weight, cos, sin, kv_cache,
@@ -53,21 +66,51 @@ def mla_cache_write_fused(kv_latent: torch.Tensor, k_pe: torch.Tensor,
 def _check(latent, k_pe, kv_cache, slot_mapping, latent_name="latent"):
     check_tensor(latent_name, latent, dim=2, dtypes=FLOAT_DTYPES)
     check_tensor("k_pe", k_pe, dim=2, dtypes=FLOAT_DTYPES)
-    check_tensor("kv_cache", kv_cache, dim=3, dtypes=FLOAT_DTYPES)
+    check_tensor("kv_cache", kv_cache, dim=3, dtypes=FLOAT_DTYPES + (FP8_CACHE_DTYPE,))
     check_tensor("slot_mapping", slot_mapping, dim=1, dtypes=INDEX_DTYPES)
-    check_same_dtype(latent_name, latent, k_pe=k_pe, kv_cache=kv_cache)
+    check_same_dtype(latent_name, latent, k_pe=k_pe)
     T, Dc = latent.shape
     Dr = k_pe.shape[1]
     if k_pe.shape[0] != T or Dr < 2 or Dr % 2:
         raise ValueError(f"k_pe must be [T={T}, Dr] with Dr even (the rope dim), got "
                          f"{tuple(k_pe.shape)}")
-    if Dc < 1 or kv_cache.shape[2] != Dc + Dr:
-        raise ValueError(f"kv_cache must be [num_blocks, block_size, Dc + Dr = {Dc + Dr}] "
-                         f"(Dc={Dc}, Dr={Dr}), got {tuple(kv_cache.shape)}")
+    if is_fp8(kv_cache):
+        check_fp8_cache(kv_cache, Dc, Dr)
+    else:
+        check_same_dtype(latent_name, latent, kv_cache=kv_cache)
+        if Dc < 1 or kv_cache.shape[2] != Dc + Dr:
+            raise ValueError(f"kv_cache must be [num_blocks, block_size, Dc + Dr = {Dc + Dr}] "
+                             f"(Dc={Dc}, Dr={Dr}), got {tuple(kv_cache.shape)}")
     if slot_mapping.shape[0] != T:
         raise ValueError(f"slot_mapping must have shape [T={T}], got {tuple(slot_mapping.shape)}")
     check_same_device(latent_name, latent, k_pe=k_pe, kv_cache=kv_cache,
                       slot_mapping=slot_mapping)
+
+
+def check_fp8_cache(kv_cache, Dc, Dr):
+    """An FP8 (uint8) kv_cache fits latents of Dc and a rope part of Dr: the width of its
+    layout, and rows whose bytes are contiguous and whose fp32 scales are aligned."""
+    if Dc < FP8_TILE or Dc % FP8_TILE:
+        raise ValueError(f"an FP8 kv_cache (uint8) needs Dc to be a multiple of {FP8_TILE} (one "
+                         f"fp32 scale per {FP8_TILE} latent columns), got Dc={Dc}")
+    if Dr < 2 or Dr % 2:
+        raise ValueError(f"an FP8 kv_cache (uint8) needs an even rope dim Dr, got Dr={Dr}")
+    width = fp8_row_bytes(Dc, Dr)
+    if kv_cache.shape[2] != width:
+        raise ValueError(f"an FP8 kv_cache (uint8) must be [num_blocks, block_size, Dc + "
+                         f"4 * Dc/128 + 2 * Dr = {width}] bytes (Dc={Dc} e4m3 codes, "
+                         f"{Dc // FP8_TILE} fp32 scales, Dr={Dr} bf16 values), got "
+                         f"{tuple(kv_cache.shape)}")
+    align = SCALE_DTYPE.itemsize
+    # torch.compile cannot trace storage_offset(); the op's own check (on the real or fake
+    # tensor) still sees it.
+    offset = 0 if torch.compiler.is_compiling() else kv_cache.storage_offset()
+    if kv_cache.stride(2) != 1 or any(
+            x % align for x in (kv_cache.stride(0), kv_cache.stride(1), offset)):
+        raise ValueError(f"an FP8 kv_cache's rows must be contiguous bytes and {align}-byte "
+                         f"aligned (stride(2) == 1; strides of dims 0 and 1 and the storage "
+                         f"offset multiples of {align}), got strides {kv_cache.stride()} and "
+                         f"offset {offset}")
 
 
 def _check_fused(kv_latent, k_pe, norm_weight, eps, cos, sin, kv_cache, slot_mapping,

@@ -7,6 +7,8 @@ import math
 import torch
 
 from ds_kernels import dispatch
+from ds_kernels.mla_cache_format import FP8_CACHE_DTYPE, is_fp8
+from ds_kernels.ops.mla_cache_write import check_fp8_cache
 from ds_kernels.ops.checks import (FLOAT_DTYPES, check_same_device, check_same_dtype,
                                    check_tensor, device_checks_allowed)
 
@@ -17,8 +19,12 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
     """(out [B, Hq, Dc] in q's dtype, lse float32 [B, Hq]) of one decode step.
 
     q_nope [B, Hq, Dc]: the no-rope query already multiplied by W_UK (absorbed); q_pe
-    [B, Hq, Dr]: the rope query. kv_cache [num_blocks, block_size, Dc + Dr] (same dtype as q;
-    block_size a power of two >= 16): row = [normalised latent, k_pe]. block_table int32
+    [B, Hq, Dr]: the rope query. kv_cache [num_blocks, block_size, width] (block_size a power
+    of two >= 16), as ``mla_cache_write`` fills it: float rows [normalised latent, k_pe] of
+    width Dc + Dr in q's dtype, or FP8 rows (uint8, width Dc + 4 * Dc/128 + 2 * Dr: FlashMLA's
+    DeepSeek-V3.2 layout, ds_kernels/mla_cache_format.py), which mean the row dequantised -
+    codes times their tile's fp32 scale, k_pe from bf16 - and rounded to q's dtype; each K/V
+    tile is dequantised as it is read (no dequantised copy of the cache). block_table int32
     [B, max_blocks]: token t of sequence b is kv_cache[block_table[b, t // block_size],
     t % block_size]. cache_seqlens int32 [B]: tokens of each sequence, in
     [0, max_blocks * block_size]; entries of block_table past a sequence's last page are never
@@ -39,10 +45,10 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
 def _check(q_nope, q_pe, kv_cache, block_table, cache_seqlens, softmax_scale):
     check_tensor("q_nope", q_nope, dim=3, dtypes=FLOAT_DTYPES)
     check_tensor("q_pe", q_pe, dim=3, dtypes=FLOAT_DTYPES)
-    check_tensor("kv_cache", kv_cache, dim=3, dtypes=FLOAT_DTYPES)
+    check_tensor("kv_cache", kv_cache, dim=3, dtypes=FLOAT_DTYPES + (FP8_CACHE_DTYPE,))
     check_tensor("block_table", block_table, dim=2, dtypes=(torch.int32,))
     check_tensor("cache_seqlens", cache_seqlens, dim=1, dtypes=(torch.int32,))
-    check_same_dtype("q_nope", q_nope, q_pe=q_pe, kv_cache=kv_cache)
+    check_same_dtype("q_nope", q_nope, q_pe=q_pe)
     B, Hq, Dc = q_nope.shape
     if Hq < 1 or Dc < 1:
         raise ValueError(f"q_nope must be [B, Hq >= 1, Dc >= 1], got {tuple(q_nope.shape)}")
@@ -50,9 +56,13 @@ def _check(q_nope, q_pe, kv_cache, block_table, cache_seqlens, softmax_scale):
         raise ValueError(f"q_pe must be [B={B}, Hq={Hq}, Dr] like q_nope, got {tuple(q_pe.shape)}")
     Dr = q_pe.shape[2]
     block_size = kv_cache.shape[1]
-    if kv_cache.shape[2] != Dc + Dr:
-        raise ValueError(f"kv_cache must be [num_blocks, block_size, Dc + Dr = {Dc + Dr}], got "
-                         f"{tuple(kv_cache.shape)}")
+    if is_fp8(kv_cache):
+        check_fp8_cache(kv_cache, Dc, Dr)
+    else:
+        check_same_dtype("q_nope", q_nope, kv_cache=kv_cache)
+        if kv_cache.shape[2] != Dc + Dr:
+            raise ValueError(f"kv_cache must be [num_blocks, block_size, Dc + Dr = {Dc + Dr}], "
+                             f"got {tuple(kv_cache.shape)}")
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"kv_cache's block_size must be a power of two >= 16, got {block_size}")
     if block_table.shape[0] != B:
