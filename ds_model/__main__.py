@@ -1,27 +1,37 @@
-"""python -m ds_model generate [--preset NAME | --checkpoint DIR] [--batch 4] [--prompt-len 32]
-    [--max-new-tokens 64] [--dtype float32] [--temperature 0] [--top-p 1] [--seed 0]
-    [--record-routing FILE.safetensors]
+"""python -m ds_model generate [--preset NAME [--quantize fp8|mxfp4] | --checkpoint DIR
+    [--dequantize]] [--batch 4] [--prompt-len 32] [--max-new-tokens 64] [--dtype float32]
+    [--temperature 0] [--top-p 1] [--seed 0] [--record-routing FILE.safetensors]
+python -m ds_model quantize SRC DST [--scale-fmt float|ue8m0] [--experts fp8|mxfp4]
 
-Continues random prompts with random weights (a preset, "tiny" by default) or the weights of
-an HF-format checkpoint folder, shows a progress bar on stderr, and prints the prefill and
+generate continues random prompts with random weights (a preset, "tiny" by default; with
+--quantize held as DeepSeek's FP8 checkpoints hold them, mxfp4: with V4's MXFP4 experts) or the
+weights of an HF-format checkpoint folder (a quantised one stays quantised unless
+--dequantize), shows a progress bar on stderr, and prints the weights' memory, the prefill and
 decode throughput and the generated ids. --record-routing saves every MoE layer's expert
 choices for `python -m autotune sweep --op fused_moe --routing FILE`.
 
+quantize writes the bf16/fp32 checkpoint SRC into the new folder DST in DeepSeek's published
+FP8 format (ds_model/convert.py), tensor by tensor.
+
 What the user can fix (a missing or broken checkpoint, a --record-routing file whose folder
-does not exist, a device that is not there, a model too large for it) ends the run with one
-line on stderr and exit status 1, before any generation.
+does not exist, a device that is not there, a model too large for it, a DST that is not empty)
+ends the run with one line on stderr and exit status 1, before any generation or writing.
 """
 
 import argparse
 import contextlib
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
 
+from ds_kernels.quant_formats import FP8, MXFP4, SCALE_FMTS
 from ds_model import PRESETS, DeepSeekForCausalLM, ModelConfig
-from ds_model.loading import check_fits
+from ds_model.convert import quantize_checkpoint
+from ds_model.loading import check_fits, empty
+from ds_model.quantized import QUANTIZED_MODULES, Quantization, planned_formats, quantize_modules
 from ds_model.routing import RoutingRecorder
 
 BAR_WIDTH = 40
@@ -38,6 +48,13 @@ def main(argv=None):
                         help="random weights of this config (default: tiny)")
     source.add_argument("--checkpoint", type=Path, help="HF-format folder: config.json + "
                         "*.safetensors")
+    gen.add_argument("--quantize", choices=(FP8, MXFP4), help="with --preset: weights held "
+                     "quantised, FP8 128x128 blocks (mxfp4: the routed experts MXFP4)")
+    gen.add_argument("--dequantize", action="store_true", help="with --checkpoint: fold a "
+                     "quantised checkpoint's weights into --dtype at load")
+    gen.add_argument("--kv-cache", choices=("model", "fp8"), default="model",
+                     help="latent cache rows: the model's dtype, or FlashMLA's FP8 layout "
+                     "(656 bytes a token a layer for DeepSeek-V3; needs kv_lora_rank % 128 == 0)")
     gen.add_argument("--batch", type=int, default=4)
     gen.add_argument("--prompt-len", type=int, default=32)
     gen.add_argument("--max-new-tokens", type=int, default=64)
@@ -49,9 +66,24 @@ def main(argv=None):
     gen.add_argument("--record-routing", type=Path, metavar="FILE",
                      help="save the experts each MoE layer chose (safetensors) for autotune; "
                      "the timings then include the recording")
+    quantize = commands.add_parser("quantize", help="write a checkpoint in DeepSeek's FP8 "
+                                   "format")
+    quantize.add_argument("src", type=Path, help="HF-format folder, bf16/fp16/fp32 weights")
+    quantize.add_argument("dst", type=Path, help="new (or empty) folder")
+    quantize.add_argument("--scale-fmt", choices=SCALE_FMTS, default="float",
+                          help="ue8m0: power-of-two scales (V3.1+)")
+    quantize.add_argument("--experts", choices=(FP8, MXFP4), default=FP8,
+                          help="mxfp4: the routed experts as DeepSeek-V4 ships them")
     args = parser.parse_args(argv)
+    if args.command == "quantize":
+        return _quantize(args)
     if min(args.batch, args.prompt_len, args.max_new_tokens) < 1:
         parser.error("--batch, --prompt-len and --max-new-tokens must be >= 1")
+    if args.quantize and args.checkpoint:
+        parser.error("--quantize goes with --preset (a checkpoint's config.json says how its "
+                     "weights are held)")
+    if args.dequantize and not args.checkpoint:
+        parser.error("--dequantize goes with --checkpoint")
 
     if args.record_routing and not args.record_routing.parent.is_dir():
         _fail(f"--record-routing {args.record_routing}: no folder {args.record_routing.parent}")
@@ -63,8 +95,10 @@ def main(argv=None):
     except (OSError, ValueError) as error:  # the loaders name the file, field or value
         _fail(str(error))
     total, active = model.config.num_parameters()
+    held = sum(t.nbytes for t in model.parameters()) + sum(t.nbytes for t in model.buffers())
     print(f"model: {args.checkpoint or args.preset}, {total / 1e6:.1f}M parameters "
-          f"({active / 1e6:.1f}M active), {args.dtype} on {device}", file=sys.stderr)
+          f"({active / 1e6:.1f}M active), {args.dtype} on {device}, weights "
+          f"{held / 2**20:.1f} MiB{_formats(model)}", file=sys.stderr)
 
     prompts = torch.randint(model.config.vocab_size, (args.batch, args.prompt_len),
                             device=device)
@@ -78,13 +112,15 @@ def main(argv=None):
               end="", file=sys.stderr, flush=True)
 
     # Untimed first: one-time costs (lazy imports, first allocations) stay out of the numbers.
-    model.generate(list(prompts[:1, :2]), 2)
+    fp8_kv_cache = args.kv_cache == "fp8"
+    model.generate(list(prompts[:1, :2]), 2, fp8_kv_cache=fp8_kv_cache)
     recorder = RoutingRecorder(model) if args.record_routing else contextlib.nullcontext()
     start = time.perf_counter()
     with recorder:
         outputs = model.generate(list(prompts), args.max_new_tokens,
                                  temperature=args.temperature, top_p=args.top_p,
-                                 generator=generator, on_step=on_step)
+                                 generator=generator, on_step=on_step,
+                                 fp8_kv_cache=fp8_kv_cache)
     print(file=sys.stderr)
     if args.record_routing:
         ids = recorder.tensors()["topk_ids"]
@@ -119,11 +155,35 @@ def _device(name: str) -> torch.device:
 
 def _model(args, dtype, device) -> DeepSeekForCausalLM:
     if args.checkpoint:
-        return DeepSeekForCausalLM.from_pretrained(args.checkpoint, dtype=dtype, device=device)
+        return DeepSeekForCausalLM.from_pretrained(args.checkpoint, dtype=dtype, device=device,
+                                                   dequantize=args.dequantize)
     config = ModelConfig.preset(args.preset)
+    if args.quantize:
+        config.quantization_config = Quantization(experts=args.quantize).to_config()
     check_fits(config, dtype, device, f"--preset {args.preset}")
-    with device:
-        return DeepSeekForCausalLM(config).init_weights().to_dtype(dtype).eval()
+    with torch.device("meta"):
+        model = DeepSeekForCausalLM(config)
+        if args.quantize:
+            quantize_modules(model, planned_formats(model, config.quantization))
+    return empty(model, dtype, device).init_weights().eval()
+
+
+def _formats(model) -> str:
+    """How many modules hold each quantised format (", fp8 x 21, mxfp4 x 2"); "" if none."""
+    counts = Counter(m.format.fmt for m in model.modules() if isinstance(m, QUANTIZED_MODULES))
+    return "".join(f", {fmt} x {n}" for fmt, n in sorted(counts.items()))
+
+
+def _quantize(args):
+    try:
+        written = quantize_checkpoint(args.src, args.dst, scale_fmt=args.scale_fmt,
+                                      experts=args.experts)
+    except (OSError, ValueError) as error:
+        _fail(str(error))
+    size = sum(path.stat().st_size for path in written)
+    print(f"{args.dst}: {len(written)} file(s), {size / 2**20:.1f} MiB of weights "
+          f"(FP8{', MXFP4 experts' if args.experts == MXFP4 else ''}, {args.scale_fmt} "
+          "scales)")
 
 
 if __name__ == "__main__":

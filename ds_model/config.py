@@ -3,7 +3,14 @@
 Parameter counts (``num_parameters``) count every weight once; "active" counts what one token
 passes through: attention, dense MLPs, the shared and top-k routed experts, the router, the
 norms, and both the input embedding and the LM head (the embedding row is read, the head is a
-full GEMM; DeepSeek's 37B counts them the same way to within rounding).
+full GEMM; DeepSeek's 37B counts them the same way to within rounding). Biases count where
+attention_bias has them, the routers' correction bias where topk_method has one (noaux_tc).
+
+Memory (``weight_bytes``): the bytes the weights take as from_pretrained holds them, and the
+bytes one token reads. With quantization_config: FP8 projections and experts at 1 byte a weight
+plus an fp32 scale per 128x128 block, MXFP4 experts at 0.5 + 1/32 byte, kv_b_proj in the model
+dtype (dequantised at load), routers fp32. DeepSeek-V3 (no MTP layer) in bf16: 1250 GiB; FP8
+(the rest bf16): 628 GiB; with MXFP4 experts: 342 GiB.
 
 Presets:
   "tiny": a few million parameters for tests and the CLI.
@@ -26,9 +33,13 @@ import dataclasses
 import math
 from typing import Any
 
+import torch
+
 from ds_kernels import moe
 from ds_kernels.ops.route import SCORINGS
+from ds_kernels.quant_formats import FP8, MXFP4
 from ds_kernels.rope import rope_attention_factor, rope_frequencies
+from ds_model.quantized import Quantization, scale_grid
 
 # Fields of a transformers DeepseekV3Config / config.json that describe no weight or math we
 # run (metadata, training-only settings, generation defaults).
@@ -44,6 +55,7 @@ _IGNORED_FIELDS = {
     "id2label", "label2id", "cross_attention_hidden_size", "tie_encoder_decoder", "finetuning_task",
     "_name_or_path", "_attn_implementation_autoset", "_experts_implementation", "pruned_heads",
     "name_or_path", "attention_bias_type", "mlp_bias", "head_dim", "layer_types",
+    "expert_dtype",  # V4's place for quantization_config's expert_dtype: moved in there
 }
 
 # Fields every DeepSeek-V2/V3 config.json has, DeepSeek's and transformers' alike: they fix the
@@ -105,7 +117,7 @@ class ModelConfig:
     hidden_act: str = "silu"
     tie_word_embeddings: bool = False
     eos_token_id: int | list[int] | None = None
-    quantization_config: dict | None = None  # FP8 checkpoints: refused at load time
+    quantization_config: dict | None = None  # FP8 checkpoints: see ds_model/quantized.py
 
     def __post_init__(self):
         self.validate()
@@ -135,10 +147,8 @@ class ModelConfig:
         self._check_routing()
         self._check_rope_scaling()
         self._check_eos()
-        quantization = self.quantization_config
-        if quantization is not None and not isinstance(quantization, dict):
-            raise ValueError(f"quantization_config must be an object or null, got "
-                             f"{quantization!r}")
+        if self.quantization_config is not None:
+            Quantization.from_config(self.quantization_config)  # checks every key
 
     def _check_routing(self):
         """The rules ds_kernels.route enforces on every call, checked once here."""
@@ -209,6 +219,12 @@ class ModelConfig:
             raise ValueError(f"missing config field(s) {missing}: they fix the architecture, "
                              "and ds_model does not guess them")
         values = {k: v for k, v in fields.items() if k in ours}
+        # DeepSeek-V4 writes expert_dtype beside quantization_config, V4.1 inside it (where
+        # transformers' DeepseekV4Config moves it).
+        if fields.get("expert_dtype") is not None and isinstance(values.get(
+                "quantization_config"), dict):
+            values["quantization_config"] = {"expert_dtype": fields["expert_dtype"],
+                                             **values["quantization_config"]}
         derived = fields.get("qk_head_dim")
         if derived is not None and derived != values["qk_nope_head_dim"] + values[
                 "qk_rope_head_dim"]:
@@ -231,26 +247,81 @@ class ModelConfig:
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
+    @property
+    def quantization(self) -> Quantization | None:
+        """quantization_config parsed (None: a dense checkpoint)."""
+        if self.quantization_config is None:
+            return None
+        return Quantization.from_config(self.quantization_config)
+
     def num_parameters(self) -> tuple[int, int]:
         """(total, active per token); see the module docstring for what is counted."""
-        h, heads = self.hidden_size, self.num_attention_heads
-        if self.q_lora_rank:
-            q = h * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * heads * self.qk_head_dim
-        else:
-            q = h * heads * self.qk_head_dim
-        kv = (h * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank
-              + self.kv_lora_rank * heads * (self.qk_nope_head_dim + self.v_head_dim))
-        layer = q + kv + heads * self.v_head_dim * h + 2 * h   # attention, o_proj, two norms
-        expert = 3 * h * self.moe_intermediate_size
-        router = self.n_routed_experts * h + self.n_routed_experts
-        dense = self.first_k_dense_replace
-        moe = self.num_hidden_layers - dense
-        shared = self.n_shared_experts * expert + router
-        common = (self.num_hidden_layers * layer + dense * 3 * h * self.intermediate_size
-                  + 2 * self.vocab_size * h + h)
-        total = common + moe * (self.n_routed_experts * expert + shared)
-        active = common + moe * (self.num_experts_per_tok * expert + shared)
+        total = sum(math.prod(shape) * count for _, shape, count, _ in self._tensors())
+        active = sum(math.prod(shape) * used for _, shape, _, used in self._tensors())
         return total, active
+
+    def weight_bytes(self, dtype: torch.dtype, *, quantized: bool = True) -> tuple[int, int]:
+        """(bytes held, bytes one token reads) of the weights, as from_pretrained holds them in
+        ``dtype``: routers in fp32; with quantization_config (and ``quantized``), FP8 weights
+        at 1 byte + an fp32 scale per 128x128 block (V3's scales; V4's e8m0 take 1 byte) and
+        MXFP4 experts at 0.5 + 1/32 byte, kv_b_proj in dtype (dequantised at load: see
+        ds_model/quantized.py). A tied lm_head is held once but read by every token."""
+        quantization = self.quantization if quantized else None
+        held = read = 0
+        for role, shape, count, used in self._tensors():
+            size = _tensor_bytes(role, shape, dtype, quantization)
+            held += size * (0 if role == "lm_head" and self.tie_word_embeddings else count)
+            read += size * used
+        return held, read
+
+    def _tensors(self):
+        """(role, shape, count, active) of each kind of tensor the model holds: how many, and
+        how many one token passes through. role: "linear" (quantised in FP8 checkpoints),
+        "experts" (the routed experts' fused weights), "router" (fp32), "lm_head", "dense"
+        (the model dtype: embeddings, norms, biases, kv_b_proj)."""
+        h, heads, L = self.hidden_size, self.num_attention_heads, self.num_hidden_layers
+        dense, moe = self.first_k_dense_replace, L - self.first_k_dense_replace
+        dc, dr, ql = self.kv_lora_rank, self.qk_rope_head_dim, self.q_lora_rank
+        qk_width = heads * self.qk_head_dim
+        bias = self.attention_bias
+        layer = [("dense", (h,), 2), ("linear", (dc + dr, h), 1), ("dense", (dc,), 1),
+                 ("dense", (heads * (self.qk_nope_head_dim + self.v_head_dim), dc), 1),
+                 ("linear", (h, heads * self.v_head_dim), 1),
+                 ("dense", (dc + dr,), int(bias)), ("dense", (h,), int(bias))]
+        if ql:
+            layer += [("linear", (ql, h), 1), ("dense", (ql,), 1), ("linear", (qk_width, ql), 1),
+                      ("dense", (ql,), int(bias))]
+        else:
+            layer += [("linear", (qk_width, h), 1)]
+        mlp = self.intermediate_size
+        shared = self.n_shared_experts * self.moe_intermediate_size
+        E, I = self.n_routed_experts, self.moe_intermediate_size
+        tensors = [(role, shape, n * L, n * L) for role, shape, n in layer if n]
+        tensors += [("dense", (self.vocab_size, h), 1, 1), ("lm_head", (self.vocab_size, h), 1, 1),
+                    ("dense", (h,), 1, 1),
+                    ("linear", (mlp, h), 2 * dense, 2 * dense), ("linear", (h, mlp), dense, dense),
+                    ("router", (E, h), moe, moe),
+                    ("experts", (2 * I, h), moe * E, moe * self.num_experts_per_tok),
+                    ("experts", (h, I), moe * E, moe * self.num_experts_per_tok)]
+        if self.topk_method == "noaux_tc":  # V2's methods route without a correction bias
+            tensors.append(("router", (E,), moe, moe))
+        if shared:
+            tensors += [("linear", (shared, h), 2 * moe, 2 * moe),
+                        ("linear", (h, shared), moe, moe)]
+        return [t for t in tensors if t[2]]
+
+
+def _tensor_bytes(role, shape, dtype, quantization) -> float:
+    """Bytes one tensor of ``shape`` takes (see weight_bytes)."""
+    if role == "router":
+        return math.prod(shape) * 4
+    fmt = None if quantization is None else {"linear": FP8, "experts": quantization.experts}.get(
+        role)
+    if fmt == FP8:
+        return math.prod(shape) + 4 * math.prod(scale_grid(FP8, shape))
+    if fmt == MXFP4:
+        return math.prod(shape) // 2 + math.prod(scale_grid(MXFP4, shape))
+    return math.prod(shape) * dtype.itemsize
 
 
 PRESETS = {

@@ -9,25 +9,44 @@ in the folder. Routed experts come in either layout, per layer:
   (gate rows first) and ...mlp.experts.down_proj [E, H, I].
 Each per-expert tensor is copied straight into its slice of the fused parameter.
 
+Quantised checkpoints (config.json's quantization_config; ds_model/quantized.py says which
+tensors and how they are held): a weight X (X.weight, or a fused expert weight) is quantised
+when the checkpoint also holds X_scale_inv (X.weight_scale_inv, experts.gate_up_proj_scale_inv):
+codes float8_e4m3fn with fp32 or e8m0 scales per 128x128 block, or - routed experts declared
+``expert_dtype: "fp4"`` - MXFP4 codes (float4_e2m1fn_x2, or int8 bytes as V4 and transformers
+store them) with e8m0 scales per 32 columns. They stay quantised in memory; ``dequantize=True``
+folds every one into the model dtype at load, and kv_b_proj is always folded. The tensors decide
+which modules are quantised (a module left out of quantisation loads as a plain one), but the
+experts of one layer must all come in one format. Per-expert FP8 experts stay quantised only
+when moe_intermediate_size is a multiple of 128 (every DeepSeek checkpoint's): otherwise the
+gate and up blocks do not tile the fused [2I, H] weight's 128-row grid (dequantize=True loads
+them).
+
 Memory: the model is built on the meta device, materialised uninitialised on the target
 device, and each checkpoint tensor is read (memory-mapped), copied into its parameter
-(converting its dtype) and dropped: the peak is the model plus one tensor. Nothing is
-unpickled. Every name and shape is checked before any data is read, and afterwards every
-element of every parameter and buffer must have been written exactly once.
+(converting its dtype; a folded weight is dequantised first) and dropped: the peak is the model
+plus one tensor. Nothing is unpickled. Every name, dtype and shape is checked before any data
+is read, and afterwards every element of every parameter and buffer must have been written
+exactly once.
 
 Refused, naming the offender, before anything is allocated: config.json's and the index's
 JSON errors (with the position), config fields ModelConfig does not know, lacks or finds
-invalid (ModelConfig.validate), a model whose parameters exceed the device's memory, index
-entries that are not plain file names beside the index (``../x``, absolute paths), and files
-that are not regular files (a FIFO would block the read forever). Symbolic links are followed:
-huggingface_hub's cache links every file of a snapshot to ../../blobs/. Then, before any
-tensor data is read: FP8 checkpoints (quantization_config, *.weight_scale_inv or float8
-tensors; not supported yet), checkpoint tensors the model has no place for, parameters the
-checkpoint lacks, and shape mismatches.
+invalid (ModelConfig.validate, quantization_config's keys included), a model whose weights
+exceed the device's memory, index entries that are not plain file names beside the index
+(``../x``, absolute paths), and files that are not regular files (a FIFO would block the read
+forever). Symbolic links are followed: huggingface_hub's cache links every file of a snapshot
+to ../../blobs/. Then, before any tensor data is read: checkpoint tensors the model has no place
+for, parameters the checkpoint lacks, shape mismatches, weights of a non-floating dtype; and for
+quantised weights: FP8 data without quantization_config, a weight without its scale or a scale
+without its weight, a quantised tensor that DeepSeek keeps dense (embeddings, lm_head, norms,
+router), codes or scales of a dtype the declared format does not have, a scale grid that does
+not fit its weight, and experts of one layer in different formats.
 Skipped, with a log line: the multi-token-prediction layers (model.layers.{L + i}.* for the
 num_nextn_predict_layers layers after the L = num_hidden_layers), which generation never uses.
 """
 
+import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -38,21 +57,62 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+import ds_kernels
+from ds_kernels.quant_formats import (E8M0_DTYPE, FP4_DTYPE, FP8, MXFP4, MXFP4_GROUP,
+                                      SCALE_BLOCK)
 from ds_model.config import ModelConfig
+from ds_model.quantized import (SCALE_SUFFIX, Format, quantizable, quantize_modules,
+                                scale_grid)
 
 log = logging.getLogger("ds_model")
 
 _EXPERT = re.compile(r"(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)"
                      r"\.weight")
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
-_FP8_DTYPES = ("F8_E4M3", "F8_E5M2")  # safetensors' names
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors' names of plain weights
+# Quantised codes by safetensors dtype: I8 holds MXFP4 bytes as DeepSeek-V4 and transformers
+# store them; F8_E5M2 is FP8 of a fmt no DeepSeek checkpoint has.
+_CODE_FORMATS = {"F8_E4M3": FP8, "F4": MXFP4, "I8": MXFP4}
+_SCALE_DTYPES = {FP8: {"F32": torch.float32, "F8_E8M0": E8M0_DTYPE},
+                 MXFP4: {"F8_E8M0": E8M0_DTYPE}}
 
 
-def from_pretrained(cls, folder, *, dtype: torch.dtype | None = None, device="cpu"):
+@dataclasses.dataclass(frozen=True)
+class _Tensor:
+    """A checkpoint tensor, as its file's header describes it."""
+
+    path: Path
+    key: str
+    dtype: str                  # safetensors' name
+    shape: tuple[int, ...]      # as stored (F4: safetensors counts 4-bit values)
+
+    def where(self) -> str:
+        return f"{self.path.name}: {self.key}"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Weight:
+    """A checkpoint weight (with its scale if quantised) and the part of the model it fills."""
+
+    tensor: _Tensor
+    scale: _Tensor | None
+    name: str                   # model key: a parameter, or a fused expert weight
+    expert: int | None          # per-expert tensors: the expert
+    part: str | None            # and gate_proj / up_proj / down_proj
+    module: str | None          # the quantisable module it belongs to (None: not quantisable)
+
+    @property
+    def fmt(self) -> str | None:
+        return None if self.scale is None else _CODE_FORMATS[self.tensor.dtype]
+
+
+def from_pretrained(cls, folder, *, dtype: torch.dtype | None = None, device="cpu",
+                    dequantize: bool = False):
     """A ``cls`` (DeepSeekForCausalLM) with the weights of the HF-format checkpoint in folder,
     in ``dtype`` (default: config.json's dtype, else float32; routers stay fp32) on ``device``,
-    in eval mode."""
+    in eval mode. A quantised checkpoint's weights stay quantised, unless ``dequantize`` (then
+    they are folded into ``dtype``)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such checkpoint folder")
@@ -60,51 +120,17 @@ def from_pretrained(cls, folder, *, dtype: torch.dtype | None = None, device="cp
     files = _files(folder)
     dtype = checkpoint_dtype if dtype is None else dtype
     device = torch.device(device)
-    check_fits(config, dtype, device, str(folder))
+    check_fits(config, dtype, device, str(folder), quantized=not dequantize)
     with torch.device("meta"):
         model = cls(config)
-    model.to_dtype(dtype).to_empty(device=device)
-    if config.tie_word_embeddings:  # to_empty gave each module its own tensor
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.model.rotary_emb.reset_parameters()
+    weights = _scan(folder, files, model, config, num_mtp)
+    formats = {} if dequantize else _formats(weights, config)
+    with torch.device("meta"):
+        quantize_modules(model, formats)
+    model = empty(model, dtype, device)
 
     state = model.state_dict()
-    mtp = range(config.num_hidden_layers, config.num_hidden_layers + num_mtp)
-    plan, skipped = {}, 0  # file -> [(checkpoint key, model key, expert, part)]
-    for path, keys in files.items():
-        with safe_open(path, framework="pt") as f:
-            for key in keys or f.keys():
-                layer = _LAYER.match(key)
-                if layer and int(layer.group(1)) in mtp:
-                    skipped += 1
-                    continue
-                target = _target(key, state, config)
-                tensor = f.get_slice(key)
-                if key.endswith("weight_scale_inv") or tensor.get_dtype() in _FP8_DTYPES:
-                    raise ValueError(f"{path.name}: {key} ({tensor.get_dtype()}) is FP8 weight "
-                                     "data: FP8 checkpoints are not supported yet")
-                if target is None and _unused_zero_bias(key, f, config):
-                    continue
-                if target is None:
-                    raise ValueError(f"{path.name}: unexpected tensor {key}: the model has no "
-                                     "parameter for it")
-                want = tuple(_slice(state, *target).shape)
-                if tuple(tensor.get_shape()) != want:
-                    raise ValueError(f"{path.name}: {key} has shape {tuple(tensor.get_shape())},"
-                                     f" the model expects {want}")
-                plan.setdefault(path, []).append((key, *target))
-    if skipped:
-        log.info("%s: skipped %d tensors of the multi-token-prediction layers %s", folder,
-                 skipped, list(mtp))
-
-    written = dict.fromkeys(state, 0)
-    with torch.no_grad():
-        for path, tensors in plan.items():
-            with safe_open(path, framework="pt") as f:
-                for key, name, expert, part in tensors:
-                    dest = _slice(state, name, expert, part)
-                    dest.copy_(f.get_tensor(key))
-                    written[name] += dest.numel()
+    written = _copy(weights, state, formats)
     if config.tie_word_embeddings and written["lm_head.weight"] == 0:
         written["lm_head.weight"] = written["model.embed_tokens.weight"]
     missing = [k for k, n in written.items() if n < state[k].numel()]
@@ -118,13 +144,178 @@ def from_pretrained(cls, folder, *, dtype: torch.dtype | None = None, device="cp
     return model.eval()
 
 
-def check_fits(config: ModelConfig, dtype: torch.dtype, device: torch.device, what: str):
-    """Refuse, before allocating anything, a model whose parameters alone exceed the memory of
-    ``device`` (what: the model's source, for the message)."""
+@torch.no_grad()
+def _copy(weights: list[_Weight], state, formats) -> dict[str, int]:
+    """Read every weight into its place in ``state``: quantised ones as they are where their
+    module is held quantised, dequantised into the parameter's dtype where it is not. Returns
+    the number of elements written to each state key."""
+    written = dict.fromkeys(state, 0)
+    with contextlib.ExitStack() as stack:
+        handles = {}
+
+        def read(t: _Tensor) -> torch.Tensor:
+            if t.path not in handles:
+                handles[t.path] = stack.enter_context(safe_open(t.path, framework="pt"))
+            tensor = handles[t.path].get_tensor(t.key)
+            return tensor.view(FP4_DTYPE) if t.dtype == "I8" else tensor  # MXFP4 bytes
+
+        for w in weights:
+            dest = _slice(state, w.name, w.expert, w.part)
+            if w.module in formats:
+                dest.copy_(read(w.tensor))
+                scales = _slice(state, w.name + SCALE_SUFFIX, w.expert, w.part)
+                scales.copy_(read(w.scale))
+                written[w.name + SCALE_SUFFIX] += scales.numel()
+            elif w.scale is not None:
+                dest.copy_(ds_kernels.dequantize(read(w.tensor), read(w.scale), dest.dtype))
+            else:
+                dest.copy_(read(w.tensor))
+            written[w.name] += dest.numel()
+    return written
+
+
+def empty(model, dtype: torch.dtype, device: torch.device):
+    """A model built on the meta device, in dtype on device, uninitialised (but for the RoPE
+    tables, which no checkpoint holds)."""
+    model.to_dtype(dtype).to_empty(device=device)
+    if model.config.tie_word_embeddings:  # to_empty gave each module its own tensor
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.model.rotary_emb.reset_parameters()
+    return model
+
+
+def _scan(folder, files, model, config, num_mtp) -> list[_Weight]:
+    """Every checkpoint weight paired with its scale and its place in the (plain, meta) model,
+    checked from the file headers alone (see the module docstring)."""
+    state, kinds = model.state_dict(), quantizable(model)
+    mtp = range(config.num_hidden_layers, config.num_hidden_layers + num_mtp)
+    tensors, skipped = {}, 0
+    for path, keys in files.items():
+        with safe_open(path, framework="pt") as f:
+            for key in keys or f.keys():
+                layer = _LAYER.match(key)
+                if layer and int(layer.group(1)) in mtp:
+                    skipped += 1
+                elif _target(key, state, config) is None and _unused_zero_bias(key, f, config):
+                    continue
+                else:
+                    header = f.get_slice(key)
+                    tensors[key] = _Tensor(path, key, header.get_dtype(),
+                                           tuple(header.get_shape()))
+    if skipped:
+        log.info("%s: skipped %d tensors of the multi-token-prediction layers %s", folder,
+                 skipped, list(mtp))
+    scales = {t.key.removesuffix(SCALE_SUFFIX): t for t in tensors.values()
+              if t.key.endswith(SCALE_SUFFIX)}
+    for key, scale in scales.items():
+        if key not in tensors:
+            raise ValueError(f"{scale.where()} is a scale, but the checkpoint has no weight {key}")
+    return [_weight(t, scales.get(t.key), state, kinds, config) for t in tensors.values()
+            if not t.key.endswith(SCALE_SUFFIX)]
+
+
+def _weight(t: _Tensor, scale: _Tensor | None, state, kinds, config) -> _Weight:
+    target = _target(t.key, state, config)
+    if target is None:
+        raise ValueError(f"{t.path.name}: unexpected tensor {t.key}: the model has no "
+                         "parameter for it")
+    name, expert, part = target
+    owner, _, attr = name.rpartition(".")  # X.weight, ...experts.gate_up_proj / down_proj
+    quantizable = attr in ("weight", "gate_up_proj", "down_proj") and owner in kinds
+    weight = _Weight(t, scale, name, expert, part, owner if quantizable else None)
+    if scale is not None:
+        _check_quantized(weight, kinds, config)
+    elif t.dtype in (*_CODE_FORMATS, "F8_E5M2"):
+        raise ValueError(f"{t.where()} is {t.dtype}, quantised data, but the checkpoint has no "
+                         f"scales {t.key}{SCALE_SUFFIX} for it")
+    elif t.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{t.where()} is {t.dtype}, not a floating-point weight")
+    want = tuple(_slice(state, *target).shape)
+    if _logical_shape(t) != want:
+        raise ValueError(f"{t.where()} has shape {_logical_shape(t)}, the model expects {want}")
+    return weight
+
+
+def _check_quantized(w: _Weight, kinds, config):
+    """A quantised weight's declaration, dtypes and scale grid (see the module docstring)."""
+    t, scale = w.tensor, w.scale
+    quantization = config.quantization
+    if quantization is None:
+        raise ValueError(f"{t.where()} ({t.dtype}) is quantised (it has {scale.key}), but "
+                         "config.json has no quantization_config")
+    if w.module is None:
+        raise ValueError(f"{t.where()} is quantised, but ds_model holds {w.name} unquantised, "
+                         "as DeepSeek's checkpoints do (embeddings, lm_head, norms, the router)")
+    experts = kinds[w.module] == "experts"
+    declared = quantization.experts if experts else FP8
+    fmt = _CODE_FORMATS.get(t.dtype)
+    if fmt != declared:
+        dtypes = [d for d, f in _CODE_FORMATS.items() if f == declared]
+        what = "routed experts' weights" if experts else "weights"
+        raise ValueError(f"{t.where()} is {t.dtype}, but quantization_config declares {declared} "
+                         f"{what} ({' or '.join(dtypes)})")
+    if scale.dtype not in _SCALE_DTYPES[fmt]:
+        raise ValueError(f"{scale.where()} is {scale.dtype}: the scales of {fmt} weights are "
+                         f"{' or '.join(_SCALE_DTYPES[fmt])}")
+    shape = _logical_shape(t)
+    if fmt == MXFP4 and shape[-1] % MXFP4_GROUP:
+        raise ValueError(f"{t.where()}: MXFP4 weights need K = {shape[-1]} to be a multiple of "
+                         f"{MXFP4_GROUP}")
+    grid = scale_grid(fmt, shape)
+    if scale.shape != grid:
+        rows, cols = SCALE_BLOCK[fmt]
+        raise ValueError(f"{scale.where()} has shape {scale.shape}, but {t.key} of shape "
+                         f"{shape} needs {grid} ({fmt}: one scale per {rows}x{cols} block)")
+
+
+def _logical_shape(t: _Tensor) -> tuple[int, ...]:
+    """The dense shape of a checkpoint weight: I8 MXFP4 bytes hold two columns each
+    (safetensors' F4 shape already counts 4-bit values)."""
+    if t.dtype == "I8":
+        return (*t.shape[:-1], 2 * t.shape[-1])
+    return t.shape
+
+
+def _formats(weights: list[_Weight], config) -> dict[str, Format]:
+    """Module -> how it is held, for every module whose checkpoint weights are quantised (and
+    not kv_b_proj, which is folded); refuses a layer's experts in mixed formats."""
+    formats, dense = {}, {}
+    for w in weights:
+        if w.module is None or w.module.endswith(".kv_b_proj"):
+            continue
+        if w.scale is None:
+            dense.setdefault(w.module, w.tensor)
+            continue
+        fmt = Format(w.fmt, _SCALE_DTYPES[w.fmt][w.scale.dtype])
+        if formats.setdefault(w.module, fmt) != fmt:
+            raise ValueError(f"{w.tensor.where()}: {w.module} mixes formats: {fmt} here, "
+                             f"{formats[w.module]} in its other tensors")
+        if w.part in ("gate_proj", "up_proj") and fmt.fmt == FP8 and \
+                config.moe_intermediate_size % 128:
+            raise ValueError(f"{w.tensor.where()}: moe_intermediate_size="
+                             f"{config.moe_intermediate_size} is not a multiple of 128, so the "
+                             "per-expert gate and up scale blocks do not tile the fused "
+                             "gate_up_proj's 128-row grid; load with dequantize=True")
+    for module, t in dense.items():
+        if module in formats:
+            raise ValueError(f"{t.where()} is {t.dtype}, but other weights of {module} are "
+                             f"quantised ({formats[module]})")
+    return formats
+
+
+def check_fits(config: ModelConfig, dtype: torch.dtype, device: torch.device, what: str, *,
+               quantized: bool = True):
+    """Refuse, before allocating anything, a model whose weights alone (ModelConfig.weight_bytes:
+    quantised where config.quantization_config says, unless not ``quantized``) exceed the
+    memory of ``device`` (what: the model's source, for the message)."""
     total, _ = config.num_parameters()
-    needed, available = total * dtype.itemsize, _device_memory(device)
+    (needed, _), available = config.weight_bytes(dtype, quantized=quantized), _device_memory(device)
     if available is not None and needed > available:
-        raise ValueError(f"{what}: {total / 1e9:.1f}B parameters in {dtype} need "
+        quantization = config.quantization if quantized else None
+        held = str(dtype) if quantization is None else (
+            f"FP8{' with MXFP4 experts' if quantization.experts == MXFP4 else ''} (the rest in "
+            f"{dtype})")
+        raise ValueError(f"{what}: {total / 1e9:.1f}B parameters in {held} need "
                          f"{needed / 2**30:.1f} GiB, {device} has {available / 2**30:.1f} GiB")
 
 
@@ -145,9 +336,6 @@ def _read_config(path: Path) -> tuple[ModelConfig, torch.dtype, int]:
     raw = _read_json(path)
     try:
         config = ModelConfig.from_hf_config(raw)
-        if config.quantization_config:
-            raise ValueError(f"quantization_config {config.quantization_config}: quantized "
-                             "(FP8) checkpoints are not supported yet; dequantize to bf16 first")
         name = raw.get("dtype") or raw.get("torch_dtype") or "float32"
         if name not in _DTYPES:
             raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {name!r}")

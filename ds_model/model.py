@@ -12,6 +12,11 @@ Tokens travel as one flat batch [T, H], no padding, with a Batch saying where ea
   never expanded per head: (Dc + Dr) values per token per layer (576 in DeepSeek-V3), not
   Hq * (Dn + Dr + Dv) (40,960).
 
+Quantised checkpoints (ds_model/quantized.py): the projections, shared experts and dense MLPs
+become QuantLinear (ds_kernels.quant_linear on the FP8 weight) and the routed experts
+QuantExperts (ds_kernels.fused_moe on FP8 or MXFP4 weights); kv_b_proj stays a plain Linear,
+dequantised at load, since absorbed decode uses its rows as matrices.
+
 RoPE: config.rope_interleave (DeepSeek's weights; transformers' default) rotates adjacent
 pairs. transformers returns the rotated pairs de-interleaved, in q and k alike, so every score
 and everything after it is the same; only k_pe's column order in the cache differs from theirs.
@@ -23,12 +28,14 @@ import torch
 from torch import nn
 
 import ds_kernels
+from ds_kernels import mla_cache_format
 from ds_kernels.moe import MoE, SharedExperts
 from ds_kernels.rope import (mla_softmax_scale, rope_attention_factor, rope_cos_sin,
                              rope_frequencies)
 from ds_model.config import ModelConfig
 from ds_model.generate import generate as _generate
 from ds_model.loading import from_pretrained as _from_pretrained
+from ds_model.quantized import QuantExperts, QuantLinear, quantized_state_keys
 
 # transformers and DeepSeek's model.py give q_a_layernorm and kv_a_layernorm RMSNorm's default
 # eps, whatever config.rms_norm_eps says.
@@ -51,14 +58,23 @@ class KVCache:
     """Paged latent cache: per layer [num_blocks, block_size, Dc + Dr] rows [latent | k_pe];
     token t of sequence b lives in page block_table[b, t // block_size], row t % block_size.
     Sequence b gets pages for capacities[b] tokens (no more: ragged batches waste at most a
-    page each)."""
+    page each). With ``fp8`` the rows are FlashMLA's FP8 layout for DeepSeek-V3.2 (uint8: e4m3
+    latent, a scale per 128 columns, bf16 k_pe; ds_kernels/mla_cache_format.py): 656 bytes a
+    token a layer for DeepSeek-V3 instead of 1,152 in bf16; the ops read the format from the
+    dtype."""
 
     def __init__(self, config: ModelConfig, capacities: list[int], *, block_size: int = 64,
-                 dtype=torch.float32, device=None):
+                 dtype=torch.float32, device=None, fp8: bool = False):
         if block_size < 16 or block_size & (block_size - 1):
             raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
+        Dc, Dr = config.kv_lora_rank, config.qk_rope_head_dim
+        if fp8 and (Dc % mla_cache_format.FP8_TILE or Dr % 2):
+            raise ValueError(f"an FP8 latent cache needs kv_lora_rank a multiple of "
+                             f"{mla_cache_format.FP8_TILE} and an even qk_rope_head_dim, got "
+                             f"{Dc} and {Dr}")
+        dtype = mla_cache_format.FP8_CACHE_DTYPE if fp8 else dtype
         pages = [-(-c // block_size) for c in capacities]
-        width = config.kv_lora_rank + config.qk_rope_head_dim
+        width = mla_cache_format.row_width(Dc, Dr, dtype)
         self.block_size = block_size
         self.layers = [torch.zeros(sum(pages), block_size, width, dtype=dtype, device=device)
                        for _ in range(config.num_hidden_layers)]
@@ -105,7 +121,7 @@ class KVCache:
         return page * self.block_size + positions % self.block_size             # [T]
 
     def bytes_per_token(self) -> int:
-        """Cache bytes one token takes, all layers together: layers * (Dc + Dr) * itemsize."""
+        """Cache bytes one token takes, all layers together: layers * row bytes."""
         return sum(layer[0, 0].nbytes for layer in self.layers)
 
     def nbytes(self) -> int:
@@ -263,11 +279,13 @@ class DeepSeekForCausalLM(nn.Module):
         hidden = self.model(input_ids.reshape(-1), Batch(positions, cu_seqlens=cu_seqlens))
         return self.lm_head(hidden).view(B, S, -1)                       # [B, S, V]
 
-    def new_cache(self, capacities: list[int], *, block_size: int = 64) -> KVCache:
-        """An empty cache for len(capacities) sequences of at most capacities[b] tokens."""
+    def new_cache(self, capacities: list[int], *, block_size: int = 64,
+                  fp8: bool = False) -> KVCache:
+        """An empty cache for len(capacities) sequences of at most capacities[b] tokens, in
+        the model's dtype or (``fp8``) FlashMLA's FP8 rows."""
         weight = self.lm_head.weight
         return KVCache(self.config, capacities, block_size=block_size, dtype=weight.dtype,
-                       device=weight.device)
+                       device=weight.device, fp8=fp8)
 
     def prefill(self, input_ids, cu_seqlens, cache: KVCache) -> torch.Tensor:
         """Logits [B, V] at the last token of each of B whole sequences packed in input_ids
@@ -282,9 +300,16 @@ class DeepSeekForCausalLM(nn.Module):
         return self.lm_head(self.model(input_ids, cache.append(seq_ids), cache))  # [n, V]
 
     def to_dtype(self, dtype: torch.dtype) -> "DeepSeekForCausalLM":
-        """Cast to dtype, except what stays fp32 as in transformers: the routers' weight and
+        """Cast to dtype, except quantised weights and their scales (``.to(dtype)`` would cast
+        the codes as numbers) and what stays fp32 as in transformers: the routers' weight and
         bias (expert choice is sensitive to their rounding) and the RoPE frequencies."""
-        self.to(dtype)
+        with torch.no_grad():
+            for module in self.modules():
+                quantized = getattr(module, "QUANTIZED", ())
+                for name, tensor in [*module.named_parameters(recurse=False),
+                                     *module.named_buffers(recurse=False)]:
+                    if name not in quantized and tensor.is_floating_point():
+                        tensor.data = tensor.data.to(dtype)
         for layer in self.model.layers:
             if isinstance(layer.mlp, MoE):
                 layer.mlp.gate.float()
@@ -294,12 +319,30 @@ class DeepSeekForCausalLM(nn.Module):
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None):
         """Random weights as transformers initialises them: N(0, std) matrices, unit norms,
-        zero biases and router correction biases. For presets run without a checkpoint."""
+        zero biases and router correction biases; quantised modules get N(0, std) weights
+        quantised, one matrix at a time. For presets run without a checkpoint."""
+        quantized = quantized_state_keys(self)
         for name, tensor in self.state_dict().items():
+            if name in quantized:
+                continue
             if name.endswith("norm.weight"):
                 tensor.fill_(1.0)
             elif name.endswith(("bias", "e_score_correction_bias")):
                 tensor.zero_()
             else:
                 tensor.normal_(0.0, std, generator=generator)
+        for module in self.modules():
+            if isinstance(module, QuantLinear):
+                module.load_dense(_normal((module.out_features, module.in_features), std,
+                                          generator, module.weight.device))
+            elif isinstance(module, QuantExperts):
+                E, two_i, _ = module.gate_up_proj.shape
+                H, device = module.down_proj.shape[1], module.down_proj.device
+                for e in range(E):
+                    module.load_dense(e, _normal((two_i, H), std, generator, device),
+                                      _normal((H, two_i // 2), std, generator, device))
         return self
+
+
+def _normal(shape, std, generator, device):
+    return torch.empty(shape, device=device).normal_(0.0, std, generator=generator)

@@ -127,6 +127,9 @@ def test_cli(models, capsys):
     pytest.param(["--device", "gpu"], "--device gpu: ", id="bad_device"),  # then torch's words
     pytest.param(["--preset", "deepseek-v3-671b"], r"--preset deepseek-v3-671b: 671.0B "
                  r"parameters in torch.float32 need ", id="too_large"),
+    pytest.param(["--preset", "deepseek-v3-671b", "--quantize", "mxfp4"],
+                 r"--preset deepseek-v3-671b: 671.0B parameters in FP8 with MXFP4 experts \(the "
+                 r"rest in torch.float32\) need 347.8 GiB", id="too_large_quantized"),
 ])
 def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch, args, match):
     """What the user can fix ends the run with one line (argparse's "prog: error: ...", no
@@ -149,3 +152,26 @@ def test_cli_error_in_a_real_process(tmp_path):
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr == (f"python -m ds_model: error: {tmp_path / 'nowhere'}: no such "
                              "checkpoint folder\n")
+
+
+def test_fp8_kv_cache_decodes_close_to_the_float_cache(tmp_path, models):
+    """FlashMLA's FP8 latent rows (e4m3 latent, a scale per 128 columns, bf16 k_pe): prefill
+    and a decode step give logits within FP8's rounding of the float cache's, in about a
+    quarter of fp32's bytes."""
+    hf_model(kv_lora_rank=128).save_pretrained(tmp_path)
+    model = DeepSeekForCausalLM.from_pretrained(tmp_path)
+    ids = torch.randint(0, 128, (11,), generator=torch.Generator().manual_seed(1))
+    cu_seqlens = torch.tensor([0, 4, 11], dtype=torch.int32)
+    logits = {}
+    with torch.inference_mode():
+        for fp8 in (False, True):
+            cache = model.new_cache([6, 9], fp8=fp8)
+            first = model.prefill(ids, cu_seqlens, cache)
+            logits[fp8] = model.decode(first.argmax(-1), torch.arange(2), cache)
+            layers, Dr = model.config.num_hidden_layers, model.config.qk_rope_head_dim
+            row = 128 + 4 + 2 * Dr if fp8 else (128 + Dr) * 4   # codes + 1 scale + bf16 k_pe
+            assert cache.bytes_per_token() == layers * row
+    error = (logits[True] - logits[False]).norm() / logits[False].norm()
+    assert 0 < error < 2**-4, error
+    with pytest.raises(ValueError, match="FP8 latent cache needs kv_lora_rank a multiple of 128"):
+        models[1].new_cache([4], fp8=True)

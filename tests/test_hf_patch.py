@@ -291,3 +291,119 @@ def test_refuses_non_silu_experts():
     with pytest.raises(ValueError, match="silu.*'gelu'"):
         patch_deepseek_v3(model)
     assert all("forward" not in m.__dict__ for m in _patched_modules(model))
+
+
+# ---- Models loaded from FP8 checkpoints (tiny_deepseek's published layout) ----
+
+def _fp8_folder(tmp_path, hf):
+    """hf's weights in DeepSeek's FP8 layout, as a checkpoint folder."""
+    from tiny_deepseek import FP8_CONFIG, per_expert, quantize_tensors, write_checkpoint
+
+    tensors, _ = quantize_tensors(per_expert(hf.state_dict()))
+    config = {**hf.config.to_dict(), "dtype": "float32", "quantization_config": FP8_CONFIG}
+    return write_checkpoint(tmp_path, config, tensors, shards=2)
+
+
+def _fp8_structure(hf, **config):
+    """A copy of hf with transformers' FP8 modules (empty, on the meta device) where it keeps
+    an FP8 checkpoint's on an FP8 GPU; config: FineGrainedFP8Config's."""
+    from transformers.integrations.finegrained_fp8 import replace_with_fp8_linear
+
+    model = copy.deepcopy(hf)
+    return replace_with_fp8_linear(model, modules_to_not_convert=["lm_head"], pre_quantized=True,
+                                   quantization_config=transformers.FineGrainedFP8Config(**config))
+
+
+def _kept_fp8(hf, experts):
+    """hf as transformers holds an FP8 checkpoint on an FP8 GPU (FP8Linear, FP8Experts), with
+    weights quantised by DeepSeek's recipe; and transformers' model on the dequantised ones.
+    experts "mxfp4": V4's (int8 bytes, e8m0 scales, which V4's ue8m0 gives every module)."""
+    from tiny_deepseek import dequantized_model, quantize_tensors
+
+    if experts == "fp8":
+        model = _fp8_structure(hf)
+        tensors, dequantized = quantize_tensors(hf.state_dict())
+    else:
+        model = _fp8_structure(hf, expert_dtype="fp4", scale_fmt="ue8m0")
+        tensors, dequantized = quantize_tensors(hf.state_dict(), experts="mxfp4",
+                                                scale_fmt="ue8m0",
+                                                scale_dtype=torch.float8_e8m0fnu)
+        tensors = {k: t.view(torch.int8) if t.dtype == torch.float4_e2m1fn_x2 else t
+                   for k, t in tensors.items()}
+    assert {k: t.dtype for k, t in model.state_dict().items()} == {
+        k: t.dtype for k, t in tensors.items()}
+    model.load_state_dict(tensors, assign=True)
+    return model.eval(), dequantized_model(hf, dequantized)
+
+
+def _fp8_modules(model):
+    from transformers.integrations.finegrained_fp8 import FP8Experts, FP8Linear
+
+    return [m for m in model.modules() if type(m) in (FP8Linear, FP8Experts)]
+
+
+def test_fp8_checkpoint_dequantised_by_transformers_on_cpu(tmp_path, calls):
+    """On CPU transformers dequantises an FP8 checkpoint into plain modules (with accelerate
+    installed): the patch runs them as any other model."""
+    pytest.importorskip("accelerate")
+    from tiny_deepseek import QUANTIZED_CONFIG, hf_model
+
+    model = transformers.DeepseekV3ForCausalLM.from_pretrained(
+        _fp8_folder(tmp_path, hf_model(**QUANTIZED_CONFIG))).eval().to(DEVICE)
+    assert not _fp8_modules(model)
+    ids, mask = _inputs()
+    expected, out = _before_and_after_patching(model, lambda: _generate(model, ids, mask))
+    assert torch.equal(out.sequences, expected.sequences)
+    for step, (got, want) in enumerate(zip(out.scores, expected.scores)):
+        assert_close(got, want, torch.float32, reduction=NETWORK, what=f"step {step} logits")
+    assert calls["mla_decode"] > 0
+
+
+@pytest.mark.parametrize("experts", ["fp8", "mxfp4"])
+def test_fp8_modules_run_on_ds_kernels(calls, experts):
+    """FP8Linear and FP8Experts, as transformers keeps them on FP8 GPUs (their own forward needs
+    one): patched, they run quant_linear / fused_moe (and absorbed decode dequantises kv_b_proj),
+    giving transformers' logits and greedy tokens on the dequantised weights; unpatched again
+    after. Gradients reach the input only, as with transformers' FP8 functions."""
+    from tiny_deepseek import QUANTIZED_CONFIG, hf_model
+
+    model, reference = _kept_fp8(hf_model(**QUANTIZED_CONFIG), experts)
+    modules = _fp8_modules(model)
+    assert len(modules) == 3 * 5 + 3 * 3 + 2   # attention, MLPs, shared experts; experts
+    ids, mask = _inputs()
+    patch_deepseek_v3(model)
+    try:
+        assert all("forward" in m.__dict__ for m in modules)
+        with torch.no_grad():
+            assert_close(model(ids).logits, reference(ids).logits, torch.float32,
+                         reduction=NETWORK, what="logits")
+        out, want = _generate(model, ids, mask), _generate(reference, ids, mask)
+        assert torch.equal(out.sequences, want.sequences)
+        embeddings = model.model.embed_tokens(ids).detach().requires_grad_()
+        model(inputs_embeds=embeddings).logits.sum().backward()
+        assert embeddings.grad is not None and model.model.layers[0].self_attn.o_proj.weight.grad \
+            is None
+    finally:
+        unpatch_deepseek_v3(model)
+    assert all("forward" not in m.__dict__ for m in modules)
+    assert calls["mla_decode"] > 0
+
+
+@pytest.mark.parametrize("config, overrides, match", [
+    ({"activation_scheme": "static"}, {}, r"activation_scheme='static': static activation "
+                                          r"scales are not supported"),
+    ({"weight_block_size": (64, 64)}, {}, r"block_size=\(64, 64\): ds_kernels takes 128x128"),
+    ({}, {"moe_intermediate_size": 32},
+     r"model.layers.1.mlp.experts.gate_up_proj_scale_inv must have shape \[8, 1, 1\] for "
+     r"model.layers.1.mlp.experts.gate_up_proj of shape \(8, 64, 64\).*got \[8, 2, 1\]"),
+])
+def test_fp8_modules_refused_name_the_module(config, overrides, match):
+    """What the kernels cannot run is refused when patching, and nothing is patched:
+    transformers' static activation scales, other blocks, and its FP8Experts scale grid for
+    I < 128 (two rows, one each for gate and up)."""
+    from tiny_deepseek import QUANTIZED_CONFIG, hf_model
+
+    model = _fp8_structure(hf_model(**{**QUANTIZED_CONFIG, **overrides}), **config)
+    with pytest.raises(ValueError, match=match):
+        patch_deepseek_v3(model)
+    assert all("forward" not in m.__dict__ for m in model.modules())

@@ -1,7 +1,8 @@
 """DeepSeekForCausalLM.from_pretrained: checkpoints that transformers writes, the published
 DeepSeek-V3 per-expert layout (sharded), the fused 3-D layout, huggingface_hub's symlinked
 cache, and every refusal naming its cause: tensors, config fields, the model's size, index
-entries leading out of the folder, files that are not regular files, broken JSON."""
+entries leading out of the folder, files that are not regular files, broken JSON. Quantised
+checkpoints: test_quantized_model.py."""
 
 import json
 import os
@@ -110,9 +111,13 @@ def broken(tmp_path, hf, edit=None, config=None, shards=1):
     ("shape", r"model.layers.0.mlp.up_proj.weight has shape \(95, 64\), the model expects "
               r"\(96, 64\)"),
     ("both_layouts", r"\['model.layers.1.mlp.experts.gate_up_proj'\] written more than once"),
-    ("fp8_scale", r"model.layers.0.self_attn.o_proj.weight_scale_inv \(F32\) is FP8 weight "
-                  r"data: FP8 checkpoints are not supported"),
-    ("fp8_weight", r"model.norm.weight \(F8_E4M3\) is FP8"),
+    # quantised data in a checkpoint without quantization_config (the rest of the FP8 refusals:
+    # test_quantized_model.py)
+    ("fp8_scale", r"model.layers.0.self_attn.o_proj.weight \(F32\) is quantised \(it has "
+                  r"model.layers.0.self_attn.o_proj.weight_scale_inv\), but config.json has no "
+                  r"quantization_config"),
+    ("fp8_weight", r"model.norm.weight is F8_E4M3, quantised data, but the checkpoint has no "
+                   r"scales model.norm.weight_scale_inv"),
 ])
 def test_bad_tensors_are_named(tmp_path, hf, case, match):
     state = hf.state_dict()
@@ -138,9 +143,8 @@ def test_bad_tensors_are_named(tmp_path, hf, case, match):
 
 @pytest.mark.parametrize("config, match", [
     ({"sliding_window": 4096}, r"unknown config field\(s\) \['sliding_window'\]"),
-    ({"quantization_config": {"quant_method": "fp8", "fmt": "e4m3"}},
-     r"quantization_config \{'quant_method': 'fp8', 'fmt': 'e4m3'\}: quantized \(FP8\) "
-     r"checkpoints are not supported"),
+    ({"quantization_config": {"quant_method": "fp8", "fmt": "e5m2"}},
+     r"quantization_config\['fmt'\] must be one of \['e4m3'\]"),
     # What transformers' model or ds_kernels.route would refuse only at the first forward
     # (every field's own check: test_model.py's test_config_validation_names_the_field).
     ({"n_group": 3}, r"n_routed_experts=8 is not divisible by n_group=3"),

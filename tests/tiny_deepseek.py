@@ -1,10 +1,14 @@
 """Tiny random transformers DeepseekV3ForCausalLM models and hand-written checkpoints: the
-reference that ds_model's tests compare against (test_model, test_loading, test_generate)."""
+reference that ds_model's tests compare against (test_model, test_loading, test_generate,
+test_quantized_model, test_hf_patch's FP8 tests)."""
 
+import copy
 import json
 
 import pytest
 import torch
+
+import ds_kernels
 
 transformers = pytest.importorskip("transformers")
 
@@ -50,7 +54,9 @@ def write_checkpoint(folder, config: dict, tensors: dict, shards: int = 1):
         part = keys[i::shards]
         save_file({k: _own(tensors[k]) for k in part}, folder / name)
         weight_map.update(dict.fromkeys(part, name))
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    total_size = sum(tensors[k].nbytes for k in keys)  # transformers reads the index's metadata
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total_size}, "weight_map": weight_map}))
     return folder
 
 
@@ -75,3 +81,73 @@ def per_expert(state: dict) -> dict:
             for j, down in enumerate(tensor):
                 out[f"{prefix}.{j}.down_proj.weight"] = down
     return out
+
+
+def fused(tensors: dict) -> dict:
+    """per_expert undone: the per-expert keys stacked into the fused 3-D weights."""
+    out, parts = {}, {}
+    for key, tensor in tensors.items():
+        prefix, _, rest = key.partition(".mlp.experts.")
+        if not rest or not rest[0].isdigit():
+            out[key] = tensor
+            continue
+        expert, part, _ = rest.split(".")
+        parts.setdefault(f"{prefix}.mlp.experts", {}).setdefault(part, {})[int(expert)] = tensor
+    for prefix, by_part in parts.items():
+        E = len(by_part["down_proj"])
+        out[f"{prefix}.gate_up_proj"] = torch.stack(
+            [torch.cat([by_part["gate_proj"][e], by_part["up_proj"][e]]) for e in range(E)])
+        out[f"{prefix}.down_proj"] = torch.stack([by_part["down_proj"][e] for e in range(E)])
+    return out
+
+
+# ---- Quantised checkpoints (DeepSeek's published FP8 layout), written by hand ----
+
+# Experts 128 wide: the per-expert gate and up 128-row scale blocks tile the fused gate_up_proj.
+QUANTIZED_CONFIG = dict(moe_intermediate_size=128)
+FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+              "weight_block_size": [128, 128]}
+
+
+def quantized_by_deepseek(key: str, tensor) -> bool:
+    """Whether DeepSeek's FP8 files quantise this tensor: every Linear weight of the decoder
+    layers, not their norms or the router gate (nor embeddings or lm_head)."""
+    return (key.startswith("model.layers.") and key.endswith(".weight") and tensor.dim() == 2
+            and "norm" not in key and not key.endswith("mlp.gate.weight"))
+
+
+def quantize_tensors(tensors: dict, *, experts="fp8", scale_fmt="float",
+                     scale_dtype=torch.float32):
+    """(the tensors in DeepSeek's FP8 layout: X.weight codes + X.weight_scale_inv, routed
+    experts MXFP4 if experts == "mxfp4"; the same weights dequantised to fp32, in the input's
+    keys). The codes come from ds_kernels' quantizers, the published recipe."""
+    out, dequantized = {}, {}
+    for key, tensor in tensors.items():
+        if not quantized_by_deepseek(key, tensor) and not key.endswith(("gate_up_proj",
+                                                                         "experts.down_proj")):
+            out[key] = dequantized[key] = tensor
+            continue
+        if experts == "mxfp4" and ".mlp.experts." in key:
+            codes, scale = ds_kernels.quantize_mxfp4(tensor)
+        else:
+            codes, scale = ds_kernels.quantize_fp8_block(tensor, scale_fmt=scale_fmt)
+            scale = scale.to(scale_dtype)
+        out[key], out[key + "_scale_inv"] = codes, scale
+        dequantized[key] = ds_kernels.dequantize(codes, scale)
+    return out, dequantized
+
+
+def dequantized_model(hf, dequantized: dict):
+    """A copy of the transformers model hf holding the dequantised weights (fused keys or
+    per-expert ones)."""
+    model = copy.deepcopy(hf)
+    model.load_state_dict(fused(dequantized))
+    return model
+
+
+def fused_moe_on_dequantized(hidden, w13, w2, topk_weights, topk_ids, *, w13_scale=None,
+                             w2_scale=None):
+    """API.md's meaning of fused_moe on quantised weights: fused_moe on the dequantised ones."""
+    return ds_kernels.fused_moe(hidden, ds_kernels.dequantize(w13, w13_scale, hidden.dtype),
+                                ds_kernels.dequantize(w2, w2_scale, hidden.dtype),
+                                topk_weights, topk_ids)

@@ -26,6 +26,19 @@ optimizer, transformers' output recorders (router_logits) and a deepcopy keep wo
   The cache receives exactly what transformers writes (k_pe in its de-interleaved layout), so
   patched and unpatched steps can share one cache.
 
+FP8 checkpoints: on CPU (and GPUs below sm89) transformers dequantises them at load into plain
+modules, which the classes above cover. Where it keeps them quantised, also:
+- FP8Linear (every projection, shared experts, dense MLPs) -> quant_linear on its float8_e4m3fn
+  weight and 128x128 weight_scale_inv (weight-only: activations stay unquantised, where
+  transformers quantises them per token per 128 columns, so outputs differ by that rounding);
+- FP8Experts -> fused_moe(..., w13_scale=, w2_scale=) on its FP8 or MXFP4 (int8 bytes, e8m0
+  scales) weights;
+- an FP8Linear kv_b_proj is dequantised at each absorbed decode step (W_UK and W_UV are used as
+  matrices), as DeepSeek's inference does with weight_dequant.
+Refused when patching: static activation scales, blocks other than 128x128, FP8Experts whose
+scale grid is not fused_moe's (transformers gives gate_up_proj two scale rows when I < 128) or
+with a bias, no gate or a swiglu limit.
+
 Calls that fall back to transformers' forward of that module, which is always correct:
 - attention with a mask that is not plain causal (left/right padding, packed sequences): the
   mask would have to become cu_seqlens or per-sequence cache lengths, and left padding puts
@@ -54,8 +67,16 @@ from ds_kernels.ops.apply_rope import apply_rope
 from ds_kernels.ops.fused_moe import fused_moe
 from ds_kernels.ops.mla_decode import mla_decode
 from ds_kernels.ops.mla_prefill import mla_prefill
+from ds_kernels.ops.quant_linear import quant_linear
+from ds_kernels.ops.quantize import check_quantized, dequantize
 from ds_kernels.ops.rms_norm import rms_norm
 from ds_kernels.ops.route import route
+from ds_kernels.quant_formats import FP4_DTYPE, FP8_BLOCK, FP8_DTYPE
+
+try:  # transformers' FP8 modules (kept quantised on FP8-capable GPUs)
+    from transformers.integrations import finegrained_fp8 as hf_fp8
+except ImportError:  # a transformers without them
+    hf_fp8 = None
 
 # Rows per page of the paged view of transformers' latent cache that mla_decode reads: FlashMLA's
 # page size (any power of two >= 16 is valid; the last page pads a sequence by < 64 rows).
@@ -113,6 +134,34 @@ def _router_forward(self, hidden_states):
 
 def _experts_forward(self, hidden_states, top_k_index, top_k_weights):
     return fused_moe(hidden_states, self.gate_up_proj, self.down_proj, top_k_weights, top_k_index)
+
+
+# transformers' FP8 parameters require grad, but its FP8 functions give them none (frozen,
+# only the input's gradient is computed): the patched forwards pass them detached, the same.
+def _fp8_linear_forward(self, input):
+    if self.weight.dtype != FP8_DTYPE:  # transformers' own dense fallback (weights dequantised)
+        return type(self).forward(self, input)
+    return quant_linear(input, self.weight.detach(), self.weight_scale_inv.detach(), self.bias)
+
+
+def _fp8_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    return fused_moe(hidden_states, _codes(self.gate_up_proj), _codes(self.down_proj),
+                     top_k_weights, top_k_index, w13_scale=self.gate_up_proj_scale_inv.detach(),
+                     w2_scale=self.down_proj_scale_inv.detach())
+
+
+def _codes(weight):
+    """An FP8Experts weight, detached; its FP4 weights are int8 bytes: ds_kernels'
+    float4_e2m1fn_x2 (the even column in the low nibble, as transformers unpacks them)."""
+    weight = weight.detach()
+    return weight.view(FP4_DTYPE) if weight.dtype == torch.int8 else weight
+
+
+def _dense_weight(linear, dtype):
+    """A Linear's weight as a plain matrix in dtype: an FP8Linear's dequantised."""
+    if linear.weight.dtype == FP8_DTYPE:
+        return dequantize(linear.weight, linear.weight_scale_inv, dtype)
+    return linear.weight
 
 
 def _attention_forward(self, hidden_states, position_embeddings, attention_mask, cache=None,
@@ -208,7 +257,8 @@ def _absorbed_decode(self, q_nope, q_pe, latent, k_pe):
     """One new token per sequence against its cached rows: q_nope [B, H, Dn], q_pe [B, H, Dr];
     latent [B, L, Dc], k_pe [B, L, Dr] (this layer's whole cache, new token included)."""
     H, Dn, Dv, Dc = self.num_heads, self.qk_nope_head_dim, self.v_head_dim, self.kv_lora_rank
-    w_uk, w_uv = self.kv_b_proj.weight.view(H, Dn + Dv, Dc).split([Dn, Dv], dim=1)  # [H, Dn|Dv, Dc]
+    w_kv_b = _dense_weight(self.kv_b_proj, q_nope.dtype)                  # [H * (Dn + Dv), Dc]
+    w_uk, w_uv = w_kv_b.view(H, Dn + Dv, Dc).split([Dn, Dv], dim=1)       # [H, Dn|Dv, Dc]
     q_latent = torch.einsum("bhn,hnc->bhc", q_nope, w_uk)                  # [B, H, Dc]
     kv_cache, block_table, cache_seqlens = _pages(latent, k_pe)
     out, _ = mla_decode(q_latent, q_pe, kv_cache, block_table, cache_seqlens, self.scaling)
@@ -236,6 +286,11 @@ _FORWARDS = {
     hf.DeepseekV3Experts: _experts_forward,
     hf.DeepseekV3Attention: _attention_forward,
 }
+_EXPERTS = (hf.DeepseekV3Experts,)
+if hf_fp8 is not None:
+    _FORWARDS.update({hf_fp8.FP8Linear: _fp8_linear_forward,
+                      hf_fp8.FP8Experts: _fp8_experts_forward})
+    _EXPERTS += (hf_fp8.FP8Experts,)
 
 
 def _targets(model):
@@ -259,10 +314,35 @@ def _check_patchable(name, module):
                          f"({module.__dict__['forward']!r}: another patch, or a hook such as "
                          "accelerate's device_map dispatch), which patching would drop; patch "
                          "before adding it")
-    if isinstance(module, hf.DeepseekV3Experts):
+    if hf_fp8 is not None and isinstance(module, (hf_fp8.FP8Linear, hf_fp8.FP8Experts)):
+        _check_fp8(name, module)
+    if isinstance(module, _EXPERTS):
         if module.config.hidden_act != "silu":
             raise ValueError(f"module {name!r}: fused_moe implements silu experts, but "
                              f"hidden_act={module.config.hidden_act!r}")
         if module._is_expert_parallel:
             raise ValueError(f"module {name!r}: expert-parallel experts (ids of other ranks' "
                              "experts in top_k_index) are not supported")
+
+
+def _check_fp8(name, module):
+    """What quant_linear and fused_moe cannot run of transformers' FP8 modules (see the module
+    docstring)."""
+    if module.activation_scheme != "dynamic":
+        raise ValueError(f"module {name!r}: activation_scheme={module.activation_scheme!r}: "
+                         "static activation scales are not supported (weight-only kernels)")
+    if isinstance(module, hf_fp8.FP8Experts) and (module.has_bias or not module.has_gate
+                                                  or module.limit is not None):
+        raise ValueError(f"module {name!r}: FP8Experts with has_bias={module.has_bias}, "
+                         f"has_gate={module.has_gate}, swiglu_limit={module.limit}: fused_moe "
+                         "runs gated, bias-free, unclamped SwiGLU experts")
+    weights = ("weight",) if isinstance(module, hf_fp8.FP8Linear) else ("gate_up_proj",
+                                                                          "down_proj")
+    for weight in weights:
+        codes = _codes(getattr(module, weight))
+        if codes.dtype == FP8_DTYPE and list(module.block_size or ()) != [FP8_BLOCK] * 2:
+            raise ValueError(f"module {name!r}: block_size={module.block_size}: ds_kernels "
+                             f"takes {FP8_BLOCK}x{FP8_BLOCK} blocks")
+        if codes.dtype in (FP8_DTYPE, FP4_DTYPE):  # the grid, e.g. gate_up_proj's for I < 128
+            check_quantized(f"{name}.{weight}", codes, f"{name}.{weight}_scale_inv",
+                            getattr(module, f"{weight}_scale_inv"))
