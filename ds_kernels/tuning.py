@@ -57,6 +57,13 @@ SHAPE_KEYS = {
 }
 
 
+def gemm_kernel(fmt: str | None, backward: bool) -> str | None:
+    """The name under which the configs of a GEMM of grouped_mm / fused_moe are tuned apart,
+    on every backend: None / "backward" for plain weights, "fp8" / "fp8-backward" (or mxfp4)
+    for quantised ones."""
+    return "-".join(n for n in (fmt, "backward" if backward else None) if n) or None
+
+
 def shape_key(op: str, kernel: str | None = None, **dims) -> str:
     """``op``'s key for these dims (extra dims are ignored), for one of its kernels."""
     key = SHAPE_KEYS[op].format(**dims)
@@ -277,7 +284,8 @@ def gemm_config(op: str, kernel: str | None, dims: dict, n: float, rows_per_expe
                 N: int, K: int, dtype, device: torch.device) -> dict:
     """BLOCK_M/N/K, GROUP_M, num_warps, num_stages for the grouped GEMM launches of ``op``'s
     forward (``kernel`` None) or backward ("backward")."""
-    b_tiles = 2 if (op, kernel) == ("fused_moe", None) else 1  # SwiGLU: gate and up tiles
+    # fused_moe's forward (plain or quantised weights) loads a gate and an up tile (SwiGLU).
+    b_tiles = 2 if op == "fused_moe" and not (kernel or "").endswith("backward") else 1
     shared = shared_memory_bytes(device)
     default = gemm_heuristic(bucket(rows_per_expert), N, K, dtype, shared, b_tiles)
     key = shape_key(op, kernel, **dims)

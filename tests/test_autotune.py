@@ -656,3 +656,15 @@ def test_shapes_too_large_for_the_device_are_refused_before_allocating(tuning_di
                        "1.0 GiB free; sweep smaller --shapes or --tokens"):
         cli.main(["sweep", "--op", "grouped_mm", "--shapes", "E=4,N=16384,K=8192", "--tokens",
                   "64"])
+
+
+@pytest.mark.parametrize("kernel,b_tiles", [(None, 2), ("fp8", 2), ("mxfp4", 2),
+                                             ("backward", 1), ("fp8-backward", 1)])
+def test_fused_moe_forward_configs_fit_both_swiglu_tiles(monkeypatch, kernel, b_tiles):
+    """The SwiGLU forward loads a gate and an up tile of B for plain and quantised weights
+    alike: the heuristic sizes its pipeline for both on a ~100 KB GPU."""
+    monkeypatch.setattr(tuning, "shared_memory_bytes", lambda device: 99 * 1024)
+    chosen = tuning.gemm_config("fused_moe", kernel, dict(E=8, I=2048, H=7168, k=8), 4096, 4096,
+                                4096, 7168, torch.bfloat16, CPU)
+    assert tuning.gemm_staged_bytes(chosen, torch.bfloat16, b_tiles) <= 99 * 1024
+    assert (tuning.gemm_staged_bytes(chosen, torch.bfloat16, 2) > 99 * 1024) == (b_tiles == 1)

@@ -208,3 +208,17 @@ def _fp8(N=40, K=64):
 def test_bad_arguments_raise_clear_errors(args, error, match):
     with pytest.raises(error, match=match):
         ds_kernels.quant_linear(*args)
+
+
+@pytest.mark.parametrize("trainable", ["w_q", "scale"])
+def test_a_quantised_weight_that_asks_for_a_gradient_is_refused(trainable):
+    """The weight is frozen: no gradient reaches it or its scale, so asking for one is an
+    error rather than a silent None."""
+    g = torch.Generator().manual_seed(4)
+    w_q, scale = ds_kernels.quantize_fp8_block(torch.randn(8, 16, generator=g))
+    args = dict(w_q=w_q, scale=scale)
+    args[trainable] = args[trainable].clone().requires_grad_()
+    with pytest.raises(ValueError, match=f"quant_linear: {trainable} requires grad"):
+        ds_kernels.quant_linear(torch.randn(2, 16, generator=g), args["w_q"], args["scale"])
+    with torch.no_grad():  # inference on such a tensor is fine
+        ds_kernels.quant_linear(torch.randn(2, 16, generator=g), args["w_q"], args["scale"])

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from ds_kernels import tuning
 from ds_kernels.cpu.grouped_mm import (grouped_matmul, grouped_matmul_quantized, grouped_matmul_tn,
-                                       groups, tuned_kernel)
+                                       groups)
 from ds_kernels.cpu.quant_linear import quant_linear
 from ds_kernels.quant_formats import format_of
 
@@ -71,7 +71,7 @@ def _plan(hidden, w13, w13_scale, topk_ids, backward=False):
         default = QUANTIZED_DEFAULT
     else:
         default = "grouped_mm" if T * k / E < GROUPED_BELOW_ROWS_PER_EXPERT else "mm_loop"
-    kernel = tuned_kernel(format_of(w13) if quantized else None, backward)
+    kernel = tuning.gemm_kernel(format_of(w13) if quantized else None, backward)
     key = tuning.shape_key("fused_moe", kernel, E=E, I=two_i // 2, H=H, k=k)
     strategy = tuning.config("fused_moe", "torch", key, T, hidden.dtype, hidden.device,
                              dict(strategy=default), kernel=kernel)["strategy"]

@@ -34,13 +34,6 @@ def _torch_grouped_mm_takes(*tensors) -> bool:
     return True
 
 
-def tuned_kernel(fmt: str | None, backward: bool) -> str | None:
-    """The name under which the configs of a GEMM of grouped_mm / fused_moe are tuned apart,
-    on every backend: None / "backward" for plain weights, "fp8" / "fp8-backward" (or mxfp4)
-    for quantised ones."""
-    return "-".join(n for n in (fmt, "backward" if backward else None) if n) or None
-
-
 def groups(offs) -> list[tuple[int, int, int]]:
     """(group, first row, end row) of each non-empty group."""
     ends = offs.tolist()

@@ -18,7 +18,7 @@ backward computes d hidden and d topk_weights only.
 
 import torch
 
-from ds_kernels.cpu.grouped_mm import tuned_kernel
+from ds_kernels import tuning
 from ds_kernels.kernels.grouped_mm import grouped_gemm, grouped_wgrad
 from ds_kernels.kernels.moe_align import moe_align
 from ds_kernels.quant_formats import format_of
@@ -30,7 +30,7 @@ def _plan(backward, hidden, w13, w13_scale, topk_ids):
     E, two_i, _ = w13.shape
     k = topk_ids.shape[1]
     # Keyed like vLLM's tuned files (E, intermediate size; bucket = tokens) so they import.
-    kernel = tuned_kernel(None if w13_scale is None else format_of(w13), backward)
+    kernel = tuning.gemm_kernel(None if w13_scale is None else format_of(w13), backward)
     config = gemm_config("fused_moe", kernel, dict(E=E, I=two_i // 2, H=H, k=k), T, T * k / E,
                          two_i, H, hidden.dtype, hidden.device)
     return config, moe_align(topk_ids, E, config["BLOCK_M"])

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ds_kernels.cpu.grouped_mm import tuned_kernel
+from ds_kernels import tuning
 from ds_kernels.kernels.moe_align import moe_align
 from ds_kernels.kernels.quant import weight_tile
 from ds_kernels.quant_formats import MXFP4, SCALE_BLOCK, format_of
@@ -268,7 +268,7 @@ def grouped_mm(a, b, offs, b_scale=None):
     M, K = a.shape
     E, N = b.shape[0], b.shape[2]
     out = torch.zeros(M, N, dtype=a.dtype, device=a.device)  # rows past offs[-1] stay 0
-    kernel = tuned_kernel(None if b_scale is None else format_of(b), False)
+    kernel = tuning.gemm_kernel(None if b_scale is None else format_of(b), False)
     config = gemm_config("grouped_mm", kernel, dict(E=E, N=N, K=K), M, M / E, N, K, a.dtype,
                          a.device)
     return grouped_gemm(a, b, out, _offs_layout(offs, M, config), M, config, b_scale=b_scale)
@@ -279,7 +279,7 @@ def grouped_mm_backward(grad_out, a, b, offs, b_scale=None):
     M, N = grad_out.shape
     E = b.shape[0]
     K = b.shape[1] * (2 if b_scale is not None and format_of(b) == MXFP4 else 1)
-    kernel = tuned_kernel(None if b_scale is None else format_of(b), True)
+    kernel = tuning.gemm_kernel(None if b_scale is None else format_of(b), True)
     config = gemm_config("grouped_mm", kernel, dict(E=E, N=N, K=K), M, M / E, K, N,
                          grad_out.dtype, grad_out.device)
     layout = _offs_layout(offs, M, config)

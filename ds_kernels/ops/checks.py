@@ -49,3 +49,14 @@ def check_ids_in_range(name: str, ids: torch.Tensor, num_experts: int):
         low, high = int(ids.min()), int(ids.max())
         if low < 0 or high >= num_experts:
             raise ValueError(f"{name} must be in [0, {num_experts}), got values in [{low}, {high}]")
+
+
+def check_frozen(op: str, **weights):
+    """Quantised weights get no gradient: refuse one that asks for it, naming it."""
+    for name, t in weights.items():
+        if torch.is_grad_enabled() and t.requires_grad:
+            raise ValueError(f"{op}: {name} requires grad, but quantised weights are frozen: no "
+                             f"gradient reaches them or their scales (the inputs' gradients are "
+                             f"computed). Hold it as a buffer or nn.Parameter(..., "
+                             f"requires_grad=False), pass {name}.detach(), or train unquantised "
+                             f"weights")

@@ -7,11 +7,9 @@ weights' code bytes and e8m0 scales travel as uint8, as in ds_kernels/ops/groupe
 import torch
 
 from ds_kernels import dispatch
-from ds_kernels.ops.checks import (GEMM_DTYPES, INDEX_DTYPES, check_ids_in_range,
+from ds_kernels.ops.checks import (GEMM_DTYPES, INDEX_DTYPES, check_frozen, check_ids_in_range,
                                    check_same_device, check_same_dtype, check_tensor)
-from ds_kernels.ops.grouped_mm import check_frozen
-from ds_kernels.ops.quant_linear import _as_bytes, _from_bytes
-from ds_kernels.ops.quantize import check_quantized
+from ds_kernels.ops.quantize import as_bytes, check_quantized, from_bytes
 from ds_kernels.quant_formats import format_of, in_features
 
 ACTIVATIONS = ("silu",)
@@ -55,8 +53,8 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         return _run_quantized(*args, w13_scale, w2_scale)  # checks the arguments itself
     fmt = _check(*args, w13_scale, w2_scale)
     check_frozen("fused_moe", w13=w13, w2=w2, w13_scale=w13_scale, w2_scale=w2_scale)
-    return torch.ops.ds_kernels.fused_moe_quant(hidden, *_as_bytes(w13, w13_scale),
-                                                *_as_bytes(w2, w2_scale), topk_weights,
+    return torch.ops.ds_kernels.fused_moe_quant(hidden, *as_bytes(w13, w13_scale),
+                                                *as_bytes(w2, w2_scale), topk_weights,
                                                 topk_ids, fmt)
 
 
@@ -166,15 +164,15 @@ def _fused_moe_quant_op(hidden: torch.Tensor, w13_codes: torch.Tensor,
                         w13_scales: torch.Tensor, w2_codes: torch.Tensor,
                         w2_scales: torch.Tensor, topk_weights: torch.Tensor,
                         topk_ids: torch.Tensor, fmt: str) -> torch.Tensor:
-    w13, w13_scale = _from_bytes(w13_codes, w13_scales, fmt)
-    w2, w2_scale = _from_bytes(w2_codes, w2_scales, fmt)
+    w13, w13_scale = from_bytes(w13_codes, w13_scales, fmt)
+    w2, w2_scale = from_bytes(w2_codes, w2_scales, fmt)
     return _run_quantized(hidden, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
 
 
 @_fused_moe_quant_op.register_fake
 def _(hidden, w13_codes, w13_scales, w2_codes, w2_scales, topk_weights, topk_ids, fmt):
-    w13, w13_scale = _from_bytes(w13_codes, w13_scales, fmt)
-    w2, w2_scale = _from_bytes(w2_codes, w2_scales, fmt)
+    w13, w13_scale = from_bytes(w13_codes, w13_scales, fmt)
+    w2, w2_scale = from_bytes(w2_codes, w2_scales, fmt)
     _check(hidden, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
     return torch.empty_like(hidden)
 
@@ -186,8 +184,8 @@ def _fused_moe_quant_backward_op(grad_out: torch.Tensor, hidden: torch.Tensor,
                                  topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                                  fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(d hidden, d topk_weights): the experts are frozen."""
-    w13, w13_scale = _from_bytes(w13_codes, w13_scales, fmt)
-    w2, w2_scale = _from_bytes(w2_codes, w2_scales, fmt)
+    w13, w13_scale = from_bytes(w13_codes, w13_scales, fmt)
+    w2, w2_scale = from_bytes(w2_codes, w2_scales, fmt)
     d_hidden, _, _, d_topk_weights = dispatch.implementation("fused_moe_backward",
                                                              hidden.device)(
         grad_out.contiguous(), hidden, w13, w2, topk_weights, topk_ids, w13_scale=w13_scale,

@@ -10,10 +10,9 @@ float8/float4 dtype.
 import torch
 
 from ds_kernels import dispatch
-from ds_kernels.ops.checks import (GEMM_DTYPES, check_same_device, check_same_dtype,
-                                   check_tensor, device_checks_allowed)
-from ds_kernels.ops.quant_linear import _as_bytes, _from_bytes
-from ds_kernels.ops.quantize import check_quantized
+from ds_kernels.ops.checks import (GEMM_DTYPES, check_frozen, check_same_device,
+                                   check_same_dtype, check_tensor, device_checks_allowed)
+from ds_kernels.ops.quantize import as_bytes, check_quantized, from_bytes
 from ds_kernels.quant_formats import format_of, in_features
 
 
@@ -44,18 +43,8 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *,
         return _run_quantized(a, b, b_scale, offs)  # checks the arguments itself
     fmt = _check_quantized(a, b, b_scale, offs)
     check_frozen("grouped_mm", b=b, b_scale=b_scale)
-    return torch.ops.ds_kernels.grouped_mm_quant(a, *_as_bytes(b, b_scale), offs, fmt)
+    return torch.ops.ds_kernels.grouped_mm_quant(a, *as_bytes(b, b_scale), offs, fmt)
 
-
-def check_frozen(op: str, **weights):
-    """Quantised weights get no gradient: refuse one that asks for it, naming it."""
-    for name, t in weights.items():
-        if torch.is_grad_enabled() and t.requires_grad:
-            raise ValueError(f"{op}: {name} requires grad, but quantised weights are frozen: no "
-                             f"gradient reaches them or their scales (the inputs' gradients are "
-                             f"computed). Hold it as a buffer or nn.Parameter(..., "
-                             f"requires_grad=False), pass {name}.detach(), or train unquantised "
-                             f"weights")
 
 
 def _check(a, b, offs):
@@ -154,12 +143,12 @@ def _run_quantized(a, b, b_scale, offs):
 @torch.library.custom_op("ds_kernels::grouped_mm_quant", mutates_args=())
 def _grouped_mm_quant_op(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
                          offs: torch.Tensor, fmt: str) -> torch.Tensor:
-    return _run_quantized(a, *_from_bytes(codes, scales, fmt), offs)
+    return _run_quantized(a, *from_bytes(codes, scales, fmt), offs)
 
 
 @_grouped_mm_quant_op.register_fake
 def _(a, codes, scales, offs, fmt):
-    b, b_scale = _from_bytes(codes, scales, fmt)
+    b, b_scale = from_bytes(codes, scales, fmt)
     _check_quantized(a, b, b_scale, offs)
     return a.new_empty(a.shape[0], b.shape[2])
 
@@ -169,7 +158,7 @@ def _grouped_mm_quant_backward_op(grad_out: torch.Tensor, codes: torch.Tensor,
                                   scales: torch.Tensor, offs: torch.Tensor,
                                   fmt: str) -> torch.Tensor:
     """d a [M, K] = d out @ b^T (a itself is not needed)."""
-    b, b_scale = _from_bytes(codes, scales, fmt)
+    b, b_scale = from_bytes(codes, scales, fmt)
     grad_a, _ = dispatch.implementation("grouped_mm_backward", grad_out.device)(
         grad_out.contiguous(), None, b, offs, b_scale=b_scale)
     return grad_a
@@ -177,7 +166,7 @@ def _grouped_mm_quant_backward_op(grad_out: torch.Tensor, codes: torch.Tensor,
 
 @_grouped_mm_quant_backward_op.register_fake
 def _(grad_out, codes, scales, offs, fmt):
-    b, _ = _from_bytes(codes, scales, fmt)
+    b, _ = from_bytes(codes, scales, fmt)
     return grad_out.new_empty(grad_out.shape[0], in_features(b.mT, fmt))
 
 

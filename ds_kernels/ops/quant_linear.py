@@ -10,12 +10,10 @@ no float8/float4 dtype. The public function passes views, never copies.
 import torch
 
 from ds_kernels import dispatch
-from ds_kernels.ops.checks import GEMM_DTYPES, check_same_device, check_tensor
-from ds_kernels.ops.quantize import check_quantized
-from ds_kernels.quant_formats import (E8M0_DTYPE, FP4_DTYPE, FP8, FP8_DTYPE, MXFP4,
-                                      in_features)
+from ds_kernels.ops.checks import GEMM_DTYPES, check_frozen, check_same_device, check_tensor
+from ds_kernels.ops.quantize import as_bytes, check_quantized, from_bytes
+from ds_kernels.quant_formats import in_features
 
-_CODE_DTYPES = {FP8: FP8_DTYPE, MXFP4: FP4_DTYPE}
 
 
 def quant_linear(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor,
@@ -28,10 +26,11 @@ def quant_linear(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor,
     x stays unquantised, each weight tile is dequantised inside the GEMM (never the whole
     weight), accumulating in fp32.
     """
+    check_frozen("quant_linear", w_q=w_q, scale=scale)
     if dispatch.direct_call_allowed(x, w_q, scale, bias):
         return _run(x, w_q, scale, bias)  # checks the arguments itself
     fmt = _check(x, w_q, scale, bias)  # before torch.ops, whose own type errors name no argument
-    codes, scales = _as_bytes(w_q, scale)
+    codes, scales = as_bytes(w_q, scale)
     return torch.ops.ds_kernels.quant_linear(x, codes, scales, bias, fmt)
 
 
@@ -53,16 +52,6 @@ def _check(x, w_q, scale, bias) -> str:
     return fmt
 
 
-def _as_bytes(w_q, scale):
-    """The op arguments for w_q and scale: their bytes, where they are fp8/fp4."""
-    return w_q.view(torch.uint8), scale.view(torch.uint8) if scale.dtype == E8M0_DTYPE else scale
-
-
-def _from_bytes(codes, scales, fmt):
-    return (codes.view(_CODE_DTYPES[fmt]),
-            scales.view(E8M0_DTYPE) if scales.dtype == torch.uint8 else scales)
-
-
 def _run(x, w_q, scale, bias):
     _check(x, w_q, scale, bias)
     return dispatch.implementation("quant_linear", x.device)(x, w_q, scale, bias)
@@ -70,7 +59,7 @@ def _run(x, w_q, scale, bias):
 
 def _quant_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
                   bias: torch.Tensor | None, fmt: str) -> torch.Tensor:
-    return _run(x, *_from_bytes(codes, scales, fmt), bias)
+    return _run(x, *from_bytes(codes, scales, fmt), bias)
 
 
 _quant_linear_op = torch.library.custom_op("ds_kernels::quant_linear", _quant_linear,
@@ -79,7 +68,7 @@ _quant_linear_op = torch.library.custom_op("ds_kernels::quant_linear", _quant_li
 
 @_quant_linear_op.register_fake
 def _(x, codes, scales, bias, fmt):
-    w_q, scale = _from_bytes(codes, scales, fmt)
+    w_q, scale = from_bytes(codes, scales, fmt)
     _check(x, w_q, scale, bias)
     return x.new_empty(*x.shape[:-1], w_q.shape[0])
 
@@ -87,14 +76,14 @@ def _(x, codes, scales, bias, fmt):
 @torch.library.custom_op("ds_kernels::quant_linear_backward", mutates_args=())
 def _quant_linear_backward_op(grad_out: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
                               fmt: str) -> torch.Tensor:
-    w_q, scale = _from_bytes(codes, scales, fmt)
+    w_q, scale = from_bytes(codes, scales, fmt)
     return dispatch.implementation("quant_linear_backward", grad_out.device)(
         grad_out, w_q, scale)
 
 
 @_quant_linear_backward_op.register_fake
 def _(grad_out, codes, scales, fmt):
-    w_q, _ = _from_bytes(codes, scales, fmt)
+    w_q, _ = from_bytes(codes, scales, fmt)
     return grad_out.new_empty(*grad_out.shape[:-1], in_features(w_q, fmt))
 
 

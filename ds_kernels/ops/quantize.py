@@ -13,8 +13,9 @@ import torch
 
 from ds_kernels.cpu import quantize as vectorised
 from ds_kernels.ops.checks import GEMM_DTYPES, check_same_device, check_tensor
-from ds_kernels.quant_formats import (E8M0_DTYPE, FP4_DTYPE, FP8, FP8_BLOCK, MXFP4, MXFP4_GROUP,
-                                      SCALE_BLOCK, SCALE_FMTS, format_of, in_features)
+from ds_kernels.quant_formats import (E8M0_DTYPE, FP4_DTYPE, FP8, FP8_BLOCK, FP8_DTYPE, MXFP4,
+                                      MXFP4_GROUP, SCALE_BLOCK, SCALE_FMTS, format_of,
+                                      in_features)
 
 # The scale dtypes each format's checkpoints ship: fp32 (V3, R1, V3.1's ue8m0 as fp32) or
 # e8m0 (V4) for FP8 blocks; e8m0 only for MXFP4.
@@ -113,3 +114,19 @@ def check_quantized(w_name: str, w_q, scale_name: str, scale, *, dim: int | None
                          f"W [..., N={N}, K={K}]), got {list(scale.shape)}")
     check_same_device(w_name, w_q, **{scale_name: scale})
     return fmt
+
+
+# torch.library ops take no float8 / float4 arguments (opcheck: "copy_ / mul not implemented
+# for Float8_e4m3fn"): the quantised ops pass codes and e8m0 scales as their bytes.
+_CODE_DTYPES = {FP8: FP8_DTYPE, MXFP4: FP4_DTYPE}
+
+
+def as_bytes(w_q, scale):
+    """The op arguments for w_q and scale: their bytes, where they are fp8/fp4/e8m0."""
+    return w_q.view(torch.uint8), scale.view(torch.uint8) if scale.dtype == E8M0_DTYPE else scale
+
+
+def from_bytes(codes, scales, fmt):
+    """as_bytes undone, for format ``fmt``."""
+    return (codes.view(_CODE_DTYPES[fmt]),
+            scales.view(E8M0_DTYPE) if scales.dtype == torch.uint8 else scales)
