@@ -1,4 +1,4 @@
-"""python -m autotune sweep --op OP [--shapes ...] [--quick] [--routing FILE] ...
+"""python -m autotune sweep --op OP [--shapes ...] [--quick] [--dtype fp8] [--routing FILE] ...
    python -m autotune import-vllm FILE... [--hidden-size 7168] [--top-k 8]"""
 
 import argparse
@@ -10,6 +10,8 @@ import torch
 
 from autotune import cases, sweep, vllm
 from ds_kernels import tuning
+
+_FLOATS = ("float32", "float16", "bfloat16")
 
 
 def _shape(text: str) -> dict:
@@ -48,14 +50,19 @@ def main(argv=None):
     run.add_argument("--shapes", nargs="+", type=_shape,
                      help="e.g. E=256,I=2048,H=7168,k=8 for fused_moe; "
                      "Hq=16,Dc=512,Dr=64,page=64,context=4096 for mla_decode; "
-                     "H=16,Dqk=192,Dv=128,causal=1,seqs=4 for mla_prefill "
+                     "H=16,Dqk=192,Dv=128,causal=1,seqs=4 for mla_prefill; "
+                     "N=7168,K=16384 for quant_linear "
                      "(default: the op's default shapes)")
     run.add_argument("--tokens", nargs="+", type=int,
                      help="buckets: tokens (rows for grouped_mm, sequences for mla_decode); "
                      "default per op and device")
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    run.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
-                     help="default: bfloat16 on cuda, float32 on cpu")
+    run.add_argument("--dtype", choices=_FLOATS + cases.WEIGHTS,
+                     help="the inputs' dtype (default: bfloat16 on cuda, float32 on cpu); fp8 or "
+                     "mxfp4: the GEMM ops (fused_moe, grouped_mm, quant_linear) on weights in "
+                     "DeepSeek's FP8-block or MXFP4 format, tuned apart from unquantised ones")
+    run.add_argument("--activations", choices=_FLOATS,
+                     help="with --dtype fp8 / mxfp4: the activations' dtype (default as --dtype)")
     run.add_argument("--quick", action="store_true", help="few shapes and candidates")
     run.add_argument("--backward", action="store_true",
                      help="also tune the backward kernels (fused_moe, grouped_mm, mla_prefill), "
@@ -89,12 +96,17 @@ def main(argv=None):
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but torch sees no CUDA device")
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    weights = args.dtype if args.dtype in cases.WEIGHTS else None
+    if args.activations and not weights:
+        parser.error("--activations goes with --dtype fp8 or mxfp4 (otherwise --dtype is the "
+                     "activations' dtype)")
+    floats = args.activations or (None if weights else args.dtype)
+    dtype = getattr(torch, floats or ("bfloat16" if device.type == "cuda" else "float32"))
     routing = _routing(args.routing) if args.routing else None
     try:
         rows = sweep.sweep(args.op, device, dtype, shapes=args.shapes, buckets=args.tokens,
                            quick=args.quick, backward=args.backward, routing=routing,
-                           out_dir=args.out)
+                           out_dir=args.out, weights=weights)
     except (TypeError, ValueError) as error:  # a shape, dtype or routing the op does not take
         raise SystemExit(f"autotune: {error}")
     print(sweep.format_summary(rows))

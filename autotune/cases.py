@@ -3,7 +3,11 @@ which ds_kernels looks the result up, and how to call and check the op.
 
 Shape keys come from ds_kernels.tuning.SHAPE_KEYS, the table the ops use at run time, so a
 stored result is always found. The bucket is the token count T, except M rows for grouped_mm
-and B sequences for mla_decode.
+and quant_linear, and B sequences for mla_decode.
+
+The GEMM ops also run on quantised weights (``weights`` "fp8" or "mxfp4", DeepSeek's formats):
+their configs are tuned apart, under the kernel names tuning.gemm_kernel gives them (and
+quant_linear's fmt= key), since decoding weight tiles in the K-loop moves the best tiles.
 """
 
 import dataclasses
@@ -14,6 +18,7 @@ import torch
 import ds_kernels
 from autotune import spaces
 from ds_kernels import tuning
+from ds_kernels.quant_formats import FP8, MXFP4, MXFP4_GROUP
 
 # Default shapes: DeepSeek-V3 on a GPU (MLA with 16 heads, as with 8-way tensor parallelism,
 # and with all 128); on CPU the benchmark shapes, with smaller experts and fewer heads.
@@ -30,13 +35,16 @@ SHAPES = {
                    "cpu": [dict(_V3_MLA, Hq=16, context=2048)]},
     "mla_prefill": {"cuda": [dict(_V3_PREFILL, H=16), dict(_V3_PREFILL, H=128)],
                     "cpu": [dict(_V3_PREFILL, H=4)]},
+    # DeepSeek-V3's q_b_proj, o_proj and shared expert gate+up; on CPU the bench's quick shape.
+    "quant_linear": {"cuda": [dict(N=24576, K=1536), dict(N=7168, K=16384), dict(N=4096, K=7168)],
+                     "cpu": [dict(N=2048, K=2048)]},
 }
 _TOKENS = {"cuda": [1, 4, 16, 64, 256, 1024, 4096, 16384], "cpu": [1, 16, 256, 4096]}
 _QUICK_TOKENS = {"cuda": [1, 64, 4096], "cpu": [1, 64, 4096]}
 # (full, quick) buckets per op and device.
 BUCKETS = {
     **{op: {d: (_TOKENS[d], _QUICK_TOKENS[d]) for d in _TOKENS}
-       for op in ("fused_moe", "grouped_mm", "route")},
+       for op in ("fused_moe", "grouped_mm", "route", "quant_linear")},
     "mla_decode": {"cuda": ([1, 2, 4, 8, 16, 32, 64, 128], [1, 8, 64]),
                    "cpu": ([1, 4, 16], [1, 8])},
     "mla_prefill": {"cuda": ([256, 1024, 4096, 8192], [1024, 8192]),
@@ -49,7 +57,15 @@ KERNELS = {
        for op in ("fused_moe", "grouped_mm") for backend in ("triton", "torch")},
     ("mla_prefill", "triton"): (["fwd"], ["dkdv", "dq"]),
     ("mla_prefill", "torch"): (["fwd"], ["bwd"]),
+    ("quant_linear", "triton"): ([None], ["backward"]),
 }
+# What a sweep on quantised weights tunes, per backend: the ops with a knob for them. (The
+# torch grouped_mm runs quant_linear per expert on them: its knob is quant_linear's.)
+WEIGHTS_OPS = {"triton": ("fused_moe", "grouped_mm", "quant_linear"),
+               "torch": ("fused_moe", "quant_linear")}
+WEIGHTS = (FP8, MXFP4)
+# Weights' in-features per op: MXFP4 needs them in whole groups of 32.
+_IN_FEATURES = {"fused_moe": ("H", "I"), "grouped_mm": ("K",), "quant_linear": ("K",)}
 
 
 @dataclasses.dataclass
@@ -66,15 +82,37 @@ class Case:
     kernel: str | None = None  # for an op with several kernels: the one the candidates tune
 
 
-def check_shape(op: str, shape: dict, routing=None):
+def check_weights(op: str, backend: str, weights: str | None):
+    """Raise ValueError if ``op`` on ``backend`` has nothing to tune on ``weights`` (None:
+    unquantised)."""
+    if weights is None:
+        if op == "quant_linear":
+            raise ValueError("quant_linear multiplies quantised weights: sweep it with "
+                             "--dtype fp8 or --dtype mxfp4")
+        return
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+    if op not in WEIGHTS_OPS[backend]:
+        why = (" (on quantised weights it runs quant_linear per expert: sweep --op quant_linear)"
+               if op == "grouped_mm" else "")
+        raise ValueError(f"{op} has no {backend} config for {weights} weights to tune{why}; "
+                         f"ops with one: {', '.join(WEIGHTS_OPS[backend])}")
+
+
+def check_shape(op: str, shape: dict, routing=None, weights: str | None = None):
     """Raise ValueError, naming what is wrong, if ``op`` cannot be swept at ``shape`` (with the
-    recorded ``routing`` of fused_moe): before a sweep tunes any shape for minutes."""
+    recorded ``routing`` of fused_moe, on ``weights``): before a sweep tunes any shape for
+    minutes."""
     if op not in _BUILDERS:
         raise ValueError(f"no sweep for op {op!r}; ops: {sorted(_BUILDERS)}")
     needed = set(SHAPES[op]["cpu"][0])
     if set(shape) != needed:
         raise ValueError(f"a {op} shape needs exactly {', '.join(sorted(needed))}; got "
                          f"{', '.join(sorted(shape))}")
+    partial = [d for d in _IN_FEATURES.get(op, ()) if shape[d] % MXFP4_GROUP]
+    if weights == MXFP4 and partial:
+        raise ValueError(f"MXFP4 weights need in-features in groups of {MXFP4_GROUP}, but "
+                         + ", ".join(f"{d}={shape[d]}" for d in partial))
     if routing is None or op != "fused_moe":
         return
     if routing.shape[1] != shape["k"]:
@@ -97,6 +135,7 @@ _INPUT_ELEMENTS = {
     "mla_decode": lambda s, n: n * (s["Dc"] + s["Dr"]) * (
         -(-s["context"] // s["page"]) * s["page"] + s["Hq"]),
     "mla_prefill": lambda s, n: n * s["H"] * (2 * s["Dqk"] + s["Dv"]),
+    "quant_linear": lambda s, n: n * s["K"] + s["N"] * s["K"],
 }
 
 
@@ -159,32 +198,63 @@ def _forward_or_grads(fn, inputs, backward: bool):
     return run
 
 
-def _fused_moe(shape, n, device, dtype, g, routing, backward):
+def _quantized(w, weights):
+    """(w_q, scale) of w [..., N, K] in the format ``weights``."""
+    return ds_kernels.quantize_fp8_block(w) if weights == FP8 else ds_kernels.quantize_mxfp4(w)
+
+
+def _fused_moe(shape, n, device, dtype, g, routing, backward, weights):
     E, I, H, k = shape["E"], shape["I"], shape["H"], shape["k"]
     hidden = torch.randn(n, H, generator=g).to(device, dtype)              # [T, H]
     w13 = (torch.randn(E, 2 * I, H, generator=g) / H**0.5).to(device, dtype)
     w2 = (torch.randn(E, H, I, generator=g) / I**0.5).to(device, dtype)
     ids = _routing(n, E, k, device, routing, g)                             # [T, k]
-    weights = torch.rand(n, k, generator=g).to(device)
+    weights_ = torch.rand(n, k, generator=g).to(device)
+    if weights is None:
+        def fn(hidden, w13, w2, topk_weights):
+            return ds_kernels.fused_moe(hidden, w13, w2, topk_weights, ids)
+        inputs = [hidden, w13, w2, weights_]
+    else:  # frozen quantised experts: gradients of the hidden states and routing weights
+        (w13_q, w13_scale), (w2_q, w2_scale) = _quantized(w13, weights), _quantized(w2, weights)
 
-    def fn(hidden, w13, w2, weights):
-        return ds_kernels.fused_moe(hidden, w13, w2, weights, ids)
+        def fn(hidden, topk_weights):
+            return ds_kernels.fused_moe(hidden, w13_q, w2_q, topk_weights, ids,
+                                        w13_scale=w13_scale, w2_scale=w2_scale)
+        inputs = [hidden, weights_]
     # The weight gradients sum over an expert's rows, about n * k / E of them.
-    reduction = H + I + (n * k // E if backward else 0)
-    return _forward_or_grads(fn, [hidden, w13, w2, weights], backward), reduction
+    reduction = H + I + (n * k // E if backward and weights is None else 0)
+    return _forward_or_grads(fn, inputs, backward), reduction
 
 
-def _grouped_mm(shape, n, device, dtype, g, backward):
+def _grouped_mm(shape, n, device, dtype, g, backward, weights):
     E, N, K = shape["E"], shape["N"], shape["K"]
     a = torch.randn(n, K, generator=g).to(device, dtype)                    # [M, K]
     b = (torch.randn(E, K, N, generator=g) / K**0.5).to(device, dtype)
     sizes = torch.bincount(torch.randint(0, E, (n,), generator=g), minlength=E)
     offs = sizes.cumsum(0).to(device=device, dtype=torch.int32)
+    if weights is None:
+        def fn(a, b):
+            return ds_kernels.grouped_mm(a, b, offs)
+        inputs = [a, b]
+    else:  # b = W^T of a weight W [E, N, K] quantised along its in-features, as published
+        w_q, scale = _quantized(b.transpose(1, 2).contiguous(), weights)
 
-    def fn(a, b):
-        return ds_kernels.grouped_mm(a, b, offs)
-    reduction = max(K, N) + (n // E if backward else 0)
-    return _forward_or_grads(fn, [a, b], backward), reduction
+        def fn(a):
+            return ds_kernels.grouped_mm(a, w_q.transpose(1, 2), offs,
+                                         b_scale=scale.transpose(1, 2))
+        inputs = [a]
+    reduction = max(K, N) + (n // E if backward and weights is None else 0)
+    return _forward_or_grads(fn, inputs, backward), reduction
+
+
+def _quant_linear(shape, n, device, dtype, g, backward, weights):
+    N, K = shape["N"], shape["K"]
+    x = torch.randn(n, K, generator=g).to(device, dtype)                    # [M, K]
+    w_q, scale = _quantized((torch.randn(N, K, generator=g) / K**0.5).to(device, dtype), weights)
+
+    def fn(x):
+        return ds_kernels.quant_linear(x, w_q, scale)
+    return _forward_or_grads(fn, [x], backward), max(N, K)
 
 
 def _route(shape, n, device, dtype, g):
@@ -228,39 +298,51 @@ def _mla_prefill(shape, n, device, dtype, g, backward):
 
 
 _BUILDERS = {"fused_moe": _fused_moe, "grouped_mm": _grouped_mm, "route": _route,
-             "mla_decode": _mla_decode, "mla_prefill": _mla_prefill}
+             "mla_decode": _mla_decode, "mla_prefill": _mla_prefill,
+             "quant_linear": _quant_linear}
 
 
 def make_cases(op: str, shape: dict, n: int, backend: str, device, dtype, *, quick: bool,
-               backward: bool = False, routing=None) -> list[Case]:
-    """The cases of ``op`` at ``shape`` and bucket ``n``: one per kernel tuned apart, those of
-    the backward pass too with ``backward``. The shape is one check_shape accepts."""
+               backward: bool = False, routing=None, weights: str | None = None) -> list[Case]:
+    """The cases of ``op`` at ``shape`` and bucket ``n`` (on quantised ``weights``, with
+    activations in ``dtype``): one per kernel tuned apart, those of the backward pass too with
+    ``backward``. The shape and weights are ones check_shape and check_weights accept."""
     device = torch.device(device)
     cases = []
     forward_kernels, backward_kernels = KERNELS.get((op, backend), ([None], []))
     for kernel in forward_kernels + (backward_kernels if backward else []):
         g = torch.Generator().manual_seed(n)
         options = {"fused_moe": dict(routing=routing)}.get(op, {})
+        if op in _IN_FEATURES:
+            options["weights"] = weights
         if (op, backend) in KERNELS:
             options["backward"] = kernel in backward_kernels
+        elif op == "quant_linear":  # the torch path's one knob serves both directions
+            options["backward"] = False
+        if op in ("fused_moe", "grouped_mm"):
+            kernel = tuning.gemm_kernel(weights, kernel == "backward")
         run, reduction = _BUILDERS[op](shape, n, device, dtype, g, **options)
-        fits = _fits(op, backend, shape, n, kernel, dtype, device)
-        cases.append(Case(op, tuning.shape_key(op, kernel=kernel, **shape), n, run,
+        fits = _fits(op, backend, shape, n, kernel, dtype, device, weights)
+        cases.append(Case(op, tuning.shape_key(op, kernel=kernel, fmt=weights, **shape), n, run,
                           _reference(run), reduction,
                           spaces.candidates(op, backend, quick=quick, fits=fits), kernel))
     return cases
 
 
-def _fits(op, backend, shape, n, kernel, dtype, device):
-    """The static pruning of ``op``'s Triton candidates at this shape and bucket (None: none)."""
+def _fits(op, backend, shape, n, kernel, dtype, device, weights):
+    """The static pruning of ``op``'s candidates at this shape and bucket (None: none)."""
     if backend != "triton":
+        if op == "fused_moe" and weights is not None:  # its grouped_mm strategy runs mm_loop
+            return lambda c: c["strategy"] != "grouped_mm"
         return None
-    if op in ("fused_moe", "grouped_mm"):
+    if op in _IN_FEATURES:
         if op == "fused_moe":
             rows, N, K, swiglu = n * shape["k"] / shape["E"], 2 * shape["I"], shape["H"], True
-        else:
+        elif op == "grouped_mm":
             rows, N, K, swiglu = n / shape["E"], shape["N"], shape["K"], False
-        if kernel == "backward":  # GEMMs of both orientations, and no SwiGLU epilogue
+        else:  # quant_linear: one "expert" of all the rows
+            rows, N, K, swiglu = n, shape["N"], shape["K"], False
+        if (kernel or "").endswith("backward"):  # both orientations, and no SwiGLU epilogue
             N = K = max(N, K)
             swiglu = False
         return lambda c: spaces.gemm_fits(c, rows, N, K, dtype, device, swiglu=swiglu)

@@ -88,17 +88,19 @@ def progress(done: int, total: int, label: str):
 
 def sweep(op: str, device: torch.device, dtype, *, shapes=None, buckets=None, quick=False,
           backward=False, routing=None, out_dir: Path | None = None,
-          backend: str | None = None) -> list[dict]:
-    """Tune ``op`` (and with ``backward`` its backward kernels); returns one summary row per
-    (shape, bucket, kernel) and writes the tuning file. ``backend`` defaults to the device's
-    (triton on a GPU; the tests also sweep the Triton kernels in the interpreter)."""
+          backend: str | None = None, weights: str | None = None) -> list[dict]:
+    """Tune ``op`` (and with ``backward`` its backward kernels) for activations in ``dtype``
+    and, with ``weights`` "fp8" or "mxfp4", on weights in that format; returns one summary row
+    per (shape, bucket, kernel) and writes the tuning file. ``backend`` defaults to the
+    device's (triton on a GPU; the tests also sweep the Triton kernels in the interpreter)."""
     backend = backend or ("triton" if device.type == "cuda" else "torch")
+    cases.check_weights(op, backend, weights)
     shapes = shapes or cases.SHAPES[op][device.type]
     buckets = buckets or cases.BUCKETS[op][device.type][1 if quick else 0]
     if min(buckets) < 1:
         raise ValueError(f"token buckets must be positive, got {min(buckets)}")
     for shape in shapes:  # every shape checked before any is tuned
-        cases.check_shape(op, shape, routing)
+        cases.check_shape(op, shape, routing, weights)
         cases.check_memory(op, shape, max(buckets), device, dtype)
     if message := busy():
         print(f"autotune: {message}", file=sys.stderr)
@@ -106,7 +108,7 @@ def sweep(op: str, device: torch.device, dtype, *, shapes=None, buckets=None, qu
     for shape in shapes:
         for n in buckets:
             for case in cases.make_cases(op, shape, n, backend, device, dtype, quick=quick,
-                                         backward=backward, routing=routing):
+                                         backward=backward, routing=routing, weights=weights):
                 with ds_kernels.use_backend(backend):
                     row = _tune(case, device, dtype)
                 if "best" in row:

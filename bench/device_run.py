@@ -3,9 +3,10 @@
 A lent GPU comes for minutes and with nothing installed, so this installs nothing and runs, in
 order of what matters most if time runs out, each step under its own time limit:
   1. the Triton backend's tests on the GPU (pytest, the kernel ops' files);
-  2. quick autotune sweeps in bf16 for every tunable op: each checks the heuristic and every
-     candidate against the reference at DeepSeek-V3 shapes, and writes tuned files that can
-     ship as defaults (ds_kernels/configs/) for this GPU and these versions;
+  2. quick autotune sweeps in bf16 for every tunable op, and of the GEMM ops on FP8-block
+     weights (as DeepSeek's checkpoints ship): each checks the heuristic and every candidate
+     against the reference at DeepSeek-V3 shapes, and writes tuned files that can ship as
+     defaults (ds_kernels/configs/) for this GPU and these versions;
   3. the benchmark suite (python -m bench --quick --device cuda).
 Everything lands under OUT: steps.json (each step's command, exit code, seconds), each step's
 log, the tuning files, and the benchmark's JSON / table / plots. A step past its limit is
@@ -22,8 +23,10 @@ from pathlib import Path
 KERNEL_TESTS = ["tests/test_route.py", "tests/test_moe_align.py", "tests/test_grouped_mm.py",
                 "tests/test_fused_moe.py", "tests/test_rms_norm.py", "tests/test_rope.py",
                 "tests/test_mla_cache_write.py", "tests/test_mla_decode.py",
-                "tests/test_mla_prefill.py"]
+                "tests/test_mla_prefill.py", "tests/test_quant_linear.py"]
 SWEPT = ["fused_moe", "mla_decode", "route", "grouped_mm", "mla_prefill"]
+SWEPT_FP8 = ["fused_moe", "quant_linear"]
+SWEEP_SECONDS = 25
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -32,11 +35,13 @@ def steps(out: Path) -> list[tuple[str, list[str], int]]:
     python = sys.executable
     tests = [python, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
              f"--junitxml={out / 'pytest.xml'}", *KERNEL_TESTS]
-    sweeps = [(f"sweep-{op}", [python, "-m", "autotune", "sweep", "--op", op, "--quick",
-                               "--dtype", "bfloat16", "--out", str(out / "tuning")], 30)
+    sweep = [python, "-m", "autotune", "sweep", "--quick", "--out", str(out / "tuning")]
+    sweeps = [(f"sweep-{op}", [*sweep, "--op", op, "--dtype", "bfloat16"], SWEEP_SECONDS)
               for op in SWEPT]
+    sweeps += [(f"sweep-{op}-fp8", [*sweep, "--op", op, "--dtype", "fp8", "--activations",
+                                    "bfloat16"], SWEEP_SECONDS) for op in SWEPT_FP8]
     bench = [python, "-m", "bench", "--quick", "--device", "cuda", "--out", str(out / "bench")]
-    return [("tests", tests, 150), *sweeps, ("bench", bench, 180)]
+    return [("tests", tests, 150), *sweeps, ("bench", bench, 150)]
 
 
 def main(argv=None):

@@ -529,7 +529,8 @@ def _tiny_triton_spaces(monkeypatch):
                                           num_stages=[1])),
                       ("mla_prefill", dict(BLOCK_M=[16, 32], BLOCK_N=[16], num_warps=[4],
                                            num_stages=[1])),
-                      ("fused_moe", small_gemm), ("grouped_mm", small_gemm)]:
+                      ("fused_moe", small_gemm), ("grouped_mm", small_gemm),
+                      ("quant_linear", small_gemm)]:
         monkeypatch.setitem(spaces.SPACES, (op, "triton"), (space, space))
 
 
@@ -564,6 +565,87 @@ def test_sweeps_of_forward_and_backward_store_what_lookups_then_return(tuning_di
         used = tuning.config(op, backend, row["shape"], bucket, torch.float32, CPU, default,
                              kernel=kernel)
         assert used == {**default, **row["best"]}
+
+
+QUANTISED_TINY = {"fused_moe": (dict(E=3, I=32, H=32, k=2), 3),
+                  "grouped_mm": (dict(E=3, N=16, K=64), 5),
+                  "quant_linear": (dict(N=24, K=64), 3)}
+
+
+# The interpreter's grouped GEMMs take seconds a run: those get one format (both formats share
+# the key scheme and the kernel; test_fused_moe / test_grouped_mm test the numerics of each).
+@pytest.mark.parametrize("backend, op, weights", [
+    ("triton", "fused_moe", "fp8"), ("triton", "grouped_mm", "mxfp4"),
+    *[(backend, op, weights) for backend, op in [("triton", "quant_linear"),
+                                                 ("torch", "fused_moe"), ("torch", "quant_linear")]
+      for weights in ("fp8", "mxfp4")]])
+def test_sweeps_on_quantised_weights_store_under_the_keys_the_ops_look_up(tuning_dir, monkeypatch,
+                                                                          backend, op, weights):
+    """A --dtype fp8 / mxfp4 sweep tunes the kernels the op runs on such weights, forward and
+    backward, apart from the unquantised ones; running the op on quantised weights looks up
+    exactly the stored keys, and each lookup returns what was stored. (Timings are faked: the
+    keys are under test here, and the interpreter would time each candidate for seconds.)"""
+    _tiny_triton_spaces(monkeypatch)
+    monkeypatch.setattr(sweep, "measure", lambda fn, device: sweep.Timing(1e-3, 1.0))
+    shape, bucket = QUANTISED_TINY[op]
+    rows = sweep.sweep(op, CPU, torch.float32, shapes=[shape], buckets=[bucket], quick=True,
+                       backward=True, out_dir=tuning_dir, backend=backend, weights=weights)
+    if op == "quant_linear":
+        kernels = [None, "backward"] if backend == "triton" else [None]
+    else:
+        kernels = [weights, f"{weights}-backward"]
+    keys = [tuning.shape_key(op, k, fmt=weights, **shape) for k in kernels]
+    assert [r["shape"] for r in rows] == keys
+    assert all(r["heuristic_ok"] and r["rejected"] == 0 and "best" in r for r in rows)
+    if backend == "torch" and op == "fused_moe":  # grouped_mm would run mm_loop again
+        assert all(r["candidates"] == 2 for r in rows)
+
+    looked_up = []
+    real_config = tuning.config
+
+    def recording(op_, backend_, key, *args, **kwargs):
+        looked_up.append((op_, backend_, key))
+        return real_config(op_, backend_, key, *args, **kwargs)
+    monkeypatch.setattr(tuning, "config", recording)
+    # The last case is the backward where it is tuned apart; it runs the forward too.
+    case = cases.make_cases(op, shape, bucket, backend, CPU, torch.float32, quick=True,
+                            backward=True, weights=weights)[-1]
+    with ds_kernels.use_backend(backend):
+        case.run()
+    assert set(looked_up) >= {(op, backend, key) for key in keys}
+    monkeypatch.setattr(tuning, "config", real_config)
+    entries = json.loads(next(tuning_dir.glob(f"{op}__{backend}__*.json")).read_text())["entries"]
+    default = dict.fromkeys(spaces.SPACES[op, backend][1], "heuristic")
+    for row, kernel in zip(rows, kernels):
+        assert entries[row["shape"]] == {str(bucket): row["best"]}
+        assert tuning.config(op, backend, row["shape"], bucket, torch.float32, CPU, default,
+                             kernel=kernel) == {**default, **row["best"]}
+
+
+@pytest.mark.parametrize("args, match", [
+    (("grouped_mm", "torch", dict(E=3, N=16, K=64), "fp8"), "sweep --op quant_linear"),
+    (("quant_linear", "torch", dict(N=24, K=64), None), "--dtype fp8 or --dtype mxfp4"),
+    (("quant_linear", "triton", dict(N=24, K=48), "mxfp4"), "groups of 32, but K=48"),
+    (("route", "triton", dict(E=16, n_group=4, topk_group=2, k=3), "fp8"), "ops with one"),
+])
+def test_a_sweep_that_cannot_apply_to_its_weights_is_named(tuning_dir, args, match):
+    op, backend, shape, weights = args
+    with pytest.raises(ValueError, match=match):
+        sweep.sweep(op, CPU, torch.float32, shapes=[shape], buckets=[2], quick=True,
+                    out_dir=tuning_dir, backend=backend, weights=weights)
+
+
+def test_the_cli_takes_fp8_weights_and_their_activations_dtype(tuning_dir, monkeypatch, capsys):
+    seen = {}
+    monkeypatch.setattr(sweep, "sweep", lambda op, device, dtype, **kw: seen.update(
+        dtype=dtype, weights=kw["weights"]) or [])
+    cli.main(["sweep", "--op", "quant_linear", "--dtype", "fp8", "--activations", "bfloat16"])
+    assert seen == dict(dtype=torch.bfloat16, weights="fp8")
+    cli.main(["sweep", "--op", "fused_moe", "--dtype", "mxfp4"])
+    assert seen == dict(dtype=torch.float32, weights="mxfp4")
+    with pytest.raises(SystemExit):
+        cli.main(["sweep", "--op", "fused_moe", "--dtype", "float16", "--activations", "float32"])
+    assert "--activations goes with --dtype fp8 or mxfp4" in capsys.readouterr().err
 
 
 def test_stored_cpu_knobs_change_what_the_op_does(tuning_dir, monkeypatch):
