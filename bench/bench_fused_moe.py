@@ -15,7 +15,10 @@ such an FP8 checkpoint to: transformers' experts and "ds_kernels[bf16]" on them.
 gbytes_per_s counts the bytes that impl reads per call (hidden, the hit experts' weights as it
 holds them, the routing) and writes (out); stderr says the bytes read per token and the weight
 memory each format holds. The fp8 and bf16 rows are checked against ds_kernels[bf16], the
-mxfp4 row against ds_kernels on its own dequantised weights.
+mxfp4 row against ds_kernels on its own dequantised weights. On a GPU with FP8 tensor cores,
+"ds_kernels[fp8 w8a8]" (act_quant="fp8": activations quantised per token and 128 columns too,
+DeepGEMM's recipe) joins them, checked against ds_kernels[bf16] to W8A8_TOLERANCE (e4m3's
+rounding of every activation, not summation order).
 
 Each shape's baseline is the fastest transformers implementation there ("transformers[...]").
 Every impl's output (and, with backward, its four gradients) is checked against ds_kernels' before
@@ -39,6 +42,7 @@ import torch.nn.functional as F
 
 import ds_kernels
 from bench.harness import Impl, Row, assert_close, compare, format_shape, skip, working
+from ds_kernels.kernels.fused_moe import FP8_TENSOR_CORES
 from ds_kernels.reference.fused_moe import fused_moe as reference_fused_moe
 
 OP = "fused_moe"
@@ -57,6 +61,8 @@ TOKENS = {
 REFERENCE_MAX_T = 256
 # Relative (norm-wise) error allowed against ds_kernels: summation order only, in each dtype.
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+# w8a8 against the unquantised activations: ~4% in norm in tests/test_fused_moe.py.
+W8A8_TOLERANCE = 0.1
 # Largest copy of gathered expert weights transformers' batched_mm may make on CPU; on CUDA,
 # this fraction of the free memory.
 CPU_GATHER_BYTES, CUDA_GATHER_FRACTION = 2 << 30, 0.3
@@ -127,6 +133,10 @@ def _bench_quantised(shape, hidden, weights, ids, experts, unavailable):
     for fmt, (w13, w2, w13_scale, w2_scale) in experts.items():
         impls[f"ds_kernels[{fmt}]"] = (Impl(f"ds_kernels[{fmt}]", _quantised_call(
             w13, w2, w13_scale, w2_scale)), fmt)
+    if hidden.device.type == "cuda" and (torch.cuda.get_device_capability(hidden.device)
+                                         >= FP8_TENSOR_CORES):
+        impls["ds_kernels[fp8 w8a8]"] = (Impl("ds_kernels[fp8 w8a8]", _quantised_call(
+            *experts["fp8"], act_quant="fp8")), "fp8")
     bf16_w13, bf16_w2 = experts["bf16"][:2]
     for name in _hf_names():
         impl_name = f"transformers[{name}]"
@@ -159,7 +169,7 @@ def _bench_quantised(shape, hidden, weights, ids, experts, unavailable):
 
         def check(name, got):
             assert_close(f"{OP} ({format_shape(shape)}) {name}", got, want[impls[name][1]],
-                         TOLERANCE[torch.bfloat16])
+                         W8A8_TOLERANCE if "w8a8" in name else TOLERANCE[torch.bfloat16])
 
         kept = working([impl for impl, _ in impls.values()], args, check, op=OP, shape=shape,
                        unavailable=unavailable)
@@ -176,10 +186,10 @@ def _bench_quantised(shape, hidden, weights, ids, experts, unavailable):
     return rows
 
 
-def _quantised_call(w13, w2, w13_scale, w2_scale):
+def _quantised_call(w13, w2, w13_scale, w2_scale, act_quant=None):
     def call(hidden, weights, ids):
         return ds_kernels.fused_moe(hidden, w13, w2, weights, ids, w13_scale=w13_scale,
-                                    w2_scale=w2_scale)
+                                    w2_scale=w2_scale, act_quant=act_quant)
     return call
 
 

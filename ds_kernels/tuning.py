@@ -57,11 +57,12 @@ SHAPE_KEYS = {
 }
 
 
-def gemm_kernel(fmt: str | None, backward: bool) -> str | None:
+def gemm_kernel(fmt: str | None, backward: bool, w8a8: bool = False) -> str | None:
     """The name under which the configs of a GEMM of grouped_mm / fused_moe are tuned apart,
     on every backend: None / "backward" for plain weights, "fp8" / "fp8-backward" (or mxfp4)
-    for quantised ones."""
-    return "-".join(n for n in (fmt, "backward" if backward else None) if n) or None
+    for quantised ones, "fp8-w8a8" for FP8 weights times FP8-quantised activations."""
+    parts = (fmt, "w8a8" if w8a8 else None, "backward" if backward else None)
+    return "-".join(n for n in parts if n) or None
 
 
 def shape_key(op: str, kernel: str | None = None, **dims) -> str:
@@ -298,6 +299,21 @@ def gemm_config(op: str, kernel: str | None, dims: dict, n: float, rows_per_expe
                   chosen, key, shared, level=logging.WARNING)
         return default
     return chosen
+
+
+def with_block_k(config: dict, block_k: int, dtype, b_tiles: int, device) -> dict:
+    """``config`` with BLOCK_K = block_k (a kernel that needs its K tiles to be one scale
+    group), dropping pipeline stages, then narrowing BLOCK_N, until it fits shared memory."""
+    config = dict(config, BLOCK_K=block_k)
+    shared = shared_memory_bytes(device)
+    while gemm_staged_bytes(config, dtype, b_tiles) > shared:
+        if config["num_stages"] > 1:
+            config["num_stages"] -= 1
+        elif config["BLOCK_N"] > 16:
+            config["BLOCK_N"] //= 2
+        else:
+            break
+    return config
 
 
 def gemm_staged_bytes(config: dict, dtype, b_tiles: int) -> int:

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import ds_kernels
 from conftest import DEVICE, backend_fixture
-from ds_kernels import tuning
+from ds_kernels import testing, tuning
 from ds_kernels.reference.fused_moe import fused_moe as reference
 from ds_kernels.reference.fused_moe import fused_moe_backward
 from numerics import SEEDS, VIEWS, as_view, assert_close, random_like
@@ -345,7 +345,10 @@ def test_quantized_opcheck():
         with tuning.override(**SMALL_TILES):
             torch.library.opcheck(torch.ops.ds_kernels.fused_moe_quant.default,
                                   (hidden.clone().requires_grad_(), *codes,
-                                   weights.clone().requires_grad_(), ids, name))
+                                   weights.clone().requires_grad_(), ids, name, False))
+            if name == "fp8":  # w8a8: inference only
+                torch.library.opcheck(torch.ops.ds_kernels.fused_moe_quant.default,
+                                      (hidden, *codes, weights, ids, name, True))
             torch.library.opcheck(torch.ops.ds_kernels.fused_moe_quant_backward.default,
                                   (torch.randn(6, 64, generator=g).to(DEVICE), hidden, *codes,
                                    weights, ids, name))
@@ -366,6 +369,15 @@ def test_quantized_torch_compile_fullgraph_forward_and_backward():
     out = reference(hidden.detach(), q13, q2, weights, ids, s13, s2)
     want = fused_moe_backward(2 * out, hidden.detach(), q13, q2, weights, ids, s13, s2)[0]
     assert_close(hidden.grad, want, torch.float32, reduction=128)
+
+    @torch.compile(fullgraph=True)
+    def w8a8(hidden):
+        return ds_kernels.fused_moe(hidden, q13, q2, weights, ids, w13_scale=s13, w2_scale=s2,
+                                    act_quant="fp8")
+
+    with torch.no_grad():
+        assert_close(w8a8(hidden), reference(hidden.detach(), q13, q2, weights, ids, s13, s2,
+                                             w8a8=True), torch.float32, reduction=96)
 
 
 def _fp8_experts(E=4, H=64, I=32):
@@ -446,3 +458,141 @@ def test_inference_mode(backend, fmt):
         out = ds_kernels.fused_moe(hidden, w13, w2, weights, ids, **scales)
     want = reference(hidden, w13, w2, weights, ids, *scales.values())
     assert_close(out, want, torch.float32, reduction=96)
+
+
+# w8a8 (act_quant="fp8"): FP8 experts times activations quantised to e4m3 per token and 128
+# columns, against the reference of the same recipe.
+FP8_FORMATS = [f for f in FORMATS if f.startswith("fp8")]
+E4M3_STEP = 2.0 ** -3  # e4m3's largest step relative to a value (3 mantissa bits)
+
+
+@st.composite
+def w8a8_problems(draw, backend):
+    """quantized_moe_problems on FP8 experts, with H past one 128-column group."""
+    fmt = draw(st.sampled_from(FP8_FORMATS))
+    E = draw(st.integers(1, 5))
+    k = draw(st.integers(1, min(E, 3)))
+    T = draw(st.sampled_from([0, 1, 5, 19]))
+    H = draw(st.sampled_from([24, 136, 200]))
+    I = draw(st.sampled_from([8, 72]))
+    dtype = draw(st.sampled_from(quantized_dtypes(backend)))
+    g = torch.Generator().manual_seed(draw(SEEDS, label="seed"))
+    hidden, w13, w2, weights, ids = make_problem(
+        g, T, H, I, E, k, torch.float32,
+        routing=draw(st.sampled_from(["uniform", "one expert", "half idle"])))
+    hidden = hidden * 10.0 ** draw(st.integers(-3, 3))  # the scales follow the activations
+    (q13, s13), (q2, s2) = quantized(fmt, w13), quantized(fmt, w2)
+    views = [draw(VIEWS) for _ in range(7)]
+    return (as_view(hidden.to(dtype), views[0]), code_view(q13, views[1]),
+            code_view(q2, views[2]), as_view(weights, views[3]), as_view(ids, views[4]),
+            code_view(s13, views[5]), code_view(s2, views[6]))
+
+
+def _act_step_allowance(hidden, w13, w2, weights, ids, s13, s2, dtype):
+    """[T, H]: how far each output may move because GEMM 2's input act (computed by an fp32
+    GEMM 1 in the kernels, fp64 in the reference, then rounded to ``dtype``) lands on another
+    e4m3 code. Each act element is widened by GEMM 1's fp32 error bound, its dtype rounding
+    and its group scale's own move; where that interval spans a rounding boundary of e4m3, the
+    gap between its two codes times the element's weight row is allowed. Elsewhere nothing
+    is: an act that is not quantised, or quantised with the wrong scale, moves every element."""
+    from ds_kernels.reference.quantize import fake_quantize_fp8_activations
+
+    x = fake_quantize_fp8_activations(hidden).double()
+    w13d, w2d = (ds_kernels.dequantize(w, s).double() for w, s in ((w13, s13), (w2, s2)))
+    fp32_rtol = testing.tolerance(torch.float32, hidden.shape[1])[1]
+    ulp = torch.finfo(dtype).eps
+    allowance = torch.zeros(hidden.shape, dtype=torch.float64)
+    for t, j in ((t, j) for t in range(ids.shape[0]) for j in range(ids.shape[1])):
+        e = int(ids[t, j])
+        gate, up = (w13d[e] @ x[t]).chunk(2)                      # [I] each
+        d_gate, d_up = (fp32_rtol * (w13d[e].abs() @ x[t].abs())).chunk(2)
+        act = torch.nn.functional.silu(gate) * up
+        # |silu'| <= 1.1; the dtype's rounding may fall either way of the exact value.
+        d_act = 1.1 * up.abs() * d_gate + torch.nn.functional.silu(gate).abs() * d_up
+        d_act += ulp * act.abs() + torch.finfo(dtype).smallest_normal * ulp
+        groups = torch.split(torch.arange(act.numel()), 128)
+        gap = torch.zeros_like(act)
+        for cols in groups:
+            amax = act[cols].abs().max().clamp_min(1e-4)
+            scale = float(amax) / 448
+            widen = d_act[cols] + act[cols].abs() * float(d_act[cols].max() / amax)
+            low, high = ((act[cols] + sign * widen) / scale for sign in (-1, 1))
+            codes = [v.clamp(-448, 448).to(torch.float8_e4m3fn).double() for v in (low, high)]
+            gap[cols] = (codes[1] - codes[0]).abs() * scale
+        allowance[t] += float(weights[t, j].abs()) * (w2d[e].abs() @ gap)  # [H]
+    return allowance
+
+
+@settings(max_examples=15)
+@given(data=st.data())
+def test_w8a8_fused_moe_matches_reference(backend, data):
+    hidden, w13, w2, weights, ids, s13, s2 = data.draw(w8a8_problems(backend))
+    with tuning.override(**SMALL_TILES, chunk_elements=700):  # w8a8 keeps BLOCK_K = 128
+        out = ds_kernels.fused_moe(hidden, w13, w2, weights, ids, w13_scale=s13, w2_scale=s2,
+                                   act_quant="fp8")
+    assert out.dtype == hidden.dtype and out.shape == hidden.shape
+    want = reference(hidden, w13, w2, weights, ids, s13, s2, w8a8=True)
+    H, I = hidden.shape[1], w13.shape[1] // 2
+    terms = _quantized_terms(hidden, w13, w2, weights, ids, s13, s2).double()
+    atol, _ = testing.tolerance(hidden.dtype, H + I)
+    scale = (terms / (H + I) ** 0.5).clamp_min(1) + _act_step_allowance(
+        hidden.float(), w13, w2, weights, ids, s13, s2, hidden.dtype) / atol
+    assert_close(out, want, hidden.dtype, reduction=H + I, what="out", scale=scale)
+
+
+def test_w8a8_is_the_quantised_activations_not_the_plain_ones(backend):
+    """w8a8 rounds both GEMMs' inputs: here ~4% (in norm) from the weight-only result, and
+    ~2% from the weight-only op on e4m3-rounded hidden rows (act's own rounding remains)."""
+    from ds_kernels.reference.quantize import fake_quantize_fp8_activations
+
+    g = torch.Generator().manual_seed(21)
+    hidden, w13, w2, weights, ids = make_problem(g, 9, 200, 72, 4, 2, torch.float32)
+    (q13, s13), (q2, s2) = quantized("fp8", w13), quantized("fp8", w2)
+    with tuning.override(**SMALL_TILES):
+        out = ds_kernels.fused_moe(hidden, q13, q2, weights, ids, w13_scale=s13, w2_scale=s2,
+                                   act_quant="fp8")
+    plain = reference(hidden, q13, q2, weights, ids, s13, s2)
+    quantised_input = reference(fake_quantize_fp8_activations(hidden), q13, q2, weights, ids,
+                                s13, s2)
+    relative = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+    assert 0.01 < relative(out, plain) < 0.1
+    assert 0.005 < relative(out, quantised_input) < 0.8 * relative(out, plain)
+
+
+def test_w8a8_nan_activation_poisons_only_its_token(backend):
+    g = torch.Generator().manual_seed(22)
+    hidden, w13, w2, weights, ids = make_problem(g, 5, 200, 72, 4, 2, torch.float32)
+    hidden[3, 150] = torch.nan                                    # the second 128-group
+    hidden[1, 7] = torch.inf
+    (q13, s13), (q2, s2) = quantized("fp8", w13), quantized("fp8", w2)
+    with tuning.override(**SMALL_TILES):
+        out = ds_kernels.fused_moe(hidden, q13, q2, weights, ids, w13_scale=s13, w2_scale=s2,
+                                   act_quant="fp8")
+    poisoned = torch.tensor([False, True, False, True, False])
+    assert out[poisoned].isnan().all() and out[~poisoned].isfinite().all()
+
+
+@pytest.mark.parametrize("change,error,match", [
+    (dict(act_quant="int8"), ValueError, r"act_quant must be one of \(None, 'fp8'\)"),
+    (dict(**_mxfp4_experts()), ValueError, "w13 and w2 must be float8_e4m3fn .* got mxfp4"),
+    (dict(w13=torch.zeros(4, 64, 64), w13_scale=None, w2=torch.zeros(4, 64, 32),
+          w2_scale=None), ValueError, "got torch.float32"),
+    (dict(hidden=torch.zeros(1, 64, requires_grad=True)), RuntimeError,
+     "act_quant='fp8' is an inference path"),
+])
+def test_w8a8_bad_arguments_raise_clear_errors(change, error, match):
+    args = dict(hidden=torch.zeros(1, 64), topk_weights=torch.ones(1, 2),
+                topk_ids=torch.tensor([[0, 1]]), act_quant="fp8", **_fp8_experts())
+    args.update(change)
+    with pytest.raises(error, match=match):
+        ds_kernels.fused_moe(**args)
+
+
+def test_w8a8_refuses_a_gpu_without_fp8_tensor_cores(monkeypatch):
+    from ds_kernels.kernels import fused_moe as kernel
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    with pytest.raises(RuntimeError, match="NVIDIA A100 is sm_80: use act_quant=None"):
+        kernel.check_fp8_tensor_cores(torch.device("cuda"))
+    kernel.check_fp8_tensor_cores(torch.device("cpu"))  # the interpreter: no limit

@@ -25,7 +25,9 @@ ds_kernels/cpu/quantize.py). Only the per-expert strategies apply (untuned defau
 expert_threads, see QUANTIZED_DEFAULT): "grouped_mm" would need all hit experts dequantised at
 once - for DeepSeek-V3's 256 experts, 22 GB of bf16 a layer, the memory the format saves - so a
 quantised call tuned or forced to it runs "mm_loop". The experts are frozen: the backward
-computes d hidden and d topk_weights only (each GEMM expert by expert).
+computes d hidden and d topk_weights only (each GEMM expert by expert). w8a8 (act_quant="fp8")
+has the Triton kernels' numerics: each GEMM's input rows quantised to e4m3 per 128 columns and
+back; it is for inference on FP8 tensor cores, so here it is only as fast as the weight-only path.
 
 Speed: decoding costs ~0.7-0.9 ns a weight in torch ops (cpu/quantize.py), a pass over every
 hit expert's weights each call, on top of the GEMMs. Where weights stream from memory at
@@ -43,6 +45,7 @@ from ds_kernels import tuning
 from ds_kernels.cpu.grouped_mm import (grouped_matmul, grouped_matmul_quantized, grouped_matmul_tn,
                                        groups)
 from ds_kernels.cpu.quant_linear import quant_linear
+from ds_kernels.cpu.quantize import fake_quantize_fp8_activations
 from ds_kernels.quant_formats import format_of
 
 # Untuned default, measured on a quiet 2-core x86 CPU (fp32, H=1024, I=256, E=64, k=6), against
@@ -114,7 +117,8 @@ def _expert_mm(x, w, scale, e):
     return torch.mm(x, w[e].t()) if scale is None else quant_linear(x, w[e], scale[e])
 
 
-def fused_moe(hidden, w13, w2, topk_weights, topk_ids, w13_scale=None, w2_scale=None):
+def fused_moe(hidden, w13, w2, topk_weights, topk_ids, w13_scale=None, w2_scale=None,
+              w8a8=False):
     T, H = hidden.shape
     k = topk_ids.shape[1]
     I = w13.shape[1] // 2
@@ -129,6 +133,14 @@ def fused_moe(hidden, w13, w2, topk_weights, topk_ids, w13_scale=None, w2_scale=
         by_assignment[order] = y.to(acc) * weight.unsqueeze(1)
         return by_assignment.view(T, k, H).sum(dim=1).to(hidden.dtype)
 
+    # w8a8: each GEMM's input rows through e4m3 and back, in fp32 (the kernels apply the scales
+    # in fp32 after an exact FP8 product); act rounded to hidden's dtype first, as they hold it.
+    source = fake_quantize_fp8_activations(hidden) if w8a8 else hidden
+
+    def act_of(gate_up):
+        act = F.silu(gate_up[:, :I]) * gate_up[:, I:]
+        return fake_quantize_fp8_activations(act.to(hidden.dtype)) if w8a8 else act
+
     def add_experts(share, out):
         # Worker threads start with autograd on; the op computes values only (its backward
         # is the fused_moe_backward op). Inference mode, not no_grad: a caller's inference
@@ -137,8 +149,8 @@ def fused_moe(hidden, w13, w2, topk_weights, topk_ids, w13_scale=None, w2_scale=
         with torch.inference_mode():
             for e, s, t in share:
                 rows = token[s:t]
-                gate_up = _expert_mm(hidden[rows], w13, w13_scale, e)  # [rows, 2I]
-                y = _expert_mm(F.silu(gate_up[:, :I]) * gate_up[:, I:], w2, w2_scale, e)
+                gate_up = _expert_mm(source[rows], w13, w13_scale, e)  # [rows, 2I]
+                y = _expert_mm(act_of(gate_up), w2, w2_scale, e)
                 out.index_add_(0, rows, y.to(acc) * weight[s:t].unsqueeze(1))
         return out
 

@@ -82,6 +82,22 @@ def quantize_fp8_block(w: torch.Tensor, scale_fmt: str):
     return w_q.view(w.shape), scale.view(*w.shape[:-2], *scale.shape[1:])
 
 
+def fake_quantize_fp8_activations(x: torch.Tensor) -> torch.Tensor:
+    """fp32 [M, K]: activations x [M, K] quantised per token and 128 columns to e4m3 and back
+    (w8a8's activations; the recipe and NaN policy: ds_kernels/reference/quantize.py)."""
+    M, K = x.shape
+    cols = math.ceil(K / FP8_BLOCK)
+    padded = x.new_zeros(M, cols * FP8_BLOCK, dtype=torch.float32)
+    padded[:, :K] = x
+    groups = padded.view(M, cols, FP8_BLOCK)
+    finite = groups.isfinite()
+    amax = torch.where(finite, groups.abs(), 0.0).amax(dim=-1, keepdim=True)
+    scale = amax.clamp_min(FP8_AMAX_FLOOR) / E4M3_MAX            # [M, cols, 1]
+    codes = (torch.where(finite, groups, 0.0) / scale).clamp(-E4M3_MAX, E4M3_MAX).to(FP8_DTYPE)
+    scale = scale.masked_fill(~finite.all(dim=-1, keepdim=True), torch.nan)
+    return (codes.float() * scale).view(M, cols * FP8_BLOCK)[:, :K]
+
+
 def _e2m1_codes(v: torch.Tensor) -> torch.Tensor:
     """uint8 codes of v (|v| <= 6): round to nearest, ties to even; sign bit 8 (-0 included)."""
     a = v.abs()

@@ -13,7 +13,9 @@ Backward recomputes step 1's pre-activation instead of saving [T*k, 2I] from the
 
 Quantised experts (w13_scale, w2_scale given: FP8 blocks or MXFP4) run the same GEMMs with
 their weight tiles decoded in the K-loop (kernels/grouped_mm.py); they are frozen, so the
-backward computes d hidden and d topk_weights only.
+backward computes d hidden and d topk_weights only. With w8a8 (FP8 experts, inference) both
+GEMMs quantise their input rows to e4m3 as they gather them and multiply on FP8 tensor cores;
+act is held in hidden's dtype between the two, as in the weight-only path.
 """
 
 import torch
@@ -21,40 +23,56 @@ import torch
 from ds_kernels import tuning
 from ds_kernels.kernels.grouped_mm import grouped_gemm, grouped_wgrad
 from ds_kernels.kernels.moe_align import moe_align
-from ds_kernels.quant_formats import format_of
+from ds_kernels.quant_formats import FP8_BLOCK, format_of
 from ds_kernels.tuning import gemm_config
 
+FP8_TENSOR_CORES = (8, 9)  # sm_89 (Ada) and newer multiply e4m3 on tensor cores
 
-def _plan(backward, hidden, w13, w13_scale, topk_ids):
+
+def _plan(backward, hidden, w13, w13_scale, topk_ids, w8a8=False):
     T, H = hidden.shape
     E, two_i, _ = w13.shape
     k = topk_ids.shape[1]
     # Keyed like vLLM's tuned files (E, intermediate size; bucket = tokens) so they import.
-    kernel = tuning.gemm_kernel(None if w13_scale is None else format_of(w13), backward)
+    kernel = tuning.gemm_kernel(None if w13_scale is None else format_of(w13), backward, w8a8)
     config = gemm_config("fused_moe", kernel, dict(E=E, I=two_i // 2, H=H, k=k), T, T * k / E,
                          two_i, H, hidden.dtype, hidden.device)
+    if w8a8:  # a K tile is one activation scale group
+        config = tuning.with_block_k(config, FP8_BLOCK, hidden.dtype, 2, hidden.device)
     return config, moe_align(topk_ids, E, config["BLOCK_M"])
+
+
+def check_fp8_tensor_cores(device):
+    """Raise if ``device`` is a GPU without FP8 tensor cores (the interpreter has them all)."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < FP8_TENSOR_CORES:
+        major, minor = torch.cuda.get_device_capability(device)
+        raise RuntimeError(f"act_quant='fp8' multiplies on FP8 tensor cores (sm_89 or newer); "
+                           f"{torch.cuda.get_device_name(device)} is sm_{major}{minor}: use "
+                           "act_quant=None (weight-only FP8, any GPU)")
 
 
 def _transposed(scale):
     return None if scale is None else scale.transpose(1, 2)
 
 
-def fused_moe(hidden, w13, w2, topk_weights, topk_ids, w13_scale=None, w2_scale=None):
+def fused_moe(hidden, w13, w2, topk_weights, topk_ids, w13_scale=None, w2_scale=None,
+              w8a8=False):
     T, H = hidden.shape
     E, two_i, _ = w13.shape
     k = topk_ids.shape[1]
     N = T * k
-    config, layout = _plan(False, hidden, w13, w13_scale, topk_ids)
+    if w8a8:
+        check_fp8_tensor_cores(hidden.device)
+    config, layout = _plan(False, hidden, w13, w13_scale, topk_ids, w8a8)
     P = layout[0].shape[0]
     acc = torch.promote_types(hidden.dtype, torch.float32)
     weights = topk_weights.reshape(-1).to(acc).contiguous()       # [N], indexed densely
     act = hidden.new_empty(P, two_i // 2)                         # [P, I]
     grouped_gemm(hidden, w13.transpose(1, 2), act, layout, N, config, a_row_div=k,
-                 c_by_slot=True, swiglu=True, b_scale=_transposed(w13_scale))
+                 c_by_slot=True, swiglu=True, b_scale=_transposed(w13_scale), w8a8=w8a8)
     y = hidden.new_zeros(N, H)                                    # [N, H]
     grouped_gemm(act, w2.transpose(1, 2), y, layout, N, config, a_by_slot=True,
-                 row_scale=weights, b_scale=_transposed(w2_scale))
+                 row_scale=weights, b_scale=_transposed(w2_scale), w8a8=w8a8)
     return y.view(T, k, H).sum(dim=1, dtype=acc).to(hidden.dtype)
 
 

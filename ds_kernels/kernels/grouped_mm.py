@@ -13,10 +13,12 @@ expert's block, whatever the routing, and no launch waits on the device for size
 B may be a quantised weight (FP8 blocks or MXFP4; ds_kernels/quant_formats.py), the same
 kernel with QUANT_B: each B tile is decoded from its code bytes and scales in the K-loop
 (ds_kernels/kernels/quant.py), rounded to A's dtype and fed to tl.dot, accumulating in fp32.
-Weight-only: A stays unquantised, so this runs on any GPU and in the interpreter. A w8a8 path
-(A quantised per token and 128 columns, FP8 tensor cores on sm89+, DeepGEMM's recipe) is not
-here yet: it needs its own kernel body and tolerance, and hardware to validate it on. Quantised
-weights are frozen: there is no d(weight) for them (_grouped_wgrad_kernel is plain only).
+Weight-only: A stays unquantised, so this runs on any GPU and in the interpreter. With W8A8
+(FP8 weights, forward GEMMs) the A tile is quantised instead, per row and 128 columns as it is
+gathered (DeepSeek's act_quant, DeepGEMM's recipe; BLOCK_K = 128 is one scale group), and the
+e4m3 codes of A and B meet in an FP8 tensor-core tl.dot (sm_89+), each partial product scaled
+by its row's and column's scales. Quantised weights are frozen: there is no d(weight) for them
+(_grouped_wgrad_kernel is plain only).
 
 Address arithmetic on rows and experts is 64-bit: rows x columns passes 2**31 in DeepSeek-V3
 prefill at ~37K tokens, where 32-bit offsets read out of bounds.
@@ -28,8 +30,8 @@ import triton.language as tl
 
 from ds_kernels import tuning
 from ds_kernels.kernels.moe_align import moe_align
-from ds_kernels.kernels.quant import weight_tile
-from ds_kernels.quant_formats import MXFP4, SCALE_BLOCK, format_of
+from ds_kernels.kernels.quant import e8m0_to_fp32, fp8_quantize_rows, weight_tile
+from ds_kernels.quant_formats import FP8, FP8_BLOCK, MXFP4, SCALE_BLOCK, format_of
 from ds_kernels.tuning import gemm_config
 
 
@@ -57,6 +59,21 @@ def _b_tile(b_ptr, s_ptr, k, n, ok, stride_bk, stride_bn, stride_sk, stride_sn,
 
 
 @triton.jit
+def _w8a8_partial(a_q, a_scale, b_ptr, s_ptr, k, k0, n, k_ok, n_ok, stride_bk, stride_bn,
+                  stride_sk, stride_sn, E8M0_SCALES: tl.constexpr):
+    """fp32 A_q @ B_q * a_scale[m] * b_scale[n] for B = W^T of an FP8 weight W: k [BK] in the
+    scale group of K from k0, n [BN] columns (codes 0 where not k_ok, n_ok)."""
+    b_q = tl.load(b_ptr + k[:, None] * stride_bk + n[None, :] * stride_bn,
+                  mask=k_ok[:, None] & n_ok[None, :], other=0).to(tl.float8e4nv, bitcast=True)
+    s_ptrs = s_ptr + (k0 // 128) * stride_sk + (n // 128) * stride_sn          # [BN]
+    if E8M0_SCALES:
+        b_scale = e8m0_to_fp32(tl.load(s_ptrs, mask=n_ok, other=127).to(tl.int32))
+    else:
+        b_scale = tl.load(s_ptrs, mask=n_ok, other=0.0)
+    return tl.dot(a_q, b_q, out_dtype=tl.float32) * (a_scale[:, None] * b_scale[None, :])
+
+
+@triton.jit
 def _grouped_gemm_kernel(
     a_ptr, b_ptr, c_ptr, slot_ids_ptr, block_expert_ptr, num_slots_ptr, row_scale_ptr,
     s_ptr, N, K, sentinel, num_blocks,
@@ -66,6 +83,7 @@ def _grouped_gemm_kernel(
     SWIGLU: tl.constexpr, ROW_SCALE: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     QUANT_B: tl.constexpr, B_TRANSPOSED: tl.constexpr, FP4: tl.constexpr,
     E8M0_SCALES: tl.constexpr, SCALE_ROWS: tl.constexpr, SCALE_COLS: tl.constexpr,
+    W8A8: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """C[r, :N] = epilogue(A[r, :K] @ B[e][:K, :N]) for the rows r of each expert e.
@@ -86,6 +104,8 @@ def _grouped_gemm_kernel(
     FP4: MXFP4 codes, two a byte along W's in-features (so B's packed dim is K, or N' when not
     B_TRANSPOSED), else FP8. E8M0_SCALES: scales are e8m0 bytes, else fp32. SCALE_ROWS,
     SCALE_COLS: W's rows and in-feature columns one scale covers (128, 128 or 1, 32).
+    W8A8: FP8 B = W^T, BLOCK_K = 128: A quantised to e4m3 per row and 128 columns (the scale
+    group of its tile), multiplied on FP8 tensor cores.
     """
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -116,16 +136,25 @@ def _grouped_gemm_kernel(
         k_ok = k < K
         a = tl.load(a_ptr + a_rows[:, None] * stride_am + k[None, :] * stride_ak,
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b_ok = k_ok[:, None] & n_ok[None, :]
-        b = _b_tile(b_base, s_base, k[:, None], n[None, :], b_ok, stride_bk, stride_bn,
-                    stride_sk, stride_sn, QUANT_B, B_TRANSPOSED, FP4, E8M0_SCALES, SCALE_ROWS,
-                    SCALE_COLS)
-        acc = tl.dot(a, b.to(a.dtype), acc, input_precision=PRECISION, out_dtype=ACC)
-        if SWIGLU:
-            b_up = _b_tile(b_base, s_base, k[:, None], (n + N)[None, :], b_ok, stride_bk,
-                           stride_bn, stride_sk, stride_sn, QUANT_B, B_TRANSPOSED, FP4,
-                           E8M0_SCALES, SCALE_ROWS, SCALE_COLS)
-            up = tl.dot(a, b_up.to(a.dtype), up, input_precision=PRECISION, out_dtype=ACC)
+        if W8A8:
+            a_q, a_scale = fp8_quantize_rows(a.to(tl.float32))
+            acc += _w8a8_partial(a_q, a_scale, b_base, s_base, k, k0, n, k_ok, n_ok, stride_bk,
+                                 stride_bn, stride_sk, stride_sn, E8M0_SCALES).to(ACC)
+            if SWIGLU:
+                up += _w8a8_partial(a_q, a_scale, b_base, s_base, k, k0, n + N, k_ok, n_ok,
+                                    stride_bk, stride_bn, stride_sk, stride_sn,
+                                    E8M0_SCALES).to(ACC)
+        else:
+            b_ok = k_ok[:, None] & n_ok[None, :]
+            b = _b_tile(b_base, s_base, k[:, None], n[None, :], b_ok, stride_bk, stride_bn,
+                        stride_sk, stride_sn, QUANT_B, B_TRANSPOSED, FP4, E8M0_SCALES,
+                        SCALE_ROWS, SCALE_COLS)
+            acc = tl.dot(a, b.to(a.dtype), acc, input_precision=PRECISION, out_dtype=ACC)
+            if SWIGLU:
+                b_up = _b_tile(b_base, s_base, k[:, None], (n + N)[None, :], b_ok, stride_bk,
+                               stride_bn, stride_sk, stride_sn, QUANT_B, B_TRANSPOSED, FP4,
+                               E8M0_SCALES, SCALE_ROWS, SCALE_COLS)
+                up = tl.dot(a, b_up.to(a.dtype), up, input_precision=PRECISION, out_dtype=ACC)
 
     if SWIGLU:
         acc = acc * tl.sigmoid(acc) * up
@@ -181,7 +210,8 @@ def _grouped_wgrad_kernel(
 
 
 # The quantisation constexprs of a plain B: unused, fixed so that they compile one kernel.
-_PLAIN_B = dict(B_TRANSPOSED=True, FP4=False, E8M0_SCALES=False, SCALE_ROWS=1, SCALE_COLS=1)
+_PLAIN_B = dict(B_TRANSPOSED=True, FP4=False, E8M0_SCALES=False, SCALE_ROWS=1, SCALE_COLS=1,
+                W8A8=False)
 
 
 def _precision(dtype) -> str:
@@ -195,14 +225,15 @@ def _launch_options(config, dtype):
 
 def grouped_gemm(a, b, c, layout, num_rows, config, *, a_row_div=1, a_by_slot=False,
                  c_by_slot=False, swiglu=False, row_scale=None, b_scale=None,
-                 b_transposed=True):
+                 b_transposed=True, w8a8=False):
     """C rows of each expert's rows = epilogue(A rows @ B[e]); see _grouped_gemm_kernel.
 
     layout: moe_align's output for num_rows row ids (its sentinel), made with block_m ==
     config["BLOCK_M"]. b: [E, K, N'] (any strides); or, with b_scale, a quantised weight in B's
     orientation: b_transposed - B = W^T, b = w_q.transpose(1, 2) of w_q [E, N', K] (MXFP4:
     [E, K/2, N']) and b_scale = scale.transpose(1, 2); else B = W, b = w_q [E, K, N'] (MXFP4:
-    [E, K, N'/2]) and b_scale = scale. Returns c.
+    [E, K, N'/2]) and b_scale = scale. w8a8: A quantised to e4m3 too (FP8 b, b_transposed,
+    config["BLOCK_K"] == 128; FP8 tensor cores). Returns c.
     """
     sorted_ids, block_expert, num_slots, _ = layout
     fmt = None if b_scale is None else format_of(b)
@@ -220,7 +251,10 @@ def grouped_gemm(a, b, c, layout, num_rows, config, *, a_row_div=1, a_by_slot=Fa
         scale_strides = scales.stride()
         scale_rows, scale_cols = SCALE_BLOCK[fmt]
         quant = dict(B_TRANSPOSED=b_transposed, FP4=fmt == MXFP4, E8M0_SCALES=e8m0,
-                     SCALE_ROWS=scale_rows, SCALE_COLS=scale_cols)
+                     SCALE_ROWS=scale_rows, SCALE_COLS=scale_cols, W8A8=w8a8)
+    if w8a8 and not (fmt == FP8 and b_transposed and config["BLOCK_K"] == FP8_BLOCK):
+        raise ValueError(f"w8a8 needs FP8 weights (got {fmt}), B = W^T and BLOCK_K = {FP8_BLOCK} "
+                         f"(got {config['BLOCK_K']})")
     grid = (num_blocks * triton.cdiv(N, config["BLOCK_N"]),)
     _grouped_gemm_kernel[grid](
         a, b, c, sorted_ids, block_expert, num_slots, row_scale if row_scale is not None else c,

@@ -8,6 +8,11 @@ small scale grid (FP8: one per 128x128 block; MXFP4: one per row and 32 of K), s
 shape works in either orientation of the weight; the grid stays in L1/L2.
 
 Weight and scale addressing is 64-bit: an expert stack of E x N x K codes passes 2**31 bytes.
+
+The w8a8 path (fp8_quantize_rows) quantises activation tiles to e4m3 for FP8 tensor cores:
+there the values are rounded arithmetically too, and only the exact result is cast to fp8 (the
+interpreter's own fp32 -> fp8 cast rounds half away from zero, flushes subnormals and turns NaN
+into 384).
 """
 
 import triton
@@ -15,6 +20,10 @@ import triton.language as tl
 
 _TWO_POW_MINUS_9 = tl.constexpr(0.001953125)              # e4m3's subnormal step
 _TWO_POW_MINUS_127 = tl.constexpr(5.877471754111438e-39)  # e8m0 byte 0, an fp32 subnormal
+_E4M3_MIN_NORMAL = tl.constexpr(0.015625)                 # 2^-6
+_ROUND_TO_INTEGER = tl.constexpr(12582912.0)              # 1.5 x 2^23: x + it - it = rint(x)
+_E4M3_MAX = tl.constexpr(448.0)
+_AMAX_FLOOR = tl.constexpr(1e-4)                          # quant_formats.FP8_AMAX_FLOOR
 
 
 @triton.jit
@@ -73,3 +82,35 @@ def weight_tile(w_ptr, s_ptr, n, k, ok, stride_wn, stride_wk, stride_sn, stride_
     else:
         s = tl.load(s_ptrs, mask=ok, other=0.0)
     return q * s
+
+
+@triton.jit
+def e4m3_round(x):
+    """fp32 x rounded to the nearest e4m3 value (ties to even), clamped to +-448, as fp32; x
+    finite."""
+    magnitude = tl.abs(x)
+    bits = magnitude.to(tl.int32, bitcast=True)
+    # Normal e4m3 keeps 3 of fp32's 23 mantissa bits: add half of the dropped 20 bits (less
+    # one, plus the kept lowest bit: ties to even), then clear them; a carry bumps the exponent.
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)
+    # Below 2^-6 the e4m3 step is 2^-9: fp32 addition of 1.5 x 2^23 rounds to an integer.
+    subnormal = ((magnitude * 512.0 + _ROUND_TO_INTEGER) - _ROUND_TO_INTEGER) * _TWO_POW_MINUS_9
+    value = tl.minimum(tl.where(magnitude < _E4M3_MIN_NORMAL, subnormal, normal), _E4M3_MAX)
+    return tl.where(x.to(tl.int32, bitcast=True) < 0, -value, value)  # -0 keeps its sign
+
+
+@triton.jit
+def fp8_quantize_rows(a):
+    """(codes float8e4nv [BM, BK], scale fp32 [BM]) of an activation tile a (fp32 [BM, BK], one
+    128-column group of each row): DeepSeek's act_quant, scale = max(amax, 1e-4) / 448 and
+    codes = e4m3(a / scale). A row whose group holds NaN or inf gets a NaN scale (its outputs
+    become NaN) and zero codes; masked-out elements must be 0."""
+    finite = tl.abs(a) < float("inf")  # False for NaN too
+    amax = tl.max(tl.where(finite, tl.abs(a), 0.0), axis=1)
+    # Correctly rounded divisions (fp32 "/" is approximate on NVIDIA GPUs): the codes are then
+    # the reference's bit for bit.
+    scale = tl.math.div_rn(tl.maximum(amax, _AMAX_FLOOR), _E4M3_MAX)
+    codes = e4m3_round(tl.math.div_rn(tl.where(finite, a, 0.0), scale[:, None]))
+    codes = codes.to(tl.float8e4nv)
+    poisoned = tl.max(tl.where(finite, 0, 1), axis=1) > 0
+    return codes, tl.where(poisoned, float("nan"), scale)

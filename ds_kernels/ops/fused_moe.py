@@ -10,15 +10,16 @@ from ds_kernels import dispatch
 from ds_kernels.ops.checks import (GEMM_DTYPES, INDEX_DTYPES, check_frozen, check_ids_in_range,
                                    check_same_device, check_same_dtype, check_tensor)
 from ds_kernels.ops.quantize import as_bytes, check_quantized, from_bytes
-from ds_kernels.quant_formats import format_of, in_features
+from ds_kernels.quant_formats import FP8, format_of, in_features
 
 ACTIVATIONS = ("silu",)
+ACT_QUANTS = (None, "fp8")
 
 
 def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
               topk_weights: torch.Tensor, topk_ids: torch.Tensor, *,
               activation: str = "silu", w13_scale: torch.Tensor | None = None,
-              w2_scale: torch.Tensor | None = None) -> torch.Tensor:
+              w2_scale: torch.Tensor | None = None, act_quant: str | None = None) -> torch.Tensor:
     """out [T, H] = sum_j topk_weights[t, j] * w2[e] @ (silu(g) * u), e = topk_ids[t, j],
     [g, u] = w13[e] @ hidden[t] (gate rows first, as transformers' DeepseekV3Experts and vLLM).
 
@@ -36,6 +37,16 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     unquantised, each weight tile is dequantised inside the GEMMs (never the whole stack),
     accumulating in fp32. The experts are frozen: differentiable in hidden and topk_weights.
 
+    ``act_quant="fp8"`` (FP8 experts; inference): w8a8, DeepSeek-V3's fp8 GEMMs and DeepGEMM's
+    recipe - each GEMM's input rows (hidden, then silu(g) * u held in hidden's dtype) are
+    quantised to e4m3 per token and 128 columns (scale max(amax, 1e-4) / 448) as they are
+    gathered, and multiplied by the e4m3 weights on FP8 tensor cores (sm_89+; RuntimeError on
+    older GPUs; on CPU the same numerics, no faster). Its result is the reference's on those
+    quantised activations, to the dtype's tolerance plus one e4m3 step of an act element
+    wherever accumulation order moves it across a rounding boundary; against the unquantised
+    activations, each element carries e4m3's rounding (up to 2^-4 relative). A 128-group with
+    NaN or inf makes its token's outputs NaN. No gradient: RuntimeError if one is needed.
+
     fp16 limit: the intermediate silu(g) * u and each expert's output are held in fp16 between
     the GEMMs, as transformers and vLLM hold them; beyond +-65504 they become inf, and that
     token's output is then inf or NaN - never a finite wrong value. bf16 and fp32 have the
@@ -43,19 +54,36 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     """
     if activation not in ACTIVATIONS:  # not an argument of the op: checked here
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if act_quant not in ACT_QUANTS:
+        raise ValueError(f"act_quant must be one of {ACT_QUANTS}, got {act_quant!r}")
     args = (hidden, w13, w2, topk_weights, topk_ids)
+    w8a8 = act_quant == "fp8"
+    if w8a8:
+        _check_w8a8(*args, w13_scale, w2_scale)
     if w13_scale is None and w2_scale is None:
         if dispatch.direct_call_allowed(*args):
             return _fused_moe(*args)  # checks the arguments itself
         _check(*args)  # before torch.ops, whose errors name nothing
         return torch.ops.ds_kernels.fused_moe(*args)
     if dispatch.direct_call_allowed(*args, w13_scale, w2_scale):  # no tensor requires grad
-        return _run_quantized(*args, w13_scale, w2_scale)  # checks the arguments itself
+        return _run_quantized(*args, w13_scale, w2_scale, w8a8)  # checks the arguments itself
     fmt = _check(*args, w13_scale, w2_scale)
     check_frozen("fused_moe", w13=w13, w2=w2, w13_scale=w13_scale, w2_scale=w2_scale)
     return torch.ops.ds_kernels.fused_moe_quant(hidden, *as_bytes(w13, w13_scale),
                                                 *as_bytes(w2, w2_scale), topk_weights,
-                                                topk_ids, fmt)
+                                                topk_ids, fmt, w8a8)
+
+
+def _check_w8a8(hidden, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale):
+    fmt = _check(hidden, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
+    if fmt != FP8:
+        raise ValueError(f"act_quant='fp8' multiplies FP8 experts by FP8 activations: w13 and "
+                         f"w2 must be float8_e4m3fn with their scales, got {fmt or w13.dtype}")
+    if torch.is_grad_enabled() and (hidden.requires_grad or topk_weights.requires_grad):
+        raise RuntimeError("act_quant='fp8' is an inference path (rounding the activations to "
+                           "e4m3 has no gradient): run it under torch.no_grad(), or train with "
+                           "act_quant=None (weight-only, differentiable in hidden and "
+                           "topk_weights)")
 
 
 def _check(hidden, w13, w2, topk_weights, topk_ids, w13_scale=None, w2_scale=None):
@@ -152,25 +180,26 @@ def _backward(ctx, grad_out):
 _fused_moe_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _run_quantized(hidden, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale):
+def _run_quantized(hidden, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, w8a8):
     _check(hidden, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
     check_ids_in_range("topk_ids", topk_ids, w13.shape[0])
     return dispatch.implementation("fused_moe", hidden.device)(
-        hidden, w13, w2, topk_weights, topk_ids, w13_scale=w13_scale, w2_scale=w2_scale)
+        hidden, w13, w2, topk_weights, topk_ids, w13_scale=w13_scale, w2_scale=w2_scale,
+        w8a8=w8a8)
 
 
 @torch.library.custom_op("ds_kernels::fused_moe_quant", mutates_args=())
 def _fused_moe_quant_op(hidden: torch.Tensor, w13_codes: torch.Tensor,
                         w13_scales: torch.Tensor, w2_codes: torch.Tensor,
                         w2_scales: torch.Tensor, topk_weights: torch.Tensor,
-                        topk_ids: torch.Tensor, fmt: str) -> torch.Tensor:
+                        topk_ids: torch.Tensor, fmt: str, w8a8: bool) -> torch.Tensor:
     w13, w13_scale = from_bytes(w13_codes, w13_scales, fmt)
     w2, w2_scale = from_bytes(w2_codes, w2_scales, fmt)
-    return _run_quantized(hidden, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
+    return _run_quantized(hidden, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, w8a8)
 
 
 @_fused_moe_quant_op.register_fake
-def _(hidden, w13_codes, w13_scales, w2_codes, w2_scales, topk_weights, topk_ids, fmt):
+def _(hidden, w13_codes, w13_scales, w2_codes, w2_scales, topk_weights, topk_ids, fmt, w8a8):
     w13, w13_scale = from_bytes(w13_codes, w13_scales, fmt)
     w2, w2_scale = from_bytes(w2_codes, w2_scales, fmt)
     _check(hidden, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
@@ -200,14 +229,17 @@ def _(grad_out, hidden, w13_codes, w13_scales, w2_codes, w2_scales, topk_weights
 
 
 def _setup_quantized_context(ctx, inputs, output):
-    *tensors, ctx.fmt = inputs
+    *tensors, ctx.fmt, w8a8 = inputs
+    if w8a8:  # fused_moe refuses this before the op; the op's own callers get it here
+        raise RuntimeError("fused_moe_quant with w8a8 has no gradient (act_quant='fp8' is "
+                           "for inference)")
     ctx.save_for_backward(*tensors)
 
 
 def _quantized_backward(ctx, grad_out):
     d_hidden, d_topk_weights = torch.ops.ds_kernels.fused_moe_quant_backward(
         grad_out, *ctx.saved_tensors, ctx.fmt)
-    return d_hidden, None, None, None, None, d_topk_weights, None, None
+    return d_hidden, None, None, None, None, d_topk_weights, None, None, None
 
 
 _fused_moe_quant_op.register_autograd(_quantized_backward,

@@ -6,18 +6,23 @@ Math in fp64 (the exact answer the kernels approach), output in hidden's dtype.
 
 Quantised experts (w13_scale, w2_scale given): the same on the weights dequantised by the
 reference recipe (ds_kernels/reference/quantize.py). They are frozen: no gradient for them.
+w8a8 (FP8 experts, act_quant="fp8"; forward only): each GEMM's input rows are quantised to
+e4m3 per 128 columns and back first - hidden, and act = silu(g) * u after rounding to hidden's
+dtype, where the kernels hold it between the GEMMs.
 """
 
 import torch
 import torch.nn.functional as F
 
 from ds_kernels.reference.autograd import grads_through
-from ds_kernels.reference.quantize import dequantize
+from ds_kernels.reference.quantize import dequantize, fake_quantize_fp8_activations
 
 
-def fused_moe(hidden, w13, w2, topk_weights, topk_ids, w13_scale=None, w2_scale=None):
+def fused_moe(hidden, w13, w2, topk_weights, topk_ids, w13_scale=None, w2_scale=None,
+              w8a8=False):
     if w13_scale is not None:
         w13, w2 = dequantize(w13, w13_scale), dequantize(w2, w2_scale)
+    source = fake_quantize_fp8_activations(hidden) if w8a8 else hidden
     T, H = hidden.shape
     E = w13.shape[0]
     out = torch.zeros(T, H, dtype=torch.float64, device=hidden.device)
@@ -25,9 +30,12 @@ def fused_moe(hidden, w13, w2, topk_weights, topk_ids, w13_scale=None, w2_scale=
         token, slot = (topk_ids == e).nonzero(as_tuple=True)     # assignments to e
         if token.numel() == 0:
             continue
-        gate_up = hidden[token].double() @ w13[e].double().t()       # [n, 2I]
+        gate_up = source[token].double() @ w13[e].double().t()       # [n, 2I]
         gate, up = gate_up.chunk(2, dim=-1)
-        y = (F.silu(gate) * up) @ w2[e].double().t()                 # [n, H]
+        act = F.silu(gate) * up
+        if w8a8:
+            act = fake_quantize_fp8_activations(act.to(hidden.dtype)).double()
+        y = act @ w2[e].double().t()                                 # [n, H]
         weight = topk_weights[token, slot].double().unsqueeze(-1)
         out.index_add_(0, token, weight * y)
     return out.to(hidden.dtype)

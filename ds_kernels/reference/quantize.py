@@ -28,6 +28,11 @@ own codes are 0.
 
 Dequantisation multiplies in fp32 (as DeepSeek's weight_dequant does), then rounds to the
 asked dtype.
+
+FP8 activations (w8a8: DeepSeek's act_quant, DeepGEMM's per_token_cast_to_fp8): each token's
+row in groups of 128 columns, each group one 1x128 block of the FP8 recipe (float scales; a
+partial last group's amax is over its real columns). A group holding NaN or inf gets a NaN
+scale and zero codes: it dequantises to NaN, so that token's outputs become NaN.
 """
 
 import math
@@ -85,6 +90,28 @@ def quantize_fp8_block(w: torch.Tensor, scale_fmt: str = "float"):
                 scale[m, i, j] = s
     return (w_q.reshape(w.shape).to(w.device),
             scale.reshape(*w.shape[:-2], rows, cols).to(w.device))
+
+
+def quantize_fp8_activations(x: torch.Tensor):
+    """(x_q float8_e4m3fn [M, K], scale fp32 [M, ceil(K/128)]) of activations x [M, K]."""
+    M, K = x.shape
+    rows = x.float().cpu()
+    x_q = torch.zeros(M, K, dtype=FP8_DTYPE)
+    scale = torch.empty(M, math.ceil(K / FP8_BLOCK))
+    for m in range(M):
+        for j in range(scale.shape[1]):
+            group = rows[m, _block(j)]
+            s = fp8_block_scale(group, "float")
+            q = torch.where(group.isfinite(), group / torch.tensor(s), 0.0)
+            x_q[m, _block(j)] = q.clamp(-E4M3_MAX, E4M3_MAX).to(FP8_DTYPE)
+            scale[m, j] = s if group.isfinite().all() else math.nan
+    return x_q.to(x.device), scale.to(x.device)
+
+
+def fake_quantize_fp8_activations(x: torch.Tensor) -> torch.Tensor:
+    """fp32 [M, K]: x through quantize_fp8_activations and back (each code times its scale)."""
+    x_q, scale = quantize_fp8_activations(x)
+    return x_q.float() * scale.repeat_interleave(FP8_BLOCK, dim=1)[:, :x.shape[1]]
 
 
 def e2m1_code(v: float) -> int:
