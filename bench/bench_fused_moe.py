@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 import ds_kernels
 from bench.harness import Impl, Row, assert_close, compare, format_shape, skip, working
-from ds_kernels.kernels.fused_moe import FP8_TENSOR_CORES
+from ds_kernels.kernels.grouped_mm import FP8_TENSOR_CORES
 from ds_kernels.reference.fused_moe import fused_moe as reference_fused_moe
 
 OP = "fused_moe"

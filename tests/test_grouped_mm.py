@@ -149,8 +149,8 @@ def code_view(t, view):
 
 
 @st.composite
-def quantized_problems(draw):
-    fmt = draw(st.sampled_from(FORMATS))
+def quantized_problems(draw, formats=FORMATS):
+    fmt = draw(st.sampled_from(formats))
     E = draw(st.integers(1, 4))
     M = draw(st.sampled_from([0, 1, 7, 40]))
     K = draw(st.sampled_from([32, 64] if fmt == "mxfp4" else [1, 33, 130]))
@@ -208,7 +208,10 @@ def test_quantized_opcheck_and_compile():
         name = "mxfp4" if fmt == "mxfp4" else "fp8"
         with tuning.override(**SMALL_TILES):
             torch.library.opcheck(torch.ops.ds_kernels.grouped_mm_quant.default,
-                                  (a, codes, scales, offs, name))
+                                  (a, codes, scales, offs, name, False))
+            if name == "fp8":  # w8a8: inference only
+                torch.library.opcheck(torch.ops.ds_kernels.grouped_mm_quant.default,
+                                      (a.detach(), codes, scales, offs, name, True))
             torch.library.opcheck(torch.ops.ds_kernels.grouped_mm_quant_backward.default,
                                   (torch.randn(10, 24, device=DEVICE), codes, scales, offs, name))
     b, b_scale = quantized_b("fp8", torch.randn(3, 24, 64, device=DEVICE))
@@ -221,6 +224,20 @@ def test_quantized_opcheck_and_compile():
     positive = (reference(a.detach(), b, offs, b_scale) > 0).float()
     assert_close(a.grad, grouped_mm_backward(positive, None, b, offs, b_scale)[0],
                  torch.float32, reduction=24)
+
+
+@settings(max_examples=20)
+@given(problem=quantized_problems(formats=[f for f in FORMATS if f.startswith("fp8")]))
+def test_w8a8_grouped_mm_matches_reference(backend, problem):
+    """act_quant="fp8": a's rows quantised per 128 columns (the reference's codes exactly, so
+    only summation order is left) times the e4m3 weights."""
+    a, b, b_scale, offs = problem
+    with tuning.override(**SMALL_TILES, chunk_elements=300):  # w8a8 keeps BLOCK_K = 128
+        out = ds_kernels.grouped_mm(a, b, offs, b_scale=b_scale, act_quant="fp8")
+    assert out.dtype == a.dtype and out.shape == (a.shape[0], b.shape[2])
+    assert_close(out, reference(a, b, offs, b_scale, w8a8=True), a.dtype, reduction=a.shape[1],
+                 what="out", scale=_terms(a, b, b_scale, offs))
+    assert not out[int(offs[-1]):].any(), "rows past offs[-1] must be 0"
 
 
 def _fp8_b(E=2, K=64, N=24):
@@ -251,6 +268,22 @@ OFFS = torch.tensor([1, 4], dtype=torch.int32)
      TypeError, "a must have dtype"),
 ])
 def test_quantized_bad_arguments_raise_clear_errors(args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        ds_kernels.grouped_mm(*args, **kwargs)
+
+
+@pytest.mark.parametrize("args,kwargs,error,match", [
+    ((torch.zeros(4, 64), torch.zeros(2, 64, 24), OFFS), {}, ValueError,
+     "b must be float8_e4m3fn with their scales, got torch.float32"),
+    ((torch.zeros(4, 64), *quantized_b("mxfp4", torch.randn(2, 24, 64))[:1], OFFS),
+     dict(b_scale=quantized_b("mxfp4", torch.randn(2, 24, 64))[1]), ValueError, "got mxfp4"),
+    ((torch.zeros(4, 64, requires_grad=True), *_fp8_b()[:1], OFFS), dict(b_scale=_fp8_b()[1]),
+     RuntimeError, r"grouped_mm\(act_quant='fp8'\) is an inference path"),
+    ((torch.zeros(4, 64), *_fp8_b()[:1], OFFS), dict(b_scale=_fp8_b()[1], act_quant="fp4"),
+     ValueError, "act_quant must be one of"),
+])
+def test_w8a8_bad_arguments_raise_clear_errors(args, kwargs, error, match):
+    kwargs = {"act_quant": "fp8", **kwargs}
     with pytest.raises(error, match=match):
         ds_kernels.grouped_mm(*args, **kwargs)
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from ds_kernels import tuning
 from ds_kernels.cpu.quant_linear import quant_linear, quant_linear_backward
+from ds_kernels.cpu.quantize import fake_quantize_fp8_activations
 from ds_kernels.quant_formats import format_of, in_features
 
 _ALIGN_BYTES = 16  # torch._grouped_mm wants every stride but the unit one 16-byte aligned
@@ -82,11 +83,13 @@ def _strategy(kernel, a, b):
                          dict(strategy="grouped_mm"), kernel=kernel)["strategy"]
 
 
-def grouped_mm(a, b, offs, b_scale=None):
+def grouped_mm(a, b, offs, b_scale=None, w8a8=False):
     if b_scale is None:
         out = grouped_matmul(a, b, offs, _strategy(None, a, b))
     else:  # b = W^T of the quantised weight W = b.mT
-        out = grouped_matmul_quantized(a, b.mT, b_scale.mT, offs, transposed=True)
+        # w8a8: a's rows through e4m3 and back, in fp32 (the kernel's numerics, no faster).
+        rows = fake_quantize_fp8_activations(a) if w8a8 else a
+        out = grouped_matmul_quantized(rows, b.mT, b_scale.mT, offs, transposed=True).to(a.dtype)
     out[int(offs[-1]):] = 0
     return out
 

@@ -21,13 +21,10 @@ act is held in hidden's dtype between the two, as in the weight-only path.
 import torch
 
 from ds_kernels import tuning
-from ds_kernels.kernels.grouped_mm import grouped_gemm, grouped_wgrad
+from ds_kernels.kernels.grouped_mm import check_fp8_tensor_cores, grouped_gemm, grouped_wgrad
 from ds_kernels.kernels.moe_align import moe_align
 from ds_kernels.quant_formats import FP8_BLOCK, format_of
 from ds_kernels.tuning import gemm_config
-
-FP8_TENSOR_CORES = (8, 9)  # sm_89 (Ada) and newer multiply e4m3 on tensor cores
-
 
 def _plan(backward, hidden, w13, w13_scale, topk_ids, w8a8=False):
     T, H = hidden.shape
@@ -40,15 +37,6 @@ def _plan(backward, hidden, w13, w13_scale, topk_ids, w8a8=False):
     if w8a8:  # a K tile is one activation scale group
         config = tuning.with_block_k(config, FP8_BLOCK, hidden.dtype, 2, hidden.device)
     return config, moe_align(topk_ids, E, config["BLOCK_M"])
-
-
-def check_fp8_tensor_cores(device):
-    """Raise if ``device`` is a GPU without FP8 tensor cores (the interpreter has them all)."""
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < FP8_TENSOR_CORES:
-        major, minor = torch.cuda.get_device_capability(device)
-        raise RuntimeError(f"act_quant='fp8' multiplies on FP8 tensor cores (sm_89 or newer); "
-                           f"{torch.cuda.get_device_name(device)} is sm_{major}{minor}: use "
-                           "act_quant=None (weight-only FP8, any GPU)")
 
 
 def _transposed(scale):

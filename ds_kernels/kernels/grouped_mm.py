@@ -209,6 +209,18 @@ def _grouped_wgrad_kernel(
              acc.to(d_ptr.dtype.element_ty), mask=(k < K)[:, None] & (n < N)[None, :])
 
 
+FP8_TENSOR_CORES = (8, 9)  # sm_89 (Ada) and newer multiply e4m3 on tensor cores
+
+
+def check_fp8_tensor_cores(device):
+    """Raise if ``device`` is a GPU without FP8 tensor cores (the interpreter has them all)."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < FP8_TENSOR_CORES:
+        major, minor = torch.cuda.get_device_capability(device)
+        raise RuntimeError(f"act_quant='fp8' multiplies on FP8 tensor cores (sm_89 or newer); "
+                           f"{torch.cuda.get_device_name(device)} is sm_{major}{minor}: use "
+                           "act_quant=None (weight-only FP8, any GPU)")
+
+
 # The quantisation constexprs of a plain B: unused, fixed so that they compile one kernel.
 _PLAIN_B = dict(B_TRANSPOSED=True, FP4=False, E8M0_SCALES=False, SCALE_ROWS=1, SCALE_COLS=1,
                 W8A8=False)
@@ -298,14 +310,19 @@ def _offs_layout(offs, M, config):
     return moe_align(row_group.view(M, 1), offs.shape[0], config["BLOCK_M"])
 
 
-def grouped_mm(a, b, offs, b_scale=None):
+def grouped_mm(a, b, offs, b_scale=None, w8a8=False):
     M, K = a.shape
     E, N = b.shape[0], b.shape[2]
     out = torch.zeros(M, N, dtype=a.dtype, device=a.device)  # rows past offs[-1] stay 0
-    kernel = tuning.gemm_kernel(None if b_scale is None else format_of(b), False)
+    if w8a8:
+        check_fp8_tensor_cores(a.device)
+    kernel = tuning.gemm_kernel(None if b_scale is None else format_of(b), False, w8a8)
     config = gemm_config("grouped_mm", kernel, dict(E=E, N=N, K=K), M, M / E, N, K, a.dtype,
                          a.device)
-    return grouped_gemm(a, b, out, _offs_layout(offs, M, config), M, config, b_scale=b_scale)
+    if w8a8:  # a K tile is one activation scale group
+        config = tuning.with_block_k(config, FP8_BLOCK, a.dtype, 1, a.device)
+    return grouped_gemm(a, b, out, _offs_layout(offs, M, config), M, config, b_scale=b_scale,
+                        w8a8=w8a8)
 
 
 def grouped_mm_backward(grad_out, a, b, offs, b_scale=None):

@@ -9,11 +9,10 @@ import torch
 from ds_kernels import dispatch
 from ds_kernels.ops.checks import (GEMM_DTYPES, INDEX_DTYPES, check_frozen, check_ids_in_range,
                                    check_same_device, check_same_dtype, check_tensor)
-from ds_kernels.ops.quantize import as_bytes, check_quantized, from_bytes
-from ds_kernels.quant_formats import FP8, format_of, in_features
+from ds_kernels.ops.quantize import as_bytes, check_quantized, from_bytes, w8a8_of
+from ds_kernels.quant_formats import format_of, in_features
 
 ACTIVATIONS = ("silu",)
-ACT_QUANTS = (None, "fp8")
 
 
 def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
@@ -46,6 +45,7 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     wherever accumulation order moves it across a rounding boundary; against the unquantised
     activations, each element carries e4m3's rounding (up to 2^-4 relative). A 128-group with
     NaN or inf makes its token's outputs NaN. No gradient: RuntimeError if one is needed.
+    grouped_mm(..., act_quant="fp8") is the same GEMM alone.
 
     fp16 limit: the intermediate silu(g) * u and each expert's output are held in fp16 between
     the GEMMs, as transformers and vLLM hold them; beyond +-65504 they become inf, and that
@@ -54,12 +54,9 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     """
     if activation not in ACTIVATIONS:  # not an argument of the op: checked here
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    if act_quant not in ACT_QUANTS:
-        raise ValueError(f"act_quant must be one of {ACT_QUANTS}, got {act_quant!r}")
     args = (hidden, w13, w2, topk_weights, topk_ids)
-    w8a8 = act_quant == "fp8"
-    if w8a8:
-        _check_w8a8(*args, w13_scale, w2_scale)
+    fmt = None if act_quant is None else _check(*args, w13_scale, w2_scale)
+    w8a8 = w8a8_of("fused_moe", act_quant, "w13 and w2", w13, fmt, hidden, topk_weights)
     if w13_scale is None and w2_scale is None:
         if dispatch.direct_call_allowed(*args):
             return _fused_moe(*args)  # checks the arguments itself
@@ -72,18 +69,6 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     return torch.ops.ds_kernels.fused_moe_quant(hidden, *as_bytes(w13, w13_scale),
                                                 *as_bytes(w2, w2_scale), topk_weights,
                                                 topk_ids, fmt, w8a8)
-
-
-def _check_w8a8(hidden, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale):
-    fmt = _check(hidden, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
-    if fmt != FP8:
-        raise ValueError(f"act_quant='fp8' multiplies FP8 experts by FP8 activations: w13 and "
-                         f"w2 must be float8_e4m3fn with their scales, got {fmt or w13.dtype}")
-    if torch.is_grad_enabled() and (hidden.requires_grad or topk_weights.requires_grad):
-        raise RuntimeError("act_quant='fp8' is an inference path (rounding the activations to "
-                           "e4m3 has no gradient): run it under torch.no_grad(), or train with "
-                           "act_quant=None (weight-only, differentiable in hidden and "
-                           "topk_weights)")
 
 
 def _check(hidden, w13, w2, topk_weights, topk_ids, w13_scale=None, w2_scale=None):

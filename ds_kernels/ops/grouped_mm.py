@@ -12,12 +12,12 @@ import torch
 from ds_kernels import dispatch
 from ds_kernels.ops.checks import (GEMM_DTYPES, check_frozen, check_same_device,
                                    check_same_dtype, check_tensor, device_checks_allowed)
-from ds_kernels.ops.quantize import as_bytes, check_quantized, from_bytes
+from ds_kernels.ops.quantize import as_bytes, check_quantized, from_bytes, w8a8_of
 from ds_kernels.quant_formats import format_of, in_features
 
 
 def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *,
-               b_scale: torch.Tensor | None = None) -> torch.Tensor:
+               b_scale: torch.Tensor | None = None, act_quant: str | None = None) -> torch.Tensor:
     """out [M, N]: rows offs[e-1]:offs[e] of a [M, K] times b[e] ([E, K, N], any strides).
 
     offs: int32 [E], non-decreasing cumulative row ends (offs[-1] <= M). Rows past offs[-1]
@@ -33,17 +33,24 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *,
              b_scale float8_e8m0fnu [E, K/32, N].
     Meaning: grouped_mm(a, dequantize(b.mT, b_scale.mT).mT, offs), a in any float dtype.
     Weight-only (a stays unquantised) and frozen: differentiable in a only.
+
+    ``act_quant="fp8"`` (FP8 b; inference): w8a8, a's rows quantised to e4m3 per 128 columns as
+    they are read and multiplied on FP8 tensor cores; see ds_kernels.fused_moe. Its result is
+    the reference's on the quantised a to the dtype's tolerance.
     """
+    fmt = None if act_quant is None else (
+        _check_quantized(a, b, b_scale, offs) if b_scale is not None else _check(a, b, offs))
+    w8a8 = w8a8_of("grouped_mm", act_quant, "b", b, fmt, a)
     if b_scale is None:
         if dispatch.direct_call_allowed(a, b):
             return _grouped_mm(a, b, offs)  # checks the arguments itself
         _check(a, b, offs)  # before torch.ops, whose own type errors name no argument
         return torch.ops.ds_kernels.grouped_mm(a, b, offs)
     if dispatch.direct_call_allowed(a, b, b_scale, offs):  # no tensor requires grad
-        return _run_quantized(a, b, b_scale, offs)  # checks the arguments itself
+        return _run_quantized(a, b, b_scale, offs, w8a8)  # checks the arguments itself
     fmt = _check_quantized(a, b, b_scale, offs)
     check_frozen("grouped_mm", b=b, b_scale=b_scale)
-    return torch.ops.ds_kernels.grouped_mm_quant(a, *as_bytes(b, b_scale), offs, fmt)
+    return torch.ops.ds_kernels.grouped_mm_quant(a, *as_bytes(b, b_scale), offs, fmt, w8a8)
 
 
 
@@ -134,20 +141,21 @@ def _backward(ctx, grad_out):
 _grouped_mm_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _run_quantized(a, b, b_scale, offs):
+def _run_quantized(a, b, b_scale, offs, w8a8):
     _check_quantized(a, b, b_scale, offs)
     _check_offsets(offs, a.shape[0])
-    return dispatch.implementation("grouped_mm", a.device)(a, b, offs, b_scale=b_scale)
+    return dispatch.implementation("grouped_mm", a.device)(a, b, offs, b_scale=b_scale,
+                                                           w8a8=w8a8)
 
 
 @torch.library.custom_op("ds_kernels::grouped_mm_quant", mutates_args=())
 def _grouped_mm_quant_op(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
-                         offs: torch.Tensor, fmt: str) -> torch.Tensor:
-    return _run_quantized(a, *from_bytes(codes, scales, fmt), offs)
+                         offs: torch.Tensor, fmt: str, w8a8: bool) -> torch.Tensor:
+    return _run_quantized(a, *from_bytes(codes, scales, fmt), offs, w8a8)
 
 
 @_grouped_mm_quant_op.register_fake
-def _(a, codes, scales, offs, fmt):
+def _(a, codes, scales, offs, fmt, w8a8):
     b, b_scale = from_bytes(codes, scales, fmt)
     _check_quantized(a, b, b_scale, offs)
     return a.new_empty(a.shape[0], b.shape[2])
@@ -171,7 +179,10 @@ def _(grad_out, codes, scales, offs, fmt):
 
 
 def _setup_quantized_context(ctx, inputs, output):
-    _, codes, scales, offs, ctx.fmt = inputs
+    _, codes, scales, offs, ctx.fmt, w8a8 = inputs
+    if w8a8:  # grouped_mm refuses this before the op; the op's own callers get it here
+        raise RuntimeError("grouped_mm_quant with w8a8 has no gradient (act_quant='fp8' is "
+                           "for inference)")
     ctx.save_for_backward(codes, scales, offs)
 
 
@@ -179,7 +190,7 @@ def _quantized_backward(ctx, grad_out):
     codes, scales, offs = ctx.saved_tensors
     grad_a = torch.ops.ds_kernels.grouped_mm_quant_backward(grad_out, codes, scales, offs,
                                                            ctx.fmt)
-    return grad_a, None, None, None, None
+    return grad_a, None, None, None, None, None
 
 
 _grouped_mm_quant_op.register_autograd(_quantized_backward,

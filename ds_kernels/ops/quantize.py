@@ -116,6 +116,27 @@ def check_quantized(w_name: str, w_q, scale_name: str, scale, *, dim: int | None
     return fmt
 
 
+ACT_QUANTS = (None, "fp8")
+
+
+def w8a8_of(op: str, act_quant, weights: str, weight, fmt, *inputs) -> bool:
+    """Whether ``act_quant`` asks ``op`` for w8a8 (activations quantised to e4m3, FP8 tensor
+    cores); raises if it is no choice, the weights (``weights``, ``weight`` of format ``fmt``)
+    are not FP8, or one of ``inputs`` needs a gradient."""
+    if act_quant not in ACT_QUANTS:
+        raise ValueError(f"act_quant must be one of {ACT_QUANTS}, got {act_quant!r}")
+    if act_quant is None:
+        return False
+    if fmt != FP8:
+        raise ValueError(f"act_quant='fp8' multiplies FP8 weights by FP8 activations: {weights} "
+                         f"must be float8_e4m3fn with their scales, got {fmt or weight.dtype}")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        raise RuntimeError(f"{op}(act_quant='fp8') is an inference path (rounding the "
+                           "activations to e4m3 has no gradient): run it under torch.no_grad(), "
+                           "or train with act_quant=None (weight-only, frozen weights)")
+    return True
+
+
 # torch.library ops take no float8 / float4 arguments (opcheck: "copy_ / mul not implemented
 # for Float8_e4m3fn"): the quantised ops pass codes and e8m0 scales as their bytes.
 _CODE_DTYPES = {FP8: FP8_DTYPE, MXFP4: FP4_DTYPE}

@@ -5,23 +5,25 @@ to no group and are 0 (torch leaves them uninitialised).
 
 A quantised b (b_scale given) is the transpose of a quantised [E, N, K] weight (see
 ds_kernels.grouped_mm): b = dequantize(b.mT, b_scale.mT).mT by the reference recipe. It is
-frozen: no gradient for it.
+frozen: no gradient for it. w8a8 (FP8 b, act_quant="fp8"; forward only): a's rows are
+quantised to e4m3 per 128 columns and back first (ds_kernels/reference/quantize.py).
 """
 
 import torch
 
 from ds_kernels.reference.autograd import grads_through
-from ds_kernels.reference.quantize import dequantize
+from ds_kernels.reference.quantize import dequantize, fake_quantize_fp8_activations
 
 
-def grouped_mm(a, b, offs, b_scale=None):
+def grouped_mm(a, b, offs, b_scale=None, w8a8=False):
     if b_scale is not None:
         b = dequantize(b.mT, b_scale.mT).mT                          # [E, K, N]
+    rows = fake_quantize_fp8_activations(a) if w8a8 else a
     M, N = a.shape[0], b.shape[2]
     out = torch.zeros(M, N, dtype=a.dtype, device=a.device)
     start = 0
     for e, end in enumerate(offs.tolist()):
-        out[start:end] = (a[start:end].double() @ b[e].double()).to(a.dtype)  # exact, then rounded
+        out[start:end] = (rows[start:end].double() @ b[e].double()).to(a.dtype)  # exact, rounded
         start = end
     return out
 
