@@ -233,20 +233,25 @@ def quantized_dtypes(backend):
 
 
 @st.composite
-def quantized_moe_problems(draw, backend):
-    fmt = draw(st.sampled_from(FORMATS))
+def quantized_moe_problems(draw, backend, formats=FORMATS, w8a8=False):
+    """Quantised experts in one of ``formats``; for w8a8 (FP8) hidden sizes past one 128-column
+    activation group and hidden states at a drawn magnitude (the scales follow them)."""
+    fmt = draw(st.sampled_from(formats))
     E = draw(st.integers(1, 5))
     k = draw(st.integers(1, min(E, 3)))
     T = draw(st.sampled_from([0, 1, 5, 19]))
     # Sizes off the tiles and off the 128-blocks (2I = 144: a scale block across gate and up);
     # MXFP4 needs H and I to be multiples of its 32-group.
-    H = draw(st.sampled_from([32, 64] if fmt == "mxfp4" else [24, 40, 136]))
+    H = draw(st.sampled_from([32, 64] if fmt == "mxfp4" else [24, 136, 200] if w8a8
+                             else [24, 40, 136]))
     I = draw(st.sampled_from([32] if fmt == "mxfp4" else [8, 20, 72]))
     dtype = draw(st.sampled_from(quantized_dtypes(backend)))
     g = torch.Generator().manual_seed(draw(SEEDS, label="seed"))
     hidden, w13, w2, weights, ids = make_problem(
         g, T, H, I, E, k, torch.float32,
         routing=draw(st.sampled_from(["uniform", "one expert", "half idle"])))
+    if w8a8:
+        hidden = hidden * 10.0 ** draw(st.integers(-3, 3))
     (q13, s13), (q2, s2) = quantized(fmt, w13), quantized(fmt, w2)
     if draw(st.booleans()):  # codes stored transposed (a strided view, as for the plain weights)
         q13, q2 = (code_view(q, "dense").mT.contiguous().mT if fmt != "mxfp4" else
@@ -466,28 +471,6 @@ FP8_FORMATS = [f for f in FORMATS if f.startswith("fp8")]
 E4M3_STEP = 2.0 ** -3  # e4m3's largest step relative to a value (3 mantissa bits)
 
 
-@st.composite
-def w8a8_problems(draw, backend):
-    """quantized_moe_problems on FP8 experts, with H past one 128-column group."""
-    fmt = draw(st.sampled_from(FP8_FORMATS))
-    E = draw(st.integers(1, 5))
-    k = draw(st.integers(1, min(E, 3)))
-    T = draw(st.sampled_from([0, 1, 5, 19]))
-    H = draw(st.sampled_from([24, 136, 200]))
-    I = draw(st.sampled_from([8, 72]))
-    dtype = draw(st.sampled_from(quantized_dtypes(backend)))
-    g = torch.Generator().manual_seed(draw(SEEDS, label="seed"))
-    hidden, w13, w2, weights, ids = make_problem(
-        g, T, H, I, E, k, torch.float32,
-        routing=draw(st.sampled_from(["uniform", "one expert", "half idle"])))
-    hidden = hidden * 10.0 ** draw(st.integers(-3, 3))  # the scales follow the activations
-    (q13, s13), (q2, s2) = quantized(fmt, w13), quantized(fmt, w2)
-    views = [draw(VIEWS) for _ in range(7)]
-    return (as_view(hidden.to(dtype), views[0]), code_view(q13, views[1]),
-            code_view(q2, views[2]), as_view(weights, views[3]), as_view(ids, views[4]),
-            code_view(s13, views[5]), code_view(s2, views[6]))
-
-
 def _act_step_allowance(hidden, w13, w2, weights, ids, s13, s2, dtype):
     """[T, H]: how far each output may move because GEMM 2's input act (computed by an fp32
     GEMM 1 in the kernels, fp64 in the reference, then rounded to ``dtype``) lands on another
@@ -526,7 +509,8 @@ def _act_step_allowance(hidden, w13, w2, weights, ids, s13, s2, dtype):
 @settings(max_examples=15)
 @given(data=st.data())
 def test_w8a8_fused_moe_matches_reference(backend, data):
-    hidden, w13, w2, weights, ids, s13, s2 = data.draw(w8a8_problems(backend))
+    hidden, w13, w2, weights, ids, s13, s2 = data.draw(
+        quantized_moe_problems(backend, FP8_FORMATS, w8a8=True))
     with tuning.override(**SMALL_TILES, chunk_elements=700):  # w8a8 keeps BLOCK_K = 128
         out = ds_kernels.fused_moe(hidden, w13, w2, weights, ids, w13_scale=s13, w2_scale=s2,
                                    act_quant="fp8")
