@@ -1,8 +1,12 @@
-"""What a GPU build refuses but Triton's interpreter (our CI) accepts, checked in the sources:
-a @triton.jit function reading a plain Python global (triton 3.9: "Cannot access global
-variable"; found in route's kernel by an offline sm_90 build)."""
+"""What a GPU build refuses but Triton's interpreter (our CI) accepts: a @triton.jit function
+reading a plain Python global (triton 3.9: "Cannot access global variable"; found in route's
+kernel by an offline sm_90 build), checked in the sources; and the grouped GEMM's FP8 paths,
+built offline for GPUs we do not have (triton.compile to PTX and cubin, no GPU needed)."""
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -42,3 +46,54 @@ def test_jit_functions_read_only_constexpr_globals(path):
                     and "constexpr" not in values[name.id]):
                 bad.append(f"{node.name} reads {name.id} = {values[name.id]}")
     assert not bad, f"{path.name}: wrap these in tl.constexpr: {bad}"
+
+
+# Run in a fresh interpreter: under TRITON_INTERPRET=1 (conftest) the kernels are decorated for
+# the interpreter and cannot be compiled.
+_BUILD = """
+import inspect, sys
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from ds_kernels.kernels.grouped_mm import _grouped_gemm_kernel
+
+capability, w8a8 = int(sys.argv[1]), sys.argv[2] == "w8a8"
+constexprs = dict(A_ROW_DIV=8, A_BY_SLOT=False, C_BY_SLOT=True, SWIGLU=True, ROW_SCALE=False,
+                  PRECISION="ieee", ACC=tl.float32, QUANT_B=True, B_TRANSPOSED=True, FP4=False,
+                  E8M0_SCALES=False, SCALE_ROWS=128, SCALE_COLS=128, W8A8=w8a8, BLOCK_M=64,
+                  BLOCK_N=128, BLOCK_K=128, GROUP_M=8)
+pointers = dict(a_ptr="*bf16", b_ptr="*u8", c_ptr="*bf16", slot_ids_ptr="*i32",
+                block_expert_ptr="*i32", num_slots_ptr="*i32", row_scale_ptr="*fp32",
+                s_ptr="*fp32")
+params = list(inspect.signature(_grouped_gemm_kernel.fn).parameters)
+signature = {p: "constexpr" if p in constexprs else pointers.get(p, "i32") for p in params}
+source = ASTSource(fn=_grouped_gemm_kernel, signature=signature,
+                   constexprs={(params.index(n),): v for n, v in constexprs.items()})
+built = triton.compile(source, target=GPUTarget("cuda", capability, 32),
+                       options=dict(num_warps=8, num_stages=3))
+print("e4m3 mma" if "e4m3.e4m3" in built.asm["ptx"] else "no e4m3 mma", len(built.asm["cubin"]))
+"""
+
+
+def _build_grouped_gemm(capability: int, variant: str, *, fails: bool = False) -> str:
+    """fused_moe's gate/up GEMM (bf16 activations, FP8 weights) built to PTX and cubin for
+    sm_<capability>: what the build printed (stderr where it is to fail)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _BUILD, str(capability), variant], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert (done.returncode != 0) == fails, done.stderr[-2000:]
+    return done.stderr if fails else done.stdout
+
+
+@pytest.mark.parametrize("capability", [89, 90])
+def test_w8a8_builds_fp8_tensor_core_products(capability):
+    """act_quant="fp8" compiles for Ada and Hopper to e4m3 x e4m3 MMAs (the interpreter runs
+    the same kernel in numpy; this is the build a GPU would do)."""
+    assert _build_grouped_gemm(capability, "w8a8").startswith("e4m3 mma")
+
+
+def test_weight_only_fp8_builds_for_gpus_without_fp8():
+    """Weight-only FP8 decodes its codes arithmetically: it builds for sm_80 too. w8a8 does not
+    (hence kernels/grouped_mm.check_fp8_tensor_cores, a clear error before any build)."""
+    assert _build_grouped_gemm(80, "weight-only").startswith("no e4m3 mma")
+    assert "CompilationError" in _build_grouped_gemm(80, "w8a8", fails=True)

@@ -63,7 +63,8 @@ def _w8a8_partial(a_q, a_scale, b_ptr, s_ptr, k, k0, n, k_ok, n_ok, stride_bk, s
                   stride_sk, stride_sn, E8M0_SCALES: tl.constexpr):
     """fp32 A_q @ B_q * a_scale[m] * b_scale[n] for B = W^T of an FP8 weight W: k [BK] in the
     scale group of K from k0, n [BN] columns (codes 0 where not k_ok, n_ok)."""
-    b_q = tl.load(b_ptr + k[:, None] * stride_bk + n[None, :] * stride_bn,
+    rows, cols = k.to(tl.int64), n.to(tl.int64)  # one expert's codes may pass 2**31 bytes
+    b_q = tl.load(b_ptr + rows[:, None] * stride_bk + cols[None, :] * stride_bn,
                   mask=k_ok[:, None] & n_ok[None, :], other=0).to(tl.float8e4nv, bitcast=True)
     s_ptrs = s_ptr + (k0 // 128) * stride_sk + (n // 128) * stride_sn          # [BN]
     if E8M0_SCALES:
