@@ -1,10 +1,13 @@
 """ds_kernels.MoE: a DeepSeek-V3 MoE layer (router + routed experts + shared experts) whose
-state_dict keys and outputs equal transformers 5's DeepseekV3MoE, running on ds_kernels ops."""
+state_dict keys and outputs equal transformers 5's DeepseekV3MoE, running on ds_kernels ops;
+with ``ep_group``, its routed experts sharded over a torch.distributed group
+(ds_kernels/expert_parallel.py)."""
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ds_kernels.expert_parallel import EPExperts
 from ds_kernels.ops.fused_moe import fused_moe
 from ds_kernels.ops.route import route
 
@@ -64,21 +67,30 @@ class SharedExperts(nn.Module):
 
 
 class MoE(nn.Module):
+    """With ``ep_group`` (a torch.distributed group of W ranks) each rank holds its share of
+    the routed experts (``expert_map``: the expert ids of each rank, replicas allowed; default
+    E/W contiguous ones) and calls forward on its own tokens, getting what the unsharded layer
+    gives for them; load_state_dict takes the unsharded state_dict."""
+
     def __init__(self, hidden_size, intermediate_size, num_experts, top_k, *,
                  n_shared_experts=1, n_group=1, topk_group=1, norm_topk_prob=True,
                  routed_scaling_factor=1.0, scoring="sigmoid", group_scoring="top2_sum",
-                 correction_bias=True):
+                 correction_bias=True, ep_group=None, expert_map=None):
         super().__init__()
+        if expert_map is not None and ep_group is None:
+            raise ValueError("expert_map places experts on the ranks of an ep_group: pass both")
         self.gate = Router(hidden_size, num_experts, top_k, n_group=n_group,
                            topk_group=topk_group, norm_topk_prob=norm_topk_prob,
                            routed_scaling_factor=routed_scaling_factor, scoring=scoring,
                            group_scoring=group_scoring, correction_bias=correction_bias)
-        self.experts = Experts(num_experts, hidden_size, intermediate_size)
+        self.experts = (Experts(num_experts, hidden_size, intermediate_size) if ep_group is None
+                        else EPExperts(num_experts, hidden_size, intermediate_size, ep_group,
+                                       expert_map))
         self.shared_experts = (SharedExperts(hidden_size, intermediate_size * n_shared_experts)
                                if n_shared_experts else None)
 
     @classmethod
-    def from_hf_config(cls, config):
+    def from_hf_config(cls, config, *, ep_group=None, expert_map=None):
         """From a transformers DeepseekV3Config or DeepseekV2Config (or any config with their MoE
         fields). The routing follows ``topk_method`` (default "noaux_tc", which V3 configs
         leave out): see TOPK_METHODS."""
@@ -99,7 +111,8 @@ class MoE(nn.Module):
                    config.num_experts_per_tok, n_shared_experts=config.n_shared_experts or 0,
                    n_group=n_group, topk_group=topk_group, norm_topk_prob=config.norm_topk_prob,
                    routed_scaling_factor=config.routed_scaling_factor, scoring=scoring,
-                   group_scoring=TOPK_METHODS[method], correction_bias=method == "noaux_tc")
+                   group_scoring=TOPK_METHODS[method], correction_bias=method == "noaux_tc",
+                   ep_group=ep_group, expert_map=expert_map)
 
     def forward(self, hidden_states):                             # [..., H]
         shape = hidden_states.shape

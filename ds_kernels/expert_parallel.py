@@ -1,0 +1,137 @@
+"""Expert parallelism on torch.distributed: the routed experts sharded over the ranks of a
+process group, each rank running forward on its own tokens (data-parallel attention).
+
+Placement: rank r holds experts [r*E/W, (r+1)*E/W), or the ids ``expert_map[r]`` lists; an
+expert listed on several ranks is a replica (EPLB-style, for hot experts), each assignment to it
+going to one of them, picked by token so that its load splits evenly.
+
+One forward, per MoE layer (EPExperts.forward):
+  1. each (token, expert) assignment goes to a rank holding its expert: the per-rank row counts
+     are exchanged (all_to_all_single on W counts), then the token rows and their experts'
+     local indices (uneven splits; a rank may send or receive nothing);
+  2. the receiving rank runs fused_moe over its local experts, one row per assignment (k = 1,
+     weight 1);
+  3. the results come back by the reverse all-to-all, and the sending rank adds them into its
+     tokens with the routing weights, in fp32.
+The row exchanges are torch.distributed.nn.functional.all_to_all_single, differentiable: d
+hidden, d topk_weights and each rank's own expert gradients flow back across ranks, so training
+works. A token is sent once per assignment (k rows of H values a token, DeepSeek-V3's 8 x 7168
+bf16 values), as DeepEP's normal mode sends it once per rank at most: deduplication, FP8 rows on
+the wire and overlapping the shared expert with the dispatch are not done yet. Split sizes are
+read on the host (one sync per layer on a GPU).
+"""
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+from torch import nn
+
+from ds_kernels.ops.fused_moe import fused_moe
+
+
+def placement(num_experts: int, world: int, expert_map=None) -> list[list[int]]:
+    """experts_of[r]: the sorted global expert ids rank r holds. Raises ValueError, naming the
+    problem, for an expert count the ranks cannot split without a map, or a map that is not one
+    list per rank, holds an id twice on a rank or out of [0, E), leaves a rank empty or drops an
+    expert."""
+    if expert_map is None:
+        if num_experts % world:
+            raise ValueError(f"{num_experts} experts do not split evenly over {world} ranks: pass "
+                             "an expert_map (one list of expert ids per rank)")
+        per_rank = num_experts // world
+        return [list(range(r * per_rank, (r + 1) * per_rank)) for r in range(world)]
+    if len(expert_map) != world:
+        raise ValueError(f"expert_map must list the experts of each of the {world} ranks, got "
+                         f"{len(expert_map)} lists")
+    experts_of = []
+    for r, ids in enumerate(expert_map):
+        ids = [int(e) for e in ids]
+        if not ids:
+            raise ValueError(f"expert_map[{r}] is empty: every rank must hold an expert")
+        if len(set(ids)) != len(ids) or not all(0 <= e < num_experts for e in ids):
+            raise ValueError(f"expert_map[{r}] = {ids} must hold distinct expert ids in "
+                             f"[0, {num_experts})")
+        experts_of.append(sorted(ids))
+    missing = sorted(set(range(num_experts)) - {e for ids in experts_of for e in ids})
+    if missing:
+        raise ValueError(f"expert_map places no rank on experts {missing[:16]}")
+    return experts_of
+
+
+def check_same_placement(experts_of, group):
+    """Raise ValueError on every rank if the ranks of ``group`` were given different maps (a
+    token would be sent to a rank that does not hold its expert)."""
+    gathered = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, experts_of, group=group)
+    differ = [r for r, other in enumerate(gathered) if other != experts_of]
+    if differ:
+        raise ValueError(f"rank {dist.get_rank(group)}'s expert placement differs from that of "
+                         f"ranks {differ}: every rank must pass the same expert_map")
+
+
+class EPExperts(nn.Module):
+    """The routed experts of one MoE layer, sharded over ``group``: this rank's experts as
+    gate_up_proj [E_local, 2I, H] and down_proj [E_local, H, I], under the unsharded keys.
+    load_state_dict takes the full [E, ...] tensors (keeping this rank's rows) or this rank's."""
+
+    def __init__(self, num_experts, hidden_size, intermediate_size, group, expert_map=None):
+        super().__init__()
+        if not dist.is_initialized():
+            raise RuntimeError("ep_group needs torch.distributed initialised "
+                               "(torch.distributed.init_process_group)")
+        self.group, self.num_experts = group, num_experts
+        self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        self.experts_of = placement(num_experts, self.world, expert_map)
+        check_same_placement(self.experts_of, group)
+        self.local_ids = self.experts_of[self.rank]
+        E = len(self.local_ids)
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(E, hidden_size, intermediate_size))
+        # replicas[e, i]: the i-th rank holding e (cycled to the widest); local[r, e]: e's row
+        # on rank r (-1: r does not hold it).
+        holders = [[r for r, ids in enumerate(self.experts_of) if e in ids]
+                   for e in range(num_experts)]
+        width = max(len(h) for h in holders)
+        self.register_buffer("replicas", torch.tensor(
+            [[h[i % len(h)] for i in range(width)] for h in holders]), persistent=False)
+        self.register_buffer("replica_counts", torch.tensor([len(h) for h in holders]),
+                             persistent=False)
+        local = torch.full((self.world, num_experts), -1, dtype=torch.long)
+        for r, ids in enumerate(self.experts_of):
+            local[r, ids] = torch.arange(len(ids))
+        self.register_buffer("local_index", local, persistent=False)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in ("gate_up_proj", "down_proj"):
+            full = state_dict.get(prefix + name)
+            if full is not None and full.shape[0] == self.num_experts != len(self.local_ids):
+                state_dict[prefix + name] = full[self.local_ids]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x, topk_ids, topk_weights):                 # x [T, H]
+        T, H = x.shape
+        k = topk_ids.shape[1]
+        expert = topk_ids.reshape(-1).long()                      # [N = T*k]
+        token = torch.arange(T, device=x.device).repeat_interleave(k)  # [N]
+        # The replica of each assignment's expert: spread by token (and rank) over its holders.
+        choice = (token + self.rank) % self.replica_counts[expert]
+        dest = self.replicas[expert, choice]                      # [N]
+        order = torch.sort(dest, stable=True).indices             # [N] grouped by rank
+        send = torch.bincount(dest, minlength=self.world)         # [W]
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=self.group)
+        send_sizes, recv_sizes = send.tolist(), recv.tolist()
+        rows = x[token[order]]                                    # [N, H]
+        recv_rows = dist_fn.all_to_all_single(x.new_empty(sum(recv_sizes), H), rows,
+                                              recv_sizes, send_sizes, group=self.group)
+        local = self.local_index[dest[order], expert[order]]      # [N]
+        recv_local = local.new_empty(sum(recv_sizes))
+        dist.all_to_all_single(recv_local, local, recv_sizes, send_sizes, group=self.group)
+        ones = recv_rows.new_ones(recv_local.shape[0], 1, dtype=torch.float32)
+        y = fused_moe(recv_rows, self.gate_up_proj, self.down_proj, ones,
+                      recv_local.unsqueeze(1))                    # [R, H] unweighted
+        back = dist_fn.all_to_all_single(y.new_empty(len(order), H), y, send_sizes, recv_sizes,
+                                         group=self.group)        # [N, H] in `order`
+        weight = topk_weights.reshape(-1)[order].float().unsqueeze(1)  # [N, 1]
+        out = x.new_zeros(T, H, dtype=torch.float32)
+        return out.index_add(0, token[order], back.float() * weight).to(x.dtype)

@@ -1,0 +1,140 @@
+"""Expert parallelism: MoE(ep_group=...) on 2 and 4 gloo ranks against the unsharded layer
+(outputs, d input, each rank's expert gradients, the replicated router's and shared expert's),
+with a rank without tokens, all tokens on one rank's experts and replicated experts; placement
+errors, and ranks given different maps."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import distributed
+from ds_kernels import MoE
+from ds_kernels.expert_parallel import placement
+from numerics import assert_close
+
+H, I, E, K = 16, 8, 8, 2
+
+
+def _layer(**ep):
+    """A tiny DeepSeek-V3 MoE layer with deterministic random parameters (the same on every
+    rank): 8 experts, top-2 of 2 groups, one shared expert."""
+    moe = MoE(H, I, E, K, n_group=2, topk_group=2, routed_scaling_factor=2.5, **ep)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in sorted(moe.named_parameters()):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return moe
+
+
+def _ep_against_unsharded(rank, world, counts, expert_map, hot):
+    """One rank: the EP layer on its tokens, and (for comparison) the unsharded layer on every
+    rank's tokens in this process, with the loss sum_r (out_r * grad_r).sum(). ``hot``: experts
+    every token picks (their correction bias lifted), or None."""
+    full = _layer()
+    if hot is not None:
+        with torch.no_grad():
+            full.gate.e_score_correction_bias[hot] += 100.0
+    ep = _layer(ep_group=dist.group.WORLD, expert_map=expert_map)
+    ep.load_state_dict(full.state_dict())
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(n, H, generator=g) for n in counts]
+    grads = [torch.randn(n, H, generator=g) for n in counts]
+
+    x = xs[rank].clone().requires_grad_()
+    out = ep(x)
+    (out * grads[rank]).sum().backward()
+    leaves = [t.clone().requires_grad_() for t in xs]
+    sum((full(t) * d).sum() for t, d in zip(leaves, grads)).backward()
+    experts = {n: p.grad for n, p in ep.experts.named_parameters()}
+    # state_dict() holds this rank's experts under the unsharded keys, and loads back.
+    own = ep.state_dict()
+    again = _layer(ep_group=dist.group.WORLD, expert_map=expert_map)
+    again.load_state_dict(own)
+    return dict(
+        own_rows=own["experts.gate_up_proj"].shape[0], reloaded=again(xs[rank]).detach(),
+        out=out.detach(), want=full(xs[rank]).detach(), d_x=x.grad, want_d_x=leaves[rank].grad,
+        local_ids=ep.experts.local_ids, experts=experts,
+        want_experts={n: p.grad for n, p in full.experts.named_parameters()},
+        replicated={n: p.grad for n, p in ep.named_parameters() if not n.startswith("experts.")},
+        want_replicated={n: p.grad for n, p in full.named_parameters()
+                         if not n.startswith("experts.")})
+
+
+def _check(results, world):
+    rank0 = results[0]
+    for r, res in enumerate(results):
+        assert_close(res["out"], res["want"], torch.float32, reduction=H + I, what=f"rank {r} out")
+        assert res["own_rows"] == len(res["local_ids"]) and torch.equal(res["reloaded"],
+                                                                       res["out"])
+        assert_close(res["d_x"], res["want_d_x"], torch.float32, reduction=2 * (H + I),
+                     what=f"rank {r} d x")
+    # Expert gradients: each expert's (summed over its replicas) equals the unsharded one.
+    for name, want in rank0["want_experts"].items():
+        got = torch.zeros_like(want)
+        for res in results:
+            got[res["local_ids"]] += res["experts"][name]
+        assert_close(got, want, torch.float32, reduction=sum(len(r["out"]) for r in results),
+                     what=f"d {name}")
+    # Replicated parameters (router, shared expert): the ranks' gradients sum to the unsharded.
+    for name, want in rank0["want_replicated"].items():
+        got = sum(res["replicated"][name] for res in results)
+        assert_close(got, want, torch.float32, reduction=64, what=f"d {name}")
+
+
+@pytest.mark.parametrize("world, counts", [(2, [6, 3]), (4, [5, 0, 3, 7])])
+def test_ep_moe_equals_the_unsharded_layer(tmp_path, world, counts):
+    """World 2 and 4, ragged token counts and a rank with no tokens at all."""
+    results = distributed.run(world, _ep_against_unsharded, counts, None, None,
+                              tmp_path=tmp_path)
+    _check(results, world)
+    assert [res["local_ids"] for res in results] == placement(E, world)
+
+
+def test_all_tokens_on_one_ranks_experts(tmp_path):
+    """Every token's two experts are among rank 0's: rank 1 serves nothing."""
+    results = distributed.run(2, _ep_against_unsharded, [7, 4], None, [1, 2],
+                              tmp_path=tmp_path)
+    _check(results, 2)
+    assert results[1]["experts"]["gate_up_proj"].abs().sum() == 0
+
+
+def test_replicated_experts_give_the_same_numbers(tmp_path):
+    """Hot experts 3 and 4 on both ranks (replicas): their assignments split between them."""
+    expert_map = [[0, 1, 2, 3, 4], [3, 4, 5, 6, 7]]
+    results = distributed.run(2, _ep_against_unsharded, [9, 6], expert_map, [3, 4],
+                              tmp_path=tmp_path)
+    _check(results, 2)
+    assert results[1]["experts"]["gate_up_proj"][2:].abs().sum() == 0  # 5, 6, 7: idle
+    # Both replicas served assignments (rank 0 holds 3, 4 at rows 3, 4; rank 1 at rows 0, 1).
+    assert results[0]["experts"]["gate_up_proj"][3:5].abs().sum(dim=(1, 2)).min() > 0
+    assert results[1]["experts"]["gate_up_proj"][0:2].abs().sum(dim=(1, 2)).min() > 0
+
+
+def _mismatched_maps(rank, world):
+    expert_map = [[0, 1, 2, 3], [4, 5, 6, 7]] if rank == 0 else [[0, 1, 2, 4], [3, 5, 6, 7]]
+    _layer(ep_group=dist.group.WORLD, expert_map=expert_map)
+
+
+def test_ranks_given_different_maps_fail_at_construction(tmp_path):
+    with pytest.raises(distributed.RankFailed, match="placement differs from that of ranks"):
+        distributed.run(2, _mismatched_maps, tmp_path=tmp_path)
+
+
+@pytest.mark.parametrize("args, match", [
+    ((10, 4, None), "10 experts do not split evenly over 4 ranks: pass an expert_map"),
+    ((8, 2, [[0, 1, 2, 3]]), "must list the experts of each of the 2 ranks, got 1"),
+    ((8, 2, [[0, 1, 2, 3], [4, 5, 6]]), r"places no rank on experts \[7\]"),
+    ((8, 2, [[0, 1, 2, 3], []]), r"expert_map\[1\] is empty"),
+    ((8, 2, [[0, 1, 1, 3], [4, 5, 6, 7, 2]]), "must hold distinct expert ids"),
+    ((8, 2, [[0, 1, 2, 3], [4, 5, 6, 8]]), r"in \[0, 8\)"),
+])
+def test_bad_placements_are_named(args, match):
+    with pytest.raises(ValueError, match=match):
+        placement(*args)
+
+
+def test_ep_arguments_need_their_group():
+    with pytest.raises(ValueError, match="pass both"):
+        MoE(H, I, E, K, expert_map=[[0, 1, 2, 3], [4, 5, 6, 7]])
+    with pytest.raises(RuntimeError, match="needs torch.distributed initialised"):
+        MoE(H, I, E, K, ep_group=object())
