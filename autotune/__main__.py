@@ -1,14 +1,16 @@
 """python -m autotune sweep --op OP [--shapes ...] [--quick] [--dtype fp8] [--routing FILE] ...
-   python -m autotune import-vllm FILE... [--hidden-size 7168] [--top-k 8]"""
+   python -m autotune import-vllm FILE... [--hidden-size 7168] [--top-k 8]
+   python -m autotune placement --routing FILE --experts E --ranks W [--redundant R] [--out F]"""
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from autotune import cases, sweep, vllm
+from autotune import cases, placement, sweep, vllm
 from ds_kernels import tuning
 
 _FLOATS = ("float32", "float16", "bfloat16")
@@ -22,8 +24,9 @@ def _shape(text: str) -> dict:
         raise argparse.ArgumentTypeError(f"shape {text!r}: expected NAME=INT,NAME=INT,...")
 
 
-def _routing(path: Path) -> torch.Tensor:
-    """Recorded topk_ids [T, k] from .npy (never unpickled) or .safetensors ("topk_ids")."""
+def _routing(path: Path, key: str = "topk_ids") -> torch.Tensor:
+    """Recorded topk_ids [T, k] from .npy (never unpickled) or .safetensors (``key``: all
+    layers' "topk_ids", or one router's name)."""
     if not path.is_file():
         raise SystemExit(f"--routing {path}: no such file (record one with `python -m ds_model "
                          "generate ... --record-routing FILE`)")
@@ -32,7 +35,10 @@ def _routing(path: Path) -> torch.Tensor:
     elif path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        ids = load_file(path)["topk_ids"]
+        tensors = load_file(path)
+        if key not in tensors:
+            raise SystemExit(f"--routing {path} has no {key!r}; it holds {sorted(tensors)}")
+        ids = tensors[key]
     else:
         raise SystemExit(f"--routing {path}: expected a .npy or .safetensors file")
     if ids.dim() != 2 or ids.dtype not in (torch.int32, torch.int64):
@@ -69,6 +75,17 @@ def main(argv=None):
                      "for training")
     run.add_argument("--routing", type=Path, help="recorded topk_ids to replay (.npy/.safetensors)")
     run.add_argument("--out", type=Path, help=f"default: {tuning.tuning_dir()}")
+    place = commands.add_parser("placement", help="an expert_map for expert parallelism that "
+                                "evens out recorded routing over the ranks")
+    place.add_argument("--routing", type=Path, required=True,
+                       help="recorded topk_ids (.npy/.safetensors, ds_model --record-routing)")
+    place.add_argument("--layer", default="topk_ids",
+                       help="a router's name in the .safetensors file (default: all layers)")
+    place.add_argument("--experts", type=int, required=True, help="routed experts E")
+    place.add_argument("--ranks", type=int, required=True, help="expert-parallel ranks W")
+    place.add_argument("--redundant", type=int, default=0,
+                       help="extra copies of hot experts (E + R a multiple of W)")
+    place.add_argument("--out", type=Path, help="write the map as JSON (default: stdout)")
     imp = commands.add_parser("import-vllm", help="convert vLLM fused_moe tuned files")
     imp.add_argument("files", nargs="+", type=Path)
     imp.add_argument("--hidden-size", type=int, default=7168)
@@ -77,6 +94,9 @@ def main(argv=None):
     imp.add_argument("--out", type=Path, help=f"default: {tuning.tuning_dir()}")
     args = parser.parse_args(argv)
 
+    if args.command == "placement":
+        _placement(args)
+        return
     if args.command == "import-vllm":
         failed = 0
         for path in args.files:
@@ -110,6 +130,31 @@ def main(argv=None):
     except (TypeError, ValueError) as error:  # a shape, dtype or routing the op does not take
         raise SystemExit(f"autotune: {error}")
     print(sweep.format_summary(rows))
+
+
+def _placement(args):
+    ids = _routing(args.routing, args.layer)
+    try:
+        load = placement.expert_load(ids, args.experts)
+        expert_map = placement.balanced_map(load, args.ranks, args.redundant)
+        contiguous = placement.rank_loads(load, [list(range(r * args.experts // args.ranks,
+                                                            (r + 1) * args.experts // args.ranks))
+                                                 for r in range(args.ranks)])
+    except ValueError as error:
+        raise SystemExit(f"autotune placement: {error}")
+    balanced = placement.rank_loads(load, expert_map)
+    print(f"autotune placement: {ids.shape[0]} routed tokens, {sum(load)} assignments over "
+          f"{args.experts} experts on {args.ranks} ranks; busiest rank / mean: "
+          f"{placement.imbalance(contiguous):.3f} with E/W contiguous experts a rank, "
+          f"{placement.imbalance(balanced):.3f} with this map ({args.redundant} redundant copies)",
+          file=sys.stderr)
+    text = json.dumps(dict(expert_map=expert_map, experts=args.experts, ranks=args.ranks,
+                           redundant=args.redundant, rank_loads=balanced), indent=1)
+    if args.out:
+        args.out.write_text(text + "\n")
+        print(f"autotune placement: wrote {args.out}", file=sys.stderr)
+    else:
+        print(text)
 
 
 if __name__ == "__main__":
