@@ -26,6 +26,7 @@ BENCHMARKS = {
     "mla_prefill": "bench.bench_mla_prefill",
     "quant_linear": "bench.bench_quant_linear",
     "model": "bench.bench_model",
+    "expert_parallel": "bench.bench_expert_parallel",
 }
 
 

@@ -69,6 +69,8 @@ class Row:
     others_cpu: float | None = None
     # Why this row's timing is unreliable, empty if it looks clean; filled by flag_noisy.
     noisy: list[str] = dataclasses.field(default_factory=list)
+    # Further measurements of this row, by name (shown after its throughput).
+    notes: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -475,6 +477,7 @@ def format_table(rows: list[Row]) -> str:
             throughput += f", {r.tflops_per_s:.3g} TFLOP/s"
         if r.pct_of_peak is not None:
             throughput += f" ({r.pct_of_peak:.1f}% of peak)"
+        throughput += "".join(f"; {name} {value}" for name, value in r.notes.items())
         speedup = "" if r.speedup_vs is None else f"{r.speedup_vs:.2f}x vs {r.baseline}"
         noisy = f"yes: {'; '.join(r.noisy)}" if r.noisy else ""
         lines.append(f"| {r.op} | {format_shape(r.shape)} | {r.dtype} | {r.device} | {r.impl} "

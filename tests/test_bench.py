@@ -154,6 +154,23 @@ def test_norm_rope_benchmark_on_tiny_shapes(monkeypatch):
     assert all(r.op == "norm_rope" and r.speedup_vs is not None for r in rows)
 
 
+def test_expert_parallel_benchmark_on_a_toy_layer(monkeypatch):
+    """bench_expert_parallel on 1 and 2 gloo ranks at a toy size: the bytes each token sends
+    to the other rank match the analytic figure (uniform routing, so within sampling noise)."""
+    from bench import bench_expert_parallel as ep
+
+    monkeypatch.setattr(ep, "SHAPE", dict(H=32, I=16, E=8, k=4, n_group=2, topk_group=2))
+    monkeypatch.setattr(ep, "WORLDS", (1, 2))
+    monkeypatch.setattr(ep, "TOKENS", ((64,), (64,)))
+    monkeypatch.setattr(ep, "REPS", 3)
+    rows = ep.run(torch.device("cpu"), quick=True)
+    assert [r.impl for r in rows] == ["MoE (one process)", "ep W=1", "ep W=2"]
+    two = rows[-1]
+    sent, analytic = (float(two.notes[n].split()[0]) for n in ("sent/token", "analytic"))
+    assert abs(sent - analytic) <= 0.25 * analytic and float(rows[1].notes["sent/token"][:3]) == 0
+    assert all(r.median_us > 0 and r.tokens_per_s > 0 for r in rows)
+
+
 def test_model_benchmark_on_a_toy_config(monkeypatch, tmp_path):
     """bench_model end to end on CPU at a toy size, timing cut short."""
     pytest.importorskip("transformers")

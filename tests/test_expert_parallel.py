@@ -7,8 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import distributed
-from ds_kernels import MoE
+from ds_kernels import MoE, ranks
 from ds_kernels.expert_parallel import placement
 from numerics import assert_close
 
@@ -84,7 +83,7 @@ def _check(results, world):
 @pytest.mark.parametrize("world, counts", [(2, [6, 3]), (4, [5, 0, 3, 7])])
 def test_ep_moe_equals_the_unsharded_layer(tmp_path, world, counts):
     """World 2 and 4, ragged token counts and a rank with no tokens at all."""
-    results = distributed.run(world, _ep_against_unsharded, counts, None, None,
+    results = ranks.run(world, _ep_against_unsharded, counts, None, None,
                               tmp_path=tmp_path)
     _check(results, world)
     assert [res["local_ids"] for res in results] == placement(E, world)
@@ -92,7 +91,7 @@ def test_ep_moe_equals_the_unsharded_layer(tmp_path, world, counts):
 
 def test_all_tokens_on_one_ranks_experts(tmp_path):
     """Every token's two experts are among rank 0's: rank 1 serves nothing."""
-    results = distributed.run(2, _ep_against_unsharded, [7, 4], None, [1, 2],
+    results = ranks.run(2, _ep_against_unsharded, [7, 4], None, [1, 2],
                               tmp_path=tmp_path)
     _check(results, 2)
     assert results[1]["experts"]["gate_up_proj"].abs().sum() == 0
@@ -101,7 +100,7 @@ def test_all_tokens_on_one_ranks_experts(tmp_path):
 def test_replicated_experts_give_the_same_numbers(tmp_path):
     """Hot experts 3 and 4 on both ranks (replicas): their assignments split between them."""
     expert_map = [[0, 1, 2, 3, 4], [3, 4, 5, 6, 7]]
-    results = distributed.run(2, _ep_against_unsharded, [9, 6], expert_map, [3, 4],
+    results = ranks.run(2, _ep_against_unsharded, [9, 6], expert_map, [3, 4],
                               tmp_path=tmp_path)
     _check(results, 2)
     assert results[1]["experts"]["gate_up_proj"][2:].abs().sum() == 0  # 5, 6, 7: idle
@@ -116,8 +115,8 @@ def _mismatched_maps(rank, world):
 
 
 def test_ranks_given_different_maps_fail_at_construction(tmp_path):
-    with pytest.raises(distributed.RankFailed, match="placement differs from that of ranks"):
-        distributed.run(2, _mismatched_maps, tmp_path=tmp_path)
+    with pytest.raises(ranks.RankFailed, match="placement differs from that of ranks"):
+        ranks.run(2, _mismatched_maps, tmp_path=tmp_path)
 
 
 @pytest.mark.parametrize("args, match", [

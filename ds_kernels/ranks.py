@@ -1,12 +1,13 @@
-"""Running a function on W gloo ranks (CPU processes) from a test, bounded in time.
+"""Running a function on W gloo ranks (CPU processes on this machine), bounded in time: how the
+tests and the expert-parallel bench simulate a multi-rank job without a cluster.
 
-Each rank runs ``fn(rank, world, *args)`` inside an initialised process group and its result
-(or the text of its exception) comes back through a file; a rank that has not finished by the
-deadline fails the test, and all ranks are then killed: a hang is a failure, never a stuck CI.
+Each rank runs ``fn(rank, world, *args)`` (a module-level function: ranks are spawned) inside
+an initialised process group, single-threaded, and its result (or the text of its exception)
+comes back through a file; a rank that fails, or has not finished by the deadline, ends the
+run at once and all ranks are killed: a hang is an error, never a stuck CI.
 """
 
 import datetime
-import os
 import socket
 import traceback
 from pathlib import Path
@@ -44,8 +45,8 @@ def _worker(rank, world, port, out_dir, fn, args):
 
 def run(world: int, fn, *args, tmp_path: Path, timeout_s: float = TIMEOUT_S) -> list:
     """[fn's result on each rank]; raises RankFailed with the first failing rank's traceback
-    as soon as one fails (the others, which may wait on it in a collective, are killed)."""
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+    as soon as one fails (the others, which may wait on it in a collective, are killed).
+    tmp_path: a folder for the ranks' result files."""
     context = mp.start_processes(_worker, args=(world, _free_port(), str(tmp_path), fn, args),
                                  nprocs=world, join=False, start_method="spawn")
     paths = [tmp_path / f"rank{r}.pt" for r in range(world)]
