@@ -8,11 +8,18 @@ after max_new_tokens; a finished sequence leaves the batch and costs nothing mor
 Outputs follow transformers' generate: for a [B, S] tensor, [B, S + n] with n the longest
 continuation, rows that stopped early padded with the (first) EOS id; for a list of prompts,
 a list of 1-D tensors, each its prompt followed by its continuation.
+
+Expert parallelism (a model built with ep_group): every rank calls generate on its own prompts
+(any number, none included, each with its own max_new_tokens), and each MoE layer exchanges
+tokens with the other ranks. A rank whose sequences are done keeps joining the exchanges
+(model.join_experts) until every rank is done - one small all-reduce a step says so - so no
+rank waits forever on one that left.
 """
 
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 
@@ -31,7 +38,8 @@ def generate(model, input_ids, max_new_tokens: int, *, temperature: float = 0.0,
     is called after each of the n steps (the first is the prefill), e.g. for a progress bar.
     fp8_kv_cache: hold the latent cache in FlashMLA's FP8 rows (KVCache), 57% of bf16's bytes.
     """
-    prompts = _prompts(input_ids, model)
+    group = getattr(model, "ep_group", None)
+    prompts = _prompts(input_ids, model, allow_none=group is not None)
     if type(max_new_tokens) is not int or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     if not temperature >= 0:
@@ -40,43 +48,66 @@ def generate(model, input_ids, max_new_tokens: int, *, temperature: float = 0.0,
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     eos = model.config.eos_token_id if eos_token_id is None else eos_token_id
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    device = prompts[0].device
+    device = model.lm_head.weight.device
     eos_ids = torch.tensor(eos, dtype=torch.long, device=device)         # [num_eos]
 
     B = len(prompts)
     lengths = torch.tensor([len(p) for p in prompts], device=device)    # [B]
     new = torch.full((B, max_new_tokens), eos[0] if eos else 0, device=device)  # [B, new]
     counts = torch.zeros(B, dtype=torch.long, device=device)            # [B] tokens generated
-    if max_new_tokens:
+    done = B == 0 or max_new_tokens == 0
+    if not done:
         cache = model.new_cache([len(p) + max_new_tokens for p in prompts], fp8=fp8_kv_cache)
         cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)   # [B + 1]
         logits = model.prefill(torch.cat(prompts), cu_seqlens, cache)   # [B, V]
-        active = torch.arange(B, device=device)                         # [n] still running
-        for step in range(max_new_tokens):
+    elif group is not None:
+        model.join_experts()                                            # the others' prefill
+    active = torch.arange(B, device=device)                             # [n] still running
+    step = 0
+    while True:  # one step of every rank: sample, then a decode forward (or joining one)
+        if not done:
             tokens = _sample(logits, temperature, top_p, generator)     # [n]
             new[active, step] = tokens
             counts[active] = step + 1
             running = ~torch.isin(tokens, eos_ids)                      # [n]
             if on_step is not None:
                 on_step(step + 1)
-            if step + 1 == max_new_tokens or not bool(running.any()):
-                break
-            active, tokens = active[running], tokens[running]
-            logits = model.decode(tokens, active, cache)                # [n, V]
+            step += 1
+            done = step == max_new_tokens or not bool(running.any())
+        if not _any_rank_running(not done, group, device):
+            break
+        if done:
+            model.join_experts()
+            continue
+        active, tokens = active[running], tokens[running]
+        logits = model.decode(tokens, active, cache)                    # [n, V]
 
     if isinstance(input_ids, torch.Tensor):
         return torch.cat([input_ids, new[:, :int(counts.max())].to(input_ids)], dim=1)
     return [torch.cat([p, new[b, :n]]) for b, (p, n) in enumerate(zip(prompts, counts.tolist()))]
 
 
-def _prompts(input_ids, model) -> list[torch.Tensor]:
-    """The prompts as 1-D int64 tensors on the model's device, checked."""
+def _any_rank_running(running: bool, group, device) -> bool:
+    """Whether this rank (``running``) or, with expert parallelism, any rank of ``group`` has
+    another decode step; every rank calls it once a step."""
+    if group is None:
+        return running
+    flag = torch.tensor([int(running)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    return bool(flag.item())
+
+
+def _prompts(input_ids, model, allow_none: bool = False) -> list[torch.Tensor]:
+    """The prompts as 1-D int64 tensors on the model's device, checked; an empty list only
+    with ``allow_none`` (an expert-parallel rank without prompts)."""
     device = model.lm_head.weight.device
     if isinstance(input_ids, torch.Tensor):
         if input_ids.dim() != 2 or input_ids.is_floating_point():
             raise ValueError(f"input_ids must be an integer [B, S] tensor or a list of prompts, "
                              f"got {input_ids.dtype} {tuple(input_ids.shape)}")
         input_ids = list(input_ids)
+    if allow_none and isinstance(input_ids, (list, tuple)) and not input_ids:
+        return []
     if not isinstance(input_ids, (list, tuple)) or not input_ids:
         raise ValueError("input_ids must be an integer [B, S] tensor or a non-empty list of "
                          f"prompts, got {type(input_ids).__name__} {input_ids!r:.80}")

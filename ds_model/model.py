@@ -223,11 +223,12 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int):
+    def __init__(self, config: ModelConfig, layer_idx: int, ep_group=None):
         super().__init__()
         H = config.hidden_size
         self.self_attn = Attention(config)
-        self.mlp = (MoE.from_hf_config(config) if layer_idx >= config.first_k_dense_replace
+        self.mlp = (MoE.from_hf_config(config, ep_group=ep_group)
+                    if layer_idx >= config.first_k_dense_replace
                     else SharedExperts(H, config.intermediate_size))  # the dense SwiGLU MLP
         self.input_layernorm = RMSNorm(H, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(H, config.rms_norm_eps)
@@ -238,10 +239,10 @@ class DecoderLayer(nn.Module):
 
 
 class DeepSeekModel(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, ep_group=None):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, ep_group)
                                     for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
@@ -258,11 +259,14 @@ class DeepSeekForCausalLM(nn.Module):
     from_pretrained = classmethod(_from_pretrained)   # see ds_model/loading.py
     generate = _generate                              # see ds_model/generate.py
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, *, ep_group=None):
+        """ep_group: a torch.distributed group whose ranks share the routed experts (E/W each;
+        ds_kernels.MoE), each rank running attention and everything else on its own sequences
+        (data-parallel attention). load_state_dict takes the unsharded state_dict."""
         super().__init__()
         config.validate()  # again: its fields may have been changed since it was built
-        self.config = config
-        self.model = DeepSeekModel(config)
+        self.config, self.ep_group = config, ep_group
+        self.model = DeepSeekModel(config, ep_group)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -298,6 +302,18 @@ class DeepSeekForCausalLM(nn.Module):
         """Logits [n, V] of one new token input_ids[i] [n] appended to cached sequence
         seq_ids[i] (int64 [n], distinct)."""
         return self.lm_head(self.model(input_ids, cache.append(seq_ids), cache))  # [n, V]
+
+    def join_experts(self):
+        """This rank's part of one forward with no tokens of its own (expert parallelism: a
+        rank whose sequences are done while others still decode): every MoE layer's expert
+        exchange, in order, on zero rows, so that the other ranks' collectives complete."""
+        H, weight = self.config.hidden_size, self.lm_head.weight
+        for layer in self.model.layers:
+            if isinstance(layer.mlp, MoE):
+                k = layer.mlp.gate.top_k
+                layer.mlp.experts(weight.new_empty(0, H),
+                                  torch.empty(0, k, dtype=torch.long, device=weight.device),
+                                  torch.empty(0, k, device=weight.device))
 
     def to_dtype(self, dtype: torch.dtype) -> "DeepSeekForCausalLM":
         """Cast to dtype, except quantised weights and their scales (``.to(dtype)`` would cast

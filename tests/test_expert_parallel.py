@@ -137,3 +137,32 @@ def test_ep_arguments_need_their_group():
         MoE(H, I, E, K, expert_map=[[0, 1, 2, 3], [4, 5, 6, 7]])
     with pytest.raises(RuntimeError, match="needs torch.distributed initialised"):
         MoE(H, I, E, K, ep_group=object())
+
+
+def _ep_generate(rank, world, prompt_sets, budgets):
+    """Greedy tokens of the tiny model on this rank's prompts, expert-parallel and unsharded."""
+    from ds_model import DeepSeekForCausalLM, ModelConfig
+
+    config = ModelConfig.preset("tiny")
+    full = DeepSeekForCausalLM(config).init_weights(
+        std=0.2, generator=torch.Generator().manual_seed(0)).eval()
+    ep = DeepSeekForCausalLM(config, ep_group=dist.group.WORLD).eval()
+    ep.load_state_dict(full.state_dict())
+    prompts = [torch.tensor(p) for p in prompt_sets[rank]]
+    got = ep.generate(prompts, budgets[rank])
+    want = full.generate(prompts, budgets[rank]) if prompts else []
+    return [g.tolist() for g in got], [w.tolist() for w in want]
+
+
+@pytest.mark.parametrize("world, prompt_sets, budgets", [
+    (2, [[[1, 2, 3, 4, 5], [7, 8, 9, 10, 11, 12, 13, 14, 15]], [[20, 21, 22]]], [6, 2]),
+    (4, [[[1, 2, 3]], [], [[5, 6, 7, 8, 9, 10, 11], [30, 31]], [[40, 41, 42, 43]]], [5, 3, 7, 0]),
+])
+def test_ep_generate_gives_the_unsharded_greedy_tokens(tmp_path, world, prompt_sets, budgets):
+    """Ragged prompts, ranks with different budgets (one finishing first, one with none) and
+    a rank without prompts: each rank's tokens are the single-process ones, and no rank
+    hangs on one that finished."""
+    for r, (got, want) in enumerate(ranks.run(world, _ep_generate, prompt_sets, budgets,
+                                              tmp_path=tmp_path)):
+        assert got == want, f"rank {r}"
+        assert [len(g) for g in got] == [len(p) + budgets[r] for p in prompt_sets[r]]
