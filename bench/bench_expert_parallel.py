@@ -112,8 +112,7 @@ def _count_all_to_alls(rank, spent):
 
     # (output, input, output_split_sizes, input_split_sizes): input at 1, its splits at 3.
     expert_parallel.dist = _Patched(dist, all_to_all_single=wrap(dist.all_to_all_single, 0, 1, 3))
-    expert_parallel.dist_fn = _Patched(expert_parallel.dist_fn, all_to_all_single=wrap(
-        expert_parallel.dist_fn.all_to_all_single, 0, 1, 3))
+    expert_parallel._exchange = wrap(expert_parallel._exchange, 0, 1, 3)
 
 
 class _Patched:

@@ -21,6 +21,8 @@ the wire and overlapping the shared expert with the dispatch are not done yet. S
 read on the host (one sync per layer on a GPU).
 """
 
+import warnings
+
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
@@ -69,6 +71,15 @@ def check_same_placement(experts_of, group):
                          f"ranks {differ}: every rank must pass the same expert_map")
 
 
+def _exchange(out, rows, out_sizes, in_sizes, group):
+    """Differentiable all_to_all_single of token rows. torch 2.13 marks this public one
+    deprecated in favour of the private _functional_collectives; it still is the one that runs
+    on every backend (gloo included) with autograd, so its warning is silenced here."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return dist_fn.all_to_all_single(out, rows, out_sizes, in_sizes, group=group)
+
+
 class EPExperts(nn.Module):
     """The routed experts of one MoE layer, sharded over ``group``: this rank's experts as
     gate_up_proj [E_local, 2I, H] and down_proj [E_local, H, I], under the unsharded keys.
@@ -82,24 +93,29 @@ class EPExperts(nn.Module):
         self.group, self.num_experts = group, num_experts
         self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self.experts_of = placement(num_experts, self.world, expert_map)
-        check_same_placement(self.experts_of, group)
+        with torch.device("cpu"):  # also inside a meta-device model build (from_pretrained)
+            check_same_placement(self.experts_of, group)
         self.local_ids = self.experts_of[self.rank]
         E = len(self.local_ids)
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(E, hidden_size, intermediate_size))
-        # replicas[e, i]: the i-th rank holding e (cycled to the widest); local[r, e]: e's row
-        # on rank r (-1: r does not hold it).
-        holders = [[r for r, ids in enumerate(self.experts_of) if e in ids]
-                   for e in range(num_experts)]
-        width = max(len(h) for h in holders)
-        self.register_buffer("replicas", torch.tensor(
-            [[h[i % len(h)] for i in range(width)] for h in holders]), persistent=False)
-        self.register_buffer("replica_counts", torch.tensor([len(h) for h in holders]),
-                             persistent=False)
-        local = torch.full((self.world, num_experts), -1, dtype=torch.long)
-        for r, ids in enumerate(self.experts_of):
-            local[r, ids] = torch.arange(len(ids))
-        self.register_buffer("local_index", local, persistent=False)
+        self._tables = {}  # device -> _routing_tables(); not buffers: to_empty would blank them
+
+    def _routing_tables(self, device):
+        """(replicas [E, width]: the i-th rank holding e, cycled to the widest; replica_counts
+        [E]; local_index [W, E]: e's row on rank r, -1 where r does not hold it)."""
+        if device not in self._tables:
+            holders = [[r for r, ids in enumerate(self.experts_of) if e in ids]
+                       for e in range(self.num_experts)]
+            width = max(len(h) for h in holders)
+            replicas = torch.tensor([[h[i % len(h)] for i in range(width)] for h in holders])
+            local = torch.full((self.world, self.num_experts), -1, dtype=torch.long)
+            for r, ids in enumerate(self.experts_of):
+                local[r, ids] = torch.arange(len(ids))
+            self._tables[device] = (replicas.to(device),
+                                    torch.tensor([len(h) for h in holders], device=device),
+                                    local.to(device))
+        return self._tables[device]
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for name in ("gate_up_proj", "down_proj"):
@@ -111,27 +127,28 @@ class EPExperts(nn.Module):
     def forward(self, x, topk_ids, topk_weights):                 # x [T, H]
         T, H = x.shape
         k = topk_ids.shape[1]
+        replicas, replica_counts, local_index = self._routing_tables(x.device)
         expert = topk_ids.reshape(-1).long()                      # [N = T*k]
         token = torch.arange(T, device=x.device).repeat_interleave(k)  # [N]
         # The replica of each assignment's expert: spread by token (and rank) over its holders.
-        choice = (token + self.rank) % self.replica_counts[expert]
-        dest = self.replicas[expert, choice]                      # [N]
+        choice = (token + self.rank) % replica_counts[expert]
+        dest = replicas[expert, choice]                           # [N]
         order = torch.sort(dest, stable=True).indices             # [N] grouped by rank
         send = torch.bincount(dest, minlength=self.world)         # [W]
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=self.group)
         send_sizes, recv_sizes = send.tolist(), recv.tolist()
         rows = x[token[order]]                                    # [N, H]
-        recv_rows = dist_fn.all_to_all_single(x.new_empty(sum(recv_sizes), H), rows,
-                                              recv_sizes, send_sizes, group=self.group)
-        local = self.local_index[dest[order], expert[order]]      # [N]
+        recv_rows = _exchange(x.new_empty(sum(recv_sizes), H), rows, recv_sizes, send_sizes,
+                              self.group)
+        local = local_index[dest[order], expert[order]]           # [N]
         recv_local = local.new_empty(sum(recv_sizes))
         dist.all_to_all_single(recv_local, local, recv_sizes, send_sizes, group=self.group)
         ones = recv_rows.new_ones(recv_local.shape[0], 1, dtype=torch.float32)
         y = fused_moe(recv_rows, self.gate_up_proj, self.down_proj, ones,
                       recv_local.unsqueeze(1))                    # [R, H] unweighted
-        back = dist_fn.all_to_all_single(y.new_empty(len(order), H), y, send_sizes, recv_sizes,
-                                         group=self.group)        # [N, H] in `order`
+        back = _exchange(y.new_empty(len(order), H), y, send_sizes, recv_sizes,
+                         self.group)                              # [N, H] in `order`
         weight = topk_weights.reshape(-1)[order].float().unsqueeze(1)  # [N, 1]
         out = x.new_zeros(T, H, dtype=torch.float32)
         return out.index_add(0, token[order], back.float() * weight).to(x.dtype)

@@ -1,6 +1,7 @@
 """python -m ds_model generate [--preset NAME [--quantize fp8|mxfp4] | --checkpoint DIR
     [--dequantize]] [--batch 4] [--prompt-len 32] [--max-new-tokens 64] [--dtype float32]
     [--temperature 0] [--top-p 1] [--seed 0] [--record-routing FILE.safetensors]
+python -m torch.distributed.run --nproc-per-node W -m ds_model generate ... --expert-parallel
 python -m ds_model quantize SRC DST [--scale-fmt float|ue8m0] [--experts fp8|mxfp4]
 
 generate continues random prompts with random weights (a preset, "tiny" by default; with
@@ -8,7 +9,9 @@ generate continues random prompts with random weights (a preset, "tiny" by defau
 weights of an HF-format checkpoint folder (a quantised one stays quantised unless
 --dequantize), shows a progress bar on stderr, and prints the weights' memory, the prefill and
 decode throughput and the generated ids. --record-routing saves every MoE layer's expert
-choices for `python -m autotune sweep --op fused_moe --routing FILE`.
+choices for `python -m autotune sweep --op fused_moe --routing FILE`. --expert-parallel (under
+torchrun: gloo on CPU, NCCL on GPUs, one GPU a rank) shards the routed experts over the ranks,
+each rank continuing its own random prompts; rank 0 prints the throughput of all ranks together.
 
 quantize writes the bf16/fp32 checkpoint SRC into the new folder DST in DeepSeek's published
 FP8 format (ds_model/convert.py), tensor by tensor.
@@ -20,12 +23,14 @@ ends the run with one line on stderr and exit status 1, before any generation or
 
 import argparse
 import contextlib
+import os
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from ds_kernels.quant_formats import FP8, MXFP4, SCALE_FMTS
 from ds_model import PRESETS, DeepSeekForCausalLM, ModelConfig
@@ -63,6 +68,8 @@ def main(argv=None):
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    gen.add_argument("--expert-parallel", action="store_true",
+                     help="shard the routed experts over torchrun's ranks")
     gen.add_argument("--record-routing", type=Path, metavar="FILE",
                      help="save the experts each MoE layer chose (safetensors) for autotune; "
                      "the timings then include the recording")
@@ -85,28 +92,42 @@ def main(argv=None):
     if args.dequantize and not args.checkpoint:
         parser.error("--dequantize goes with --checkpoint")
 
+    if args.expert_parallel and (args.quantize or args.record_routing):
+        parser.error("--expert-parallel does not go with --quantize or --record-routing yet")
     if args.record_routing and not args.record_routing.parent.is_dir():
         _fail(f"--record-routing {args.record_routing}: no folder {args.record_routing.parent}")
 
     torch.manual_seed(args.seed)
     dtype, device = getattr(torch, args.dtype), _device(args.device)
+    group = _join_ranks(device) if args.expert_parallel else None
+    rank, world = (0, 1) if group is None else (dist.get_rank(), dist.get_world_size())
+    if device.type == "cuda" and group is not None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
     try:
-        model = _model(args, dtype, device)
+        model = _model(args, dtype, device, group)
     except (OSError, ValueError) as error:  # the loaders name the file, field or value
         _fail(str(error))
     total, active = model.config.num_parameters()
     held = sum(t.nbytes for t in model.parameters()) + sum(t.nbytes for t in model.buffers())
-    print(f"model: {args.checkpoint or args.preset}, {total / 1e6:.1f}M parameters "
-          f"({active / 1e6:.1f}M active), {args.dtype} on {device}, weights "
-          f"{held / 2**20:.1f} MiB{_formats(model)}", file=sys.stderr)
+    if rank == 0:
+        per_rank = " on each of {world} ranks (its share of the experts)" if group else ""
+        print(f"model: {args.checkpoint or args.preset}, {total / 1e6:.1f}M parameters "
+              f"({active / 1e6:.1f}M active), {args.dtype} on {device}, weights "
+              f"{held / 2**20:.1f} MiB{per_rank.format(world=world)}{_formats(model)}",
+              file=sys.stderr)
 
+    # Each rank its own prompts (the same weights: the seed is shared).
     prompts = torch.randint(model.config.vocab_size, (args.batch, args.prompt_len),
-                            device=device)
+                            device=device, generator=torch.Generator(device).manual_seed(
+                                args.seed + rank))
     generator = torch.Generator(device).manual_seed(args.seed)
     stamps = []
 
     def on_step(step):
         stamps.append(time.perf_counter())
+        if rank:
+            return
         done = BAR_WIDTH * step // args.max_new_tokens
         print(f"\r[{'#' * done}{'.' * (BAR_WIDTH - done)}] {step}/{args.max_new_tokens} steps",
               end="", file=sys.stderr, flush=True)
@@ -128,14 +149,31 @@ def main(argv=None):
               file=sys.stderr)
     generated = sum(len(o) for o in outputs) - prompts.numel()
     prefill_s, decode_s = stamps[0] - start, stamps[-1] - stamps[0]
-    print(f"prefill: {args.batch} x {args.prompt_len} tokens in {prefill_s * 1e3:.1f} ms "
-          f"({prompts.numel() / prefill_s:,.0f} tokens/s)")
-    if len(stamps) > 1:
-        print(f"decode: {generated - args.batch} tokens in {len(stamps) - 1} steps, "
-              f"{decode_s:.2f} s: {(generated - args.batch) / decode_s:,.1f} tokens/s, "
-              f"{decode_s / (len(stamps) - 1) * 1e3:.2f} ms/step")
-    for b, out in enumerate(outputs):
-        print(f"sequence {b}: {out[args.prompt_len:].tolist()}")
+    steps = len(stamps) - 1
+    if group is not None:  # all ranks' tokens over the slowest rank's time
+        totals = torch.tensor([float(generated), float(prompts.numel())])
+        times = torch.tensor([prefill_s, decode_s])
+        dist.all_reduce(totals, group=group)
+        dist.all_reduce(times, op=dist.ReduceOp.MAX, group=group)
+        (generated, prompt_tokens), (prefill_s, decode_s) = totals.tolist(), times.tolist()
+        generated = int(generated)
+    else:
+        prompt_tokens = prompts.numel()
+    if rank == 0:
+        ranks = f" on {world} ranks" if group is not None else ""
+        each = f" a rank{ranks}, {int(prompt_tokens)} in all" if group is not None else ""
+        print(f"prefill: {args.batch} x {args.prompt_len} tokens{each} in "
+              f"{prefill_s * 1e3:.1f} ms ({prompt_tokens / prefill_s:,.0f} tokens/s)")
+        if steps:
+            decoded = generated - args.batch * world
+            print(f"decode: {decoded} tokens{ranks} in {steps} steps, {decode_s:.2f} s: "
+                  f"{decoded / decode_s:,.1f} tokens/s, {decode_s / steps * 1e3:.2f} ms/step")
+    # One write per rank: ranks sharing a terminal (torchrun) then do not interleave lines.
+    print("\n".join(f"{f'rank {rank} ' if group is not None else ''}sequence {b}: "
+                    f"{out[args.prompt_len:].tolist()}" for b, out in enumerate(outputs)),
+          flush=True)
+    if group is not None:
+        dist.destroy_process_group()
 
 
 def _fail(message: str):
@@ -153,16 +191,26 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def _model(args, dtype, device) -> DeepSeekForCausalLM:
+def _join_ranks(device: torch.device):
+    """The process group of torchrun's ranks (gloo on CPU, NCCL on GPUs)."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        _fail("--expert-parallel runs under torchrun: python -m torch.distributed.run "
+              "--nproc-per-node W -m ds_model generate ... --expert-parallel")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.group.WORLD
+
+
+def _model(args, dtype, device, group=None) -> DeepSeekForCausalLM:
     if args.checkpoint:
         return DeepSeekForCausalLM.from_pretrained(args.checkpoint, dtype=dtype, device=device,
-                                                   dequantize=args.dequantize)
+                                                   dequantize=args.dequantize, ep_group=group)
     config = ModelConfig.preset(args.preset)
     if args.quantize:
         config.quantization_config = Quantization(experts=args.quantize).to_config()
-    check_fits(config, dtype, device, f"--preset {args.preset}")
+    world = 1 if group is None else dist.get_world_size(group)
+    check_fits(config, dtype, device, f"--preset {args.preset}", expert_ranks=world)
     with torch.device("meta"):
-        model = DeepSeekForCausalLM(config)
+        model = DeepSeekForCausalLM(config, ep_group=group)
         if args.quantize:
             quantize_modules(model, planned_formats(model, config.quantization))
     return empty(model, dtype, device).init_weights().eval()

@@ -260,16 +260,20 @@ class ModelConfig:
         active = sum(math.prod(shape) * used for _, shape, _, used in self._tensors())
         return total, active
 
-    def weight_bytes(self, dtype: torch.dtype, *, quantized: bool = True) -> tuple[int, int]:
+    def weight_bytes(self, dtype: torch.dtype, *, quantized: bool = True,
+                     expert_ranks: int = 1) -> tuple[int, int]:
         """(bytes held, bytes one token reads) of the weights, as from_pretrained holds them in
         ``dtype``: routers in fp32; with quantization_config (and ``quantized``), FP8 weights
         at 1 byte + an fp32 scale per 128x128 block (V3's scales; V4's e8m0 take 1 byte) and
         MXFP4 experts at 0.5 + 1/32 byte, kv_b_proj in dtype (dequantised at load: see
-        ds_model/quantized.py). A tied lm_head is held once but read by every token."""
+        ds_model/quantized.py). A tied lm_head is held once but read by every token. With
+        ``expert_ranks`` W (expert parallelism), what one rank holds: 1/W of the routed experts."""
         quantization = self.quantization if quantized else None
         held = read = 0
         for role, shape, count, used in self._tensors():
             size = _tensor_bytes(role, shape, dtype, quantization)
+            if role == "experts":
+                count = -(-count // expert_ranks)
             held += size * (0 if role == "lm_head" and self.tie_word_embeddings else count)
             read += size * used
         return held, read

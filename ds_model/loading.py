@@ -60,6 +60,7 @@ from safetensors import safe_open
 import ds_kernels
 from ds_kernels.quant_formats import (E8M0_DTYPE, FP4_DTYPE, FP8, MXFP4, MXFP4_GROUP,
                                       SCALE_BLOCK)
+from ds_kernels.expert_parallel import EPExperts
 from ds_model.config import ModelConfig
 from ds_model.quantized import (SCALE_SUFFIX, Format, quantizable, quantize_modules,
                                 scale_grid)
@@ -69,6 +70,7 @@ log = logging.getLogger("ds_model")
 _EXPERT = re.compile(r"(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)"
                      r"\.weight")
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
+_OTHER_RANK = ("another rank's expert",)  # _target's mark: not read on this rank
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors' names of plain weights
 # Quantised codes by safetensors dtype: I8 holds MXFP4 bytes as DeepSeek-V4 and transformers
@@ -101,6 +103,7 @@ class _Weight:
     expert: int | None          # per-expert tensors: the expert
     part: str | None            # and gate_proj / up_proj / down_proj
     module: str | None          # the quantisable module it belongs to (None: not quantisable)
+    rows: list[int] | None = None  # a fused expert weight under EP: this rank's experts
 
     @property
     def fmt(self) -> str | None:
@@ -108,11 +111,13 @@ class _Weight:
 
 
 def from_pretrained(cls, folder, *, dtype: torch.dtype | None = None, device="cpu",
-                    dequantize: bool = False):
+                    dequantize: bool = False, ep_group=None):
     """A ``cls`` (DeepSeekForCausalLM) with the weights of the HF-format checkpoint in folder,
     in ``dtype`` (default: config.json's dtype, else float32; routers stay fp32) on ``device``,
     in eval mode. A quantised checkpoint's weights stay quantised, unless ``dequantize`` (then
-    they are folded into ``dtype``)."""
+    they are folded into ``dtype``). With ``ep_group`` (expert parallelism), this rank's routed
+    experts only: the other ranks' expert tensors are never read (fused [E, ...] expert
+    weights: only this rank's rows)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such checkpoint folder")
@@ -120,11 +125,16 @@ def from_pretrained(cls, folder, *, dtype: torch.dtype | None = None, device="cp
     files = _files(folder)
     dtype = checkpoint_dtype if dtype is None else dtype
     device = torch.device(device)
-    check_fits(config, dtype, device, str(folder), quantized=not dequantize)
+    ranks = 1 if ep_group is None else torch.distributed.get_world_size(ep_group)
+    check_fits(config, dtype, device, str(folder), quantized=not dequantize, expert_ranks=ranks)
     with torch.device("meta"):
-        model = cls(config)
-    weights = _scan(folder, files, model, config, num_mtp)
+        model = cls(config, ep_group=ep_group)
+    local = {name: m.local_ids for name, m in model.named_modules() if isinstance(m, EPExperts)}
+    weights = _scan(folder, files, model, config, num_mtp, local)
     formats = {} if dequantize else _formats(weights, config)
+    if set(formats) & set(local):
+        raise NotImplementedError(f"{folder}: quantised routed experts under expert parallelism "
+                                  "are not supported yet; load with dequantize=True")
     with torch.device("meta"):
         quantize_modules(model, formats)
     model = empty(model, dtype, device)
@@ -153,10 +163,16 @@ def _copy(weights: list[_Weight], state, formats) -> dict[str, int]:
     with contextlib.ExitStack() as stack:
         handles = {}
 
-        def read(t: _Tensor) -> torch.Tensor:
+        def read(t: _Tensor, rows=None) -> torch.Tensor:
+            """The tensor, or only its ``rows`` (a fused expert weight under EP)."""
             if t.path not in handles:
                 handles[t.path] = stack.enter_context(safe_open(t.path, framework="pt"))
-            tensor = handles[t.path].get_tensor(t.key)
+            if rows is None:
+                tensor = handles[t.path].get_tensor(t.key)
+            elif rows == list(range(rows[0], rows[-1] + 1)):  # contiguous: read just those
+                tensor = handles[t.path].get_slice(t.key)[rows[0]:rows[-1] + 1]
+            else:
+                tensor = handles[t.path].get_tensor(t.key)[rows]
             return tensor.view(FP4_DTYPE) if t.dtype == "I8" else tensor  # MXFP4 bytes
 
         for w in weights:
@@ -167,9 +183,10 @@ def _copy(weights: list[_Weight], state, formats) -> dict[str, int]:
                 scales.copy_(read(w.scale))
                 written[w.name + SCALE_SUFFIX] += scales.numel()
             elif w.scale is not None:
-                dest.copy_(ds_kernels.dequantize(read(w.tensor), read(w.scale), dest.dtype))
+                dest.copy_(ds_kernels.dequantize(read(w.tensor, w.rows), read(w.scale, w.rows),
+                                                 dest.dtype))
             else:
-                dest.copy_(read(w.tensor))
+                dest.copy_(read(w.tensor, w.rows))
             written[w.name] += dest.numel()
     return written
 
@@ -184,9 +201,10 @@ def empty(model, dtype: torch.dtype, device: torch.device):
     return model
 
 
-def _scan(folder, files, model, config, num_mtp) -> list[_Weight]:
+def _scan(folder, files, model, config, num_mtp, local) -> list[_Weight]:
     """Every checkpoint weight paired with its scale and its place in the (plain, meta) model,
-    checked from the file headers alone (see the module docstring)."""
+    checked from the file headers alone (see the module docstring). local: expert-parallel
+    experts modules -> this rank's expert ids; other ranks' per-expert tensors are skipped."""
     state, kinds = model.state_dict(), quantizable(model)
     mtp = range(config.num_hidden_layers, config.num_hidden_layers + num_mtp)
     tensors, skipped = {}, 0
@@ -196,7 +214,11 @@ def _scan(folder, files, model, config, num_mtp) -> list[_Weight]:
                 layer = _LAYER.match(key)
                 if layer and int(layer.group(1)) in mtp:
                     skipped += 1
-                elif _target(key, state, config) is None and _unused_zero_bias(key, f, config):
+                elif _target(key.removesuffix(SCALE_SUFFIX), state, config,
+                             local) is _OTHER_RANK:
+                    continue
+                elif _target(key, state, config, local) is None and _unused_zero_bias(key, f,
+                                                                                       config):
                     continue
                 else:
                     header = f.get_slice(key)
@@ -210,19 +232,24 @@ def _scan(folder, files, model, config, num_mtp) -> list[_Weight]:
     for key, scale in scales.items():
         if key not in tensors:
             raise ValueError(f"{scale.where()} is a scale, but the checkpoint has no weight {key}")
-    return [_weight(t, scales.get(t.key), state, kinds, config) for t in tensors.values()
-            if not t.key.endswith(SCALE_SUFFIX)]
+    return [_weight(t, scales.get(t.key), state, kinds, config, local)
+            for t in tensors.values() if not t.key.endswith(SCALE_SUFFIX)]
 
 
-def _weight(t: _Tensor, scale: _Tensor | None, state, kinds, config) -> _Weight:
-    target = _target(t.key, state, config)
+def _weight(t: _Tensor, scale: _Tensor | None, state, kinds, config, local) -> _Weight:
+    target = _target(t.key, state, config, local)
     if target is None:
         raise ValueError(f"{t.path.name}: unexpected tensor {t.key}: the model has no "
                          "parameter for it")
     name, expert, part = target
     owner, _, attr = name.rpartition(".")  # X.weight, ...experts.gate_up_proj / down_proj
     quantizable = attr in ("weight", "gate_up_proj", "down_proj") and owner in kinds
-    weight = _Weight(t, scale, name, expert, part, owner if quantizable else None)
+    rows = local.get(owner) if expert is None and attr in ("gate_up_proj", "down_proj") else None
+    if rows is not None and t.shape[0] != config.n_routed_experts:
+        raise ValueError(f"{t.where()} has shape {t.shape}, the model expects "
+                         f"[{config.n_routed_experts}, ...] (all experts; this rank keeps "
+                         f"{len(rows)} of them)")
+    weight = _Weight(t, scale, name, expert, part, owner if quantizable else None, rows)
     if scale is not None:
         _check_quantized(weight, kinds, config)
     elif t.dtype in (*_CODE_FORMATS, "F8_E5M2"):
@@ -231,6 +258,8 @@ def _weight(t: _Tensor, scale: _Tensor | None, state, kinds, config) -> _Weight:
     elif t.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"{t.where()} is {t.dtype}, not a floating-point weight")
     want = tuple(_slice(state, *target).shape)
+    if rows is not None:
+        want = (config.n_routed_experts, *want[1:])
     if _logical_shape(t) != want:
         raise ValueError(f"{t.where()} has shape {_logical_shape(t)}, the model expects {want}")
     return weight
@@ -304,12 +333,14 @@ def _formats(weights: list[_Weight], config) -> dict[str, Format]:
 
 
 def check_fits(config: ModelConfig, dtype: torch.dtype, device: torch.device, what: str, *,
-               quantized: bool = True):
+               quantized: bool = True, expert_ranks: int = 1):
     """Refuse, before allocating anything, a model whose weights alone (ModelConfig.weight_bytes:
-    quantised where config.quantization_config says, unless not ``quantized``) exceed the
-    memory of ``device`` (what: the model's source, for the message)."""
+    quantised where config.quantization_config says, unless not ``quantized``; the routed
+    experts shared by ``expert_ranks``) exceed the memory of ``device`` (what: the model's
+    source, for the message)."""
     total, _ = config.num_parameters()
-    (needed, _), available = config.weight_bytes(dtype, quantized=quantized), _device_memory(device)
+    needed, _ = config.weight_bytes(dtype, quantized=quantized, expert_ranks=expert_ranks)
+    available = _device_memory(device)
     if available is not None and needed > available:
         quantization = config.quantization if quantized else None
         held = str(dtype) if quantization is None else (
@@ -410,8 +441,9 @@ def _unused_zero_bias(key, f, config) -> bool:
             and not f.get_tensor(key).any())
 
 
-def _target(key, state, config):
-    """(model key, expert, part) that checkpoint tensor ``key`` fills, or None if none."""
+def _target(key, state, config, local):
+    """(model key, expert, part) that checkpoint tensor ``key`` fills, None if none, or
+    _OTHER_RANK for another rank's expert (local: see _scan; expert is then this rank's row)."""
     if key in state:
         return key, None, None
     match = _EXPERT.fullmatch(key)
@@ -421,6 +453,10 @@ def _target(key, state, config):
     name = f"{prefix}.{'down_proj' if part == 'down_proj' else 'gate_up_proj'}"
     if name not in state or expert >= config.n_routed_experts:
         return None
+    if prefix in local:
+        if expert not in local[prefix]:
+            return _OTHER_RANK
+        expert = local[prefix].index(expert)
     return name, expert, part
 
 

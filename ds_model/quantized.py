@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from ds_kernels import fused_moe, quant_linear, quantize_fp8_block, quantize_mxfp4
+from ds_kernels.expert_parallel import EPExperts
 from ds_kernels.moe import Experts
 from ds_kernels.quant_formats import (E8M0_DTYPE, FP4_DTYPE, FP8, FP8_BLOCK, FP8_DTYPE, MXFP4,
                                       SCALE_BLOCK, SCALE_FMTS)
@@ -203,7 +204,7 @@ def quantizable(model: nn.Module) -> dict[str, str]:
     "experts", for every module of a (plain) model that DeepSeek's checkpoints quantise."""
     kinds = {}
     for name, module in model.named_modules():
-        if isinstance(module, Experts):
+        if isinstance(module, (Experts, EPExperts)):  # (EP: refused quantised, at load)
             kinds[name] = "experts"
         elif type(module) is nn.Linear and name != "lm_head":
             kinds[name] = "folded" if name.endswith(".kv_b_proj") else "linear"

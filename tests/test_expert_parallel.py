@@ -166,3 +166,127 @@ def test_ep_generate_gives_the_unsharded_greedy_tokens(tmp_path, world, prompt_s
                                               tmp_path=tmp_path)):
         assert got == want, f"rank {r}"
         assert [len(g) for g in got] == [len(p) + budgets[r] for p in prompt_sets[r]]
+
+
+def _ep_from_pretrained(rank, world, folder):
+    """This rank's from_pretrained(ep_group=...): which expert tensors it read, what it holds,
+    and its greedy tokens against the single-process model's."""
+    import safetensors
+
+    from ds_model import DeepSeekForCausalLM, loading
+
+    read = []
+
+    class Recording:
+        def __init__(self, *args, **kwargs):
+            self.file = safetensors.safe_open(*args, **kwargs)
+
+        def __enter__(self):
+            self.inner = self.file.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.file.__exit__(*exc)
+
+        def get_tensor(self, key):
+            read.append(key)
+            return self.inner.get_tensor(key)
+
+        def get_slice(self, key):
+            read.append(key)
+            return self.inner.get_slice(key)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    loading.safe_open = Recording
+    ep = DeepSeekForCausalLM.from_pretrained(folder, ep_group=dist.group.WORLD)
+    loading.safe_open = safetensors.safe_open
+    full = DeepSeekForCausalLM.from_pretrained(folder)
+    prompt = [torch.arange(3 + rank) + 5 * rank]
+    held = {n: tuple(p.shape) for n, p in ep.named_parameters() if ".experts." in n}
+    return dict(read=read, held=held, local=ep.model.layers[1].mlp.experts.local_ids,
+                got=ep.generate(prompt, 4)[0].tolist(), want=full.generate(prompt, 4)[0].tolist())
+
+
+@pytest.mark.parametrize("layout", ["per expert", "fused"])
+def test_ep_from_pretrained_reads_only_the_ranks_experts(tmp_path, layout):
+    """The published per-expert layout: other ranks' expert tensors are never read; the fused
+    [E, ...] layout: only this rank's rows. Each rank holds E/W experts a layer and greedy
+    decodes as the single-process model."""
+    from test_loading import config_of
+    from tiny_deepseek import hf_model, per_expert, write_checkpoint
+
+    hf = hf_model()
+    state = hf.state_dict()
+    tensors = per_expert(state) if layout == "per expert" else state
+    folder = write_checkpoint(tmp_path / "ckpt", config_of(hf), tensors)
+    E = hf.config.n_routed_experts
+    results = ranks.run(2, _ep_from_pretrained, str(folder), tmp_path=tmp_path)
+    for rank, res in enumerate(results):
+        assert res["got"] == res["want"], f"rank {rank}"
+        assert res["local"] == list(range(rank * E // 2, (rank + 1) * E // 2))
+        assert all(shape[0] == E // 2 for shape in res["held"].values())
+        experts_read = {int(k.split(".")[5]) for k in res["read"] if ".experts." in k
+                        and k.split(".")[5].isdigit()}  # model.layers.L.mlp.experts.J.*
+        if layout == "per expert":
+            assert experts_read == set(res["local"]), f"rank {rank} read experts {experts_read}"
+        else:
+            assert not experts_read and any("experts.gate_up_proj" in k for k in res["read"])
+
+
+def test_memory_estimates_count_a_ranks_share_of_the_experts():
+    """DeepSeek-V3 on 8 expert-parallel ranks: each holds 1/8 of the 58 MoE layers' 256 routed
+    experts (3 x 7168 x 2048 bf16 each), and the rest whole - still more than this machine."""
+    from ds_model import ModelConfig
+    from ds_model.loading import check_fits
+
+    config = ModelConfig.preset("deepseek-v3-671b")
+    held = [config.weight_bytes(torch.bfloat16, expert_ranks=w)[0] for w in (1, 8)]
+    routed = 58 * 256 * 3 * 7168 * 2048 * 2
+    assert held[0] - held[1] == pytest.approx(routed * 7 / 8, rel=1e-6)
+    with pytest.raises(ValueError, match="need"):
+        check_fits(config, torch.bfloat16, torch.device("cpu"), "v3", expert_ranks=8)
+
+
+def _load_quantised(rank, world, folder):
+    from ds_model import DeepSeekForCausalLM
+
+    DeepSeekForCausalLM.from_pretrained(folder, ep_group=dist.group.WORLD)
+
+
+def test_quantised_experts_under_ep_are_refused_with_the_way_out(tmp_path):
+    from test_loading import config_of
+    from tiny_deepseek import FP8_CONFIG, QUANTIZED_CONFIG, hf_model, quantize_tensors
+    from tiny_deepseek import write_checkpoint
+
+    hf = hf_model(**QUANTIZED_CONFIG)
+    tensors, _ = quantize_tensors(hf.state_dict())
+    folder = write_checkpoint(tmp_path / "ckpt", {**config_of(hf), "quantization_config":
+                                                  FP8_CONFIG}, tensors)
+    with pytest.raises(ranks.RankFailed, match="not supported yet; load with dequantize=True"):
+        ranks.run(1, _load_quantised, str(folder), tmp_path=tmp_path)
+
+
+def test_the_cli_runs_under_torchrun(tmp_path):
+    """python -m torch.distributed.run --nproc-per-node 2 -m ds_model generate --expert-parallel:
+    each rank its own prompts, rank 0 the throughput of both."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--master-port", str(ranks._free_port()), "-m", "ds_model", "generate", "--preset",
+         "tiny", "--expert-parallel", "--batch", "2", "--prompt-len", "4",
+         "--max-new-tokens", "3"], capture_output=True, text=True, timeout=ranks.TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "decode: 8 tokens on 2 ranks" in done.stdout  # 2 ranks x 2 sequences x 2 steps
+    assert [done.stdout.count(f"rank {r} sequence") for r in (0, 1)] == [2, 2]
+
+
+def test_the_cli_outside_torchrun_says_how_to_run_it(monkeypatch, capsys):
+    from ds_model import __main__ as cli
+
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(SystemExit, match="runs under torchrun: python -m torch.distributed.run"):
+        cli.main(["generate", "--expert-parallel"])
