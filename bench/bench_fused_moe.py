@@ -55,7 +55,7 @@ TOKENS = {
     ("cpu", BACKWARD): ((16, 256, 4096), (16, 4096)),
     ("cuda", FORWARD): ((1, 16, 256, 4096, 16384), (1, 16, 256, 4096, 16384)),
     ("cuda", BACKWARD): ((16, 256, 4096, 16384), (16, 4096)),
-    ("cpu", QUANTISED): ((1, 16, 256, 4096), (16, 4096)),  # quick: the two goals
+    ("cpu", QUANTISED): ((1, 16, 256, 4096), (1, 16, 256, 4096)),  # the four sizes
     ("cuda", QUANTISED): ((1, 16, 256, 4096, 16384), (16, 4096)),
 }
 REFERENCE_MAX_T = 256
