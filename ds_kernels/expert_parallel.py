@@ -21,6 +21,7 @@ the wire and overlapping the shared expert with the dispatch are not done yet. S
 read on the host (one sync per layer on a GPU).
 """
 
+import contextlib
 import warnings
 
 import torch
@@ -80,6 +81,21 @@ def _exchange(out, rows, out_sizes, in_sizes, group):
         return dist_fn.all_to_all_single(out, rows, out_sizes, in_sizes, group=group)
 
 
+@contextlib.contextmanager
+def _peers_blamed(rank, world):
+    """A failed exchange (a peer's process ended, or it never came within the group's timeout)
+    raised with what usually causes it, instead of the backend's bare socket error."""
+    try:
+        yield
+    except RuntimeError as error:
+        raise RuntimeError(f"expert-parallel MoE on rank {rank} of {world}: exchanging tokens "
+                           "with the other ranks failed - a rank stopped (it raised, or was "
+                           "killed), or did not reach this MoE layer within the process group's "
+                           "timeout. Every rank must run each MoE layer as often as the others "
+                           f"(a rank without tokens runs it on none). The backend said: {error}"
+                           ) from error
+
+
 class EPExperts(nn.Module):
     """The routed experts of one MoE layer, sharded over ``group``: this rank's experts as
     gate_up_proj [E_local, 2I, H] and down_proj [E_local, H, I], under the unsharded keys.
@@ -136,7 +152,8 @@ class EPExperts(nn.Module):
         order = torch.sort(dest, stable=True).indices             # [N] grouped by rank
         send = torch.bincount(dest, minlength=self.world)         # [W]
         recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send, group=self.group)
+        with _peers_blamed(self.rank, self.world):  # the first exchange is where it shows
+            dist.all_to_all_single(recv, send, group=self.group)
         send_sizes, recv_sizes = send.tolist(), recv.tolist()
         rows = x[token[order]]                                    # [N, H]
         recv_rows = _exchange(x.new_empty(sum(recv_sizes), H), rows, recv_sizes, send_sizes,

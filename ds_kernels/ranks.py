@@ -29,10 +29,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, out_dir, fn, args):
+def _worker(rank, world, port, out_dir, fn, args, group_timeout_s):
     torch.set_num_threads(1)  # W ranks share the CI machine's cores
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=TIMEOUT_S))
+                            world_size=world,
+                            timeout=datetime.timedelta(seconds=group_timeout_s))
     path = Path(out_dir) / f"rank{rank}.pt"
     try:
         result = fn(rank, world, *args)
@@ -43,11 +44,14 @@ def _worker(rank, world, port, out_dir, fn, args):
         dist.destroy_process_group()
 
 
-def run(world: int, fn, *args, tmp_path: Path, timeout_s: float = TIMEOUT_S) -> list:
+def run(world: int, fn, *args, tmp_path: Path, timeout_s: float = TIMEOUT_S,
+        group_timeout_s: float = TIMEOUT_S) -> list:
     """[fn's result on each rank]; raises RankFailed with the first failing rank's traceback
     as soon as one fails (the others, which may wait on it in a collective, are killed).
-    tmp_path: a folder for the ranks' result files."""
-    context = mp.start_processes(_worker, args=(world, _free_port(), str(tmp_path), fn, args),
+    tmp_path: a folder for the ranks' result files. group_timeout_s: the process group's own
+    timeout (how long a collective waits for a missing rank)."""
+    context = mp.start_processes(_worker, args=(world, _free_port(), str(tmp_path), fn, args,
+                                                group_timeout_s),
                                  nprocs=world, join=False, start_method="spawn")
     paths = [tmp_path / f"rank{r}.pt" for r in range(world)]
     waited = 0.0

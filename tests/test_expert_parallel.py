@@ -290,3 +290,28 @@ def test_the_cli_outside_torchrun_says_how_to_run_it(monkeypatch, capsys):
     monkeypatch.delenv("RANK", raising=False)
     with pytest.raises(SystemExit, match="runs under torchrun: python -m torch.distributed.run"):
         cli.main(["generate", "--expert-parallel"])
+
+
+def _one_rank_leaves(rank, world):
+    """Rank 1 fails before the layer and leaves; rank 0 runs the layer: its error, and when."""
+    import time
+
+    layer = _layer(ep_group=dist.group.WORLD)
+    if rank == 1:
+        return "left"
+    start = time.perf_counter()
+    try:
+        layer(torch.randn(3, H, generator=torch.Generator().manual_seed(0)))
+    except RuntimeError as error:
+        return str(error), time.perf_counter() - start
+    return "no error", time.perf_counter() - start
+
+
+def test_a_rank_that_stops_makes_the_others_fail_clearly_not_hang(tmp_path):
+    """The other rank's exchange fails within the group's timeout (here 10 s), naming the
+    likely cause, instead of waiting forever."""
+    results = ranks.run(2, _one_rank_leaves, tmp_path=tmp_path, group_timeout_s=10)
+    message, seconds = results[0]
+    assert results[1] == "left"
+    assert "exchanging tokens with the other ranks failed - a rank stopped" in message
+    assert seconds < 30
