@@ -283,14 +283,18 @@ def test_opcheck(fp8):
                            slots, True))
 
 
-def test_torch_compile_fullgraph_fp8_cache():
+def _compile_inputs(Dc):
+    """(kv_latent [5, Dc], k_pe [5, 8], norm weight, cos, sin, slots with a -1) on DEVICE."""
     g = torch.Generator().manual_seed(2)
-    kv_latent, k_pe = torch.randn(5, 128, generator=g), torch.randn(5, 8, generator=g)
-    weight = 1 + torch.randn(128, generator=g)
+    kv_latent, k_pe = torch.randn(5, Dc, generator=g), torch.randn(5, 8, generator=g)
+    weight = 1 + torch.randn(Dc, generator=g)
     cos, sin = rope.rope_cos_sin(torch.arange(5), rope.rope_frequencies(8, 10000.0))
     slots = torch.tensor([0, 7, -1, 11, 2])
-    args = [t.to(DEVICE) for t in (kv_latent, k_pe, weight, cos, sin, slots)]
-    kv_latent, k_pe, weight, cos, sin, slots = args
+    return [t.to(DEVICE) for t in (kv_latent, k_pe, weight, cos, sin, slots)]
+
+
+def test_torch_compile_fullgraph_fp8_cache():
+    kv_latent, k_pe, weight, cos, sin, slots = _compile_inputs(128)
 
     @torch.compile(fullgraph=True)
     def step(kv_latent, k_pe, weight, cos, sin, kv_cache, plain_cache, slots):
@@ -313,13 +317,7 @@ def test_torch_compile_fullgraph_fp8_cache():
 
 
 def test_torch_compile_fullgraph():
-    g = torch.Generator().manual_seed(2)
-    kv_latent, k_pe = torch.randn(5, 16, generator=g), torch.randn(5, 8, generator=g)
-    weight = 1 + torch.randn(16, generator=g)
-    cos, sin = rope.rope_cos_sin(torch.arange(5), rope.rope_frequencies(8, 10000.0))
-    slots = torch.tensor([0, 7, -1, 11, 2])
-    args = [t.to(DEVICE) for t in (kv_latent, k_pe, weight, cos, sin, slots)]
-    kv_latent, k_pe, weight, cos, sin, slots = args
+    kv_latent, k_pe, weight, cos, sin, slots = _compile_inputs(16)
 
     @torch.compile(fullgraph=True)
     def step(kv_latent, k_pe, weight, cos, sin, kv_cache, plain_cache, slots):

@@ -485,13 +485,7 @@ def test_non_finite_input_poisons_only_its_own_heads(any_backend, poison, value)
         column = 40 if poison == "cache rope" else 3
         kv_cache[block_table[b, t // 16], t % 16, column] = value
         want_bad[b] = poison != "unused row"
-    args = (q_nope, q_pe, kv_cache, block_table, cache_seqlens, 0.3)
-    out, lse = mla_decode(*args)
-    assert torch.equal(lse.isnan().cpu(), want_bad), lse
-    assert torch.equal(out.isnan().all(-1).cpu(), want_bad) and not out[~want_bad].isnan().any()
-    want_out, want_lse = reference(*args)
-    assert_close(out, want_out, torch.float32, reduction=100, what="out")
-    assert_close(lse, want_lse, torch.float32, reduction=100, what="lse")
+    _check_poisoned((q_nope, q_pe, kv_cache, block_table, cache_seqlens, 0.3), want_bad, 100)
 
 
 @pytest.mark.parametrize("poison", ["latent", "scale", "rope", "unused row"])
@@ -517,13 +511,18 @@ def test_fp8_non_finite_rows_poison_only_their_own_heads(any_backend, poison):
     want_bad[b] = poison != "unused row"
     q_nope = torch.randn(3, 4, 128, generator=g).to(DEVICE)
     q_pe = torch.randn(3, 4, 16, generator=g).to(DEVICE)
-    args = (q_nope, q_pe, kv_cache, block_table, cache_seqlens, 0.3)
+    _check_poisoned((q_nope, q_pe, kv_cache, block_table, cache_seqlens, 0.3), want_bad, 200)
+
+
+def _check_poisoned(args, want_bad, reduction):
+    """mla_decode(*args): exactly the heads in want_bad [B, Hq] NaN (out and lse), and the
+    reference's answer everywhere."""
     out, lse = mla_decode(*args)
     assert torch.equal(lse.isnan().cpu(), want_bad), lse
     assert torch.equal(out.isnan().all(-1).cpu(), want_bad) and not out[~want_bad].isnan().any()
     want_out, want_lse = reference(*args)
-    assert_close(out, want_out, torch.float32, reduction=200, what="out")
-    assert_close(lse, want_lse, torch.float32, reduction=200, what="lse")
+    assert_close(out, want_out, torch.float32, reduction=reduction, what="out")
+    assert_close(lse, want_lse, torch.float32, reduction=reduction, what="lse")
 
 
 @CACHES
