@@ -56,8 +56,9 @@ def main(argv=None):
     harness.add_speedups(rows)
     harness.flag_noisy(rows)
     harness.write_results(rows, out, "results", machine, load.summary())
-    for op in args.ops:
-        harness.plot([r for r in rows if r.op == op], out / f"{op}.png")
+    for op in args.ops:  # a benchmark's PLOT_X: the shape entry its curves run along
+        harness.plot([r for r in rows if r.op == op], out / f"{op}.png",
+                     getattr(importlib.import_module(BENCHMARKS[op]), "PLOT_X", None))
     print(harness.format_table(rows))
     print(harness.describe_load(rows, load.summary()))
 

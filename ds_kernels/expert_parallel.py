@@ -5,31 +5,32 @@ Placement: rank r holds experts [r*E/W, (r+1)*E/W), or the ids ``expert_map[r]``
 expert listed on several ranks is a replica (EPLB-style, for hot experts), each assignment to it
 going to one of them, picked by token so that its load splits evenly.
 
-One forward, per MoE layer (EPExperts.forward):
+One forward, per MoE layer (ShardedExperts.forward):
   1. each (token, expert) assignment goes to a rank holding its expert: the per-rank row counts
-     are exchanged (all_to_all_single on W counts), then the token rows and their experts'
-     local indices (uneven splits; a rank may send or receive nothing);
-  2. the receiving rank runs fused_moe over its local experts, one row per assignment (k = 1,
-     weight 1);
-  3. the results come back by the reverse all-to-all, and the sending rank adds them into its
+     are exchanged (all_to_all_single on W counts), then the token rows, in the layer's wire
+     format (ds_kernels/expert_wire.py: as they are, or FP8), and their experts' local indices
+     (uneven splits; a rank may send or receive nothing);
+  2. while the rows travel (asynchronous all-to-alls), the shared expert runs on this rank's
+     tokens;
+  3. the receiving rank runs its local experts over the rows, one per assignment (k = 1,
+     weight 1): the forward of the module it is mixed into (Experts, or ds_model's quantised
+     QuantExperts);
+  4. the results come back by the reverse all-to-all, and the sending rank adds them into its
      tokens with the routing weights, in fp32.
-The row exchanges are torch.distributed.nn.functional.all_to_all_single, differentiable: d
-hidden, d topk_weights and each rank's own expert gradients flow back across ranks, so training
-works. A token is sent once per assignment (k rows of H values a token, DeepSeek-V3's 8 x 7168
-bf16 values), as DeepEP's normal mode sends it once per rank at most: deduplication, FP8 rows on
-the wire and overlapping the shared expert with the dispatch are not done yet. Split sizes are
-read on the host (one sync per layer on a GPU).
+Both row exchanges are differentiable (_Arrived: the gradient goes back by the reverse
+all-to-all, in its own dtype, straight through a lossy wire format): d hidden, d topk_weights and
+each rank's own expert gradients flow back across ranks, so training works. A token is sent once
+per assignment (k rows a token, DeepSeek-V3's 8 x 7168 values), where DeepEP's normal mode sends
+it once per rank at most: deduplication is not done. Split sizes are read on the host (one sync
+per layer on a GPU).
 """
 
 import contextlib
-import warnings
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
-from torch import nn
 
-from ds_kernels.ops.fused_moe import fused_moe
+from ds_kernels.expert_wire import NativeWire, wire_of
 
 
 def placement(num_experts: int, world: int, expert_map=None) -> list[list[int]]:
@@ -72,13 +73,42 @@ def check_same_placement(experts_of, group):
                          f"ranks {differ}: every rank must pass the same expert_map")
 
 
-def _exchange(out, rows, out_sizes, in_sizes, group):
-    """Differentiable all_to_all_single of token rows. torch 2.13 marks this public one
-    deprecated in favour of the private _functional_collectives; it still is the one that runs
-    on every backend (gloo included) with autograd, so its warning is silenced here."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        return dist_fn.all_to_all_single(out, rows, out_sizes, in_sizes, group=group)
+class _Transfer:
+    """Token rows [N, H] encoded in ``wire`` and ``extra`` tensors of N rows (sent as they are)
+    on their way to the ranks, send_sizes rows to each, by one asynchronous all_to_all_single a
+    tensor; recv_sizes rows arrive from each."""
+
+    def __init__(self, wire, rows, extra, send_sizes, recv_sizes, group):
+        self.wire, self.send_sizes, self.recv_sizes, self.group = wire, send_sizes, recv_sizes, group
+        parts = [*wire.encode(rows.detach()), *extra]
+        self.received = [p.new_empty(sum(recv_sizes), *p.shape[1:]) for p in parts]
+        self.works = [dist.all_to_all_single(out, p.contiguous(), recv_sizes, send_sizes,
+                                             group=group, async_op=True)
+                      for out, p in zip(self.received, parts)]
+        self.extra = self.received[len(parts) - len(extra):]
+
+    def rows(self, dtype):                                        # [R, H]
+        for work in self.works:
+            work.wait()
+        return self.wire.decode(self.received[:len(self.received) - len(self.extra)], dtype)
+
+
+class _Arrived(torch.autograd.Function):
+    """The rows a _Transfer of ``rows`` delivers, as a function of ``rows``: the gradient goes
+    back to the senders by the reverse all-to-all, in its own dtype."""
+
+    @staticmethod
+    def forward(ctx, rows, transfer):
+        ctx.transfer = transfer
+        return transfer.rows(rows.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):                                      # [R, H]
+        t = ctx.transfer
+        d_rows = grad.new_empty(sum(t.send_sizes), grad.shape[1])   # [N, H]
+        dist.all_to_all_single(d_rows, grad.contiguous(), t.send_sizes, t.recv_sizes,
+                               group=t.group)
+        return d_rows, None
 
 
 @contextlib.contextmanager
@@ -96,25 +126,26 @@ def _peers_blamed(rank, world):
                            ) from error
 
 
-class EPExperts(nn.Module):
-    """The routed experts of one MoE layer, sharded over ``group``: this rank's experts as
-    gate_up_proj [E_local, 2I, H] and down_proj [E_local, H, I], under the unsharded keys.
-    load_state_dict takes the full [E, ...] tensors (keeping this rank's rows) or this rank's."""
+class ShardedExperts:
+    """Mixed into a routed-experts module (``class EPExperts(ShardedExperts, Experts)``): the
+    module holds this rank's experts only, under the unsharded keys (gate_up_proj [E_local, 2I,
+    H], ...), and its forward serves every rank's tokens routed to them. load_state_dict takes
+    the full [E, ...] tensors (keeping this rank's rows) or this rank's. ``wire``: the dispatch's
+    format, a name in ds_kernels.expert_wire.WIRES or a format object."""
 
-    def __init__(self, num_experts, hidden_size, intermediate_size, group, expert_map=None):
-        super().__init__()
+    def __init__(self, num_experts, hidden_size, intermediate_size, *local_args, group,
+                 expert_map=None, wire="native"):
+        wire = wire_of(wire)
         if not dist.is_initialized():
             raise RuntimeError("ep_group needs torch.distributed initialised "
                                "(torch.distributed.init_process_group)")
-        self.group, self.num_experts = group, num_experts
-        self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
-        self.experts_of = placement(num_experts, self.world, expert_map)
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        experts_of = placement(num_experts, world, expert_map)
         with torch.device("cpu"):  # also inside a meta-device model build (from_pretrained)
-            check_same_placement(self.experts_of, group)
-        self.local_ids = self.experts_of[self.rank]
-        E = len(self.local_ids)
-        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * intermediate_size, hidden_size))
-        self.down_proj = nn.Parameter(torch.empty(E, hidden_size, intermediate_size))
+            check_same_placement(experts_of, group)
+        super().__init__(len(experts_of[rank]), hidden_size, intermediate_size, *local_args)
+        self.group, self.num_experts, self.world, self.rank = group, num_experts, world, rank
+        self.experts_of, self.local_ids, self.wire = experts_of, experts_of[rank], wire
         self._tables = {}  # device -> _routing_tables(); not buffers: to_empty would blank them
 
     def _routing_tables(self, device):
@@ -134,13 +165,15 @@ class EPExperts(nn.Module):
         return self._tables[device]
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for name in ("gate_up_proj", "down_proj"):
+        for name in self._parameters:  # weights and (quantised) their scales: [E, ...]
             full = state_dict.get(prefix + name)
             if full is not None and full.shape[0] == self.num_experts != len(self.local_ids):
                 state_dict[prefix + name] = full[self.local_ids]
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def forward(self, x, topk_ids, topk_weights):                 # x [T, H]
+    def forward(self, x, topk_ids, topk_weights, shared=None):   # x [T, H]
+        """The routed experts' weighted sum for this rank's tokens, plus ``shared(x)`` (the
+        shared expert, run while the tokens travel) when given."""
         T, H = x.shape
         k = topk_ids.shape[1]
         replicas, replica_counts, local_index = self._routing_tables(x.device)
@@ -156,16 +189,19 @@ class EPExperts(nn.Module):
             dist.all_to_all_single(recv, send, group=self.group)
         send_sizes, recv_sizes = send.tolist(), recv.tolist()
         rows = x[token[order]]                                    # [N, H]
-        recv_rows = _exchange(x.new_empty(sum(recv_sizes), H), rows, recv_sizes, send_sizes,
-                              self.group)
         local = local_index[dest[order], expert[order]]           # [N]
-        recv_local = local.new_empty(sum(recv_sizes))
-        dist.all_to_all_single(recv_local, local, recv_sizes, send_sizes, group=self.group)
+        dispatch = _Transfer(self.wire, rows, [local], send_sizes, recv_sizes, self.group)
+        extra = shared(x) if shared is not None else None         # [T, H], overlapping
+        recv_rows = _Arrived.apply(rows, dispatch)                # [R, H]
+        recv_local = dispatch.extra[0]                            # [R]
         ones = recv_rows.new_ones(recv_local.shape[0], 1, dtype=torch.float32)
-        y = fused_moe(recv_rows, self.gate_up_proj, self.down_proj, ones,
-                      recv_local.unsqueeze(1))                    # [R, H] unweighted
-        back = _exchange(y.new_empty(len(order), H), y, send_sizes, recv_sizes,
-                         self.group)                              # [N, H] in `order`
+        y = super().forward(recv_rows, recv_local.unsqueeze(1), ones)  # [R, H] unweighted
+        combine = _Transfer(_NATIVE, y, [], recv_sizes, send_sizes, self.group)
+        back = _Arrived.apply(y, combine)                         # [N, H] in `order`
         weight = topk_weights.reshape(-1)[order].float().unsqueeze(1)  # [N, 1]
         out = x.new_zeros(T, H, dtype=torch.float32)
-        return out.index_add(0, token[order], back.float() * weight).to(x.dtype)
+        out = out.index_add(0, token[order], back.float() * weight).to(x.dtype)
+        return out if extra is None else out + extra
+
+
+_NATIVE = NativeWire()

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ds_kernels.expert_parallel import EPExperts
+from ds_kernels.expert_parallel import ShardedExperts
 from ds_kernels.ops.fused_moe import fused_moe
 from ds_kernels.ops.route import route
 
@@ -53,6 +53,10 @@ class Experts(nn.Module):
         return fused_moe(x, self.gate_up_proj, self.down_proj, topk_weights, topk_ids)
 
 
+class EPExperts(ShardedExperts, Experts):
+    """The routed experts sharded over a torch.distributed group (see ShardedExperts)."""
+
+
 class SharedExperts(nn.Module):
     """Dense SwiGLU MLP that every token passes through."""
 
@@ -70,27 +74,30 @@ class MoE(nn.Module):
     """With ``ep_group`` (a torch.distributed group of W ranks) each rank holds its share of
     the routed experts (``expert_map``: the expert ids of each rank, replicas allowed; default
     E/W contiguous ones) and calls forward on its own tokens, getting what the unsharded layer
-    gives for them; load_state_dict takes the unsharded state_dict."""
+    gives for them (``ep_wire="fp8"``: with the routed experts' inputs FP8-quantised on the
+    wire, ds_kernels/expert_wire.py); the shared expert runs while the tokens travel.
+    load_state_dict takes the unsharded state_dict."""
 
     def __init__(self, hidden_size, intermediate_size, num_experts, top_k, *,
                  n_shared_experts=1, n_group=1, topk_group=1, norm_topk_prob=True,
                  routed_scaling_factor=1.0, scoring="sigmoid", group_scoring="top2_sum",
-                 correction_bias=True, ep_group=None, expert_map=None):
+                 correction_bias=True, ep_group=None, expert_map=None, ep_wire="native"):
         super().__init__()
-        if expert_map is not None and ep_group is None:
-            raise ValueError("expert_map places experts on the ranks of an ep_group: pass both")
+        if (expert_map is not None or ep_wire != "native") and ep_group is None:
+            raise ValueError("expert_map and ep_wire say how experts are sharded over the ranks "
+                             "of an ep_group: pass one")
         self.gate = Router(hidden_size, num_experts, top_k, n_group=n_group,
                            topk_group=topk_group, norm_topk_prob=norm_topk_prob,
                            routed_scaling_factor=routed_scaling_factor, scoring=scoring,
                            group_scoring=group_scoring, correction_bias=correction_bias)
         self.experts = (Experts(num_experts, hidden_size, intermediate_size) if ep_group is None
-                        else EPExperts(num_experts, hidden_size, intermediate_size, ep_group,
-                                       expert_map))
+                        else EPExperts(num_experts, hidden_size, intermediate_size,
+                                       group=ep_group, expert_map=expert_map, wire=ep_wire))
         self.shared_experts = (SharedExperts(hidden_size, intermediate_size * n_shared_experts)
                                if n_shared_experts else None)
 
     @classmethod
-    def from_hf_config(cls, config, *, ep_group=None, expert_map=None):
+    def from_hf_config(cls, config, *, ep_group=None, expert_map=None, ep_wire="native"):
         """From a transformers DeepseekV3Config or DeepseekV2Config (or any config with their MoE
         fields). The routing follows ``topk_method`` (default "noaux_tc", which V3 configs
         leave out): see TOPK_METHODS."""
@@ -112,12 +119,14 @@ class MoE(nn.Module):
                    n_group=n_group, topk_group=topk_group, norm_topk_prob=config.norm_topk_prob,
                    routed_scaling_factor=config.routed_scaling_factor, scoring=scoring,
                    group_scoring=TOPK_METHODS[method], correction_bias=method == "noaux_tc",
-                   ep_group=ep_group, expert_map=expert_map)
+                   ep_group=ep_group, expert_map=expert_map, ep_wire=ep_wire)
 
     def forward(self, hidden_states):                             # [..., H]
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])                  # [T, H]
         topk_weights, topk_ids = self.gate(x)                     # [T, k] each
+        if isinstance(self.experts, ShardedExperts):  # the shared expert hides the dispatch
+            return self.experts(x, topk_ids, topk_weights, self.shared_experts).view(shape)
         out = self.experts(x, topk_ids, topk_weights)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)

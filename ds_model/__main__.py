@@ -2,6 +2,7 @@
     [--dequantize]] [--batch 4] [--prompt-len 32] [--max-new-tokens 64] [--dtype float32]
     [--temperature 0] [--top-p 1] [--seed 0] [--record-routing FILE.safetensors]
 python -m torch.distributed.run --nproc-per-node W -m ds_model generate ... --expert-parallel
+    [--ep-wire native|fp8]
 python -m ds_model quantize SRC DST [--scale-fmt float|ue8m0] [--experts fp8|mxfp4]
 
 generate continues random prompts with random weights (a preset, "tiny" by default; with
@@ -11,7 +12,8 @@ weights of an HF-format checkpoint folder (a quantised one stays quantised unles
 decode throughput and the generated ids. --record-routing saves every MoE layer's expert
 choices for `python -m autotune sweep --op fused_moe --routing FILE`. --expert-parallel (under
 torchrun: gloo on CPU, NCCL on GPUs, one GPU a rank) shards the routed experts over the ranks,
-each rank continuing its own random prompts; rank 0 prints the throughput of all ranks together.
+each rank continuing its own random prompts; rank 0 prints the throughput of all ranks together;
+--ep-wire fp8 sends the tokens to the experts FP8-quantised (ds_kernels/expert_wire.py).
 
 quantize writes the bf16/fp32 checkpoint SRC into the new folder DST in DeepSeek's published
 FP8 format (ds_model/convert.py), tensor by tensor.
@@ -32,6 +34,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ds_kernels.expert_wire import WIRES
 from ds_kernels.quant_formats import FP8, MXFP4, SCALE_FMTS
 from ds_model import PRESETS, DeepSeekForCausalLM, ModelConfig
 from ds_model.convert import quantize_checkpoint
@@ -70,6 +73,9 @@ def main(argv=None):
     gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     gen.add_argument("--expert-parallel", action="store_true",
                      help="shard the routed experts over torchrun's ranks")
+    gen.add_argument("--ep-wire", choices=sorted(WIRES), default="native",
+                     help="with --expert-parallel: how tokens travel to the experts (fp8: 1 "
+                     "byte a value and a scale per 128)")
     gen.add_argument("--record-routing", type=Path, metavar="FILE",
                      help="save the experts each MoE layer chose (safetensors) for autotune; "
                      "the timings then include the recording")
@@ -92,8 +98,10 @@ def main(argv=None):
     if args.dequantize and not args.checkpoint:
         parser.error("--dequantize goes with --checkpoint")
 
-    if args.expert_parallel and (args.quantize or args.record_routing):
-        parser.error("--expert-parallel does not go with --quantize or --record-routing yet")
+    if args.expert_parallel and args.record_routing:
+        parser.error("--expert-parallel does not go with --record-routing yet")
+    if args.ep_wire != "native" and not args.expert_parallel:
+        parser.error("--ep-wire goes with --expert-parallel")
     if args.record_routing and not args.record_routing.parent.is_dir():
         _fail(f"--record-routing {args.record_routing}: no folder {args.record_routing.parent}")
 
@@ -203,14 +211,15 @@ def _join_ranks(device: torch.device):
 def _model(args, dtype, device, group=None) -> DeepSeekForCausalLM:
     if args.checkpoint:
         return DeepSeekForCausalLM.from_pretrained(args.checkpoint, dtype=dtype, device=device,
-                                                   dequantize=args.dequantize, ep_group=group)
+                                                   dequantize=args.dequantize, ep_group=group,
+                                                   ep_wire=args.ep_wire)
     config = ModelConfig.preset(args.preset)
     if args.quantize:
         config.quantization_config = Quantization(experts=args.quantize).to_config()
     world = 1 if group is None else dist.get_world_size(group)
     check_fits(config, dtype, device, f"--preset {args.preset}", expert_ranks=world)
     with torch.device("meta"):
-        model = DeepSeekForCausalLM(config, ep_group=group)
+        model = DeepSeekForCausalLM(config, ep_group=group, ep_wire=args.ep_wire)
         if args.quantize:
             quantize_modules(model, planned_formats(model, config.quantization))
     return empty(model, dtype, device).init_weights().eval()

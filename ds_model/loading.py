@@ -49,6 +49,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 import stat
@@ -60,7 +61,7 @@ from safetensors import safe_open
 import ds_kernels
 from ds_kernels.quant_formats import (E8M0_DTYPE, FP4_DTYPE, FP8, MXFP4, MXFP4_GROUP,
                                       SCALE_BLOCK)
-from ds_kernels.expert_parallel import EPExperts
+from ds_kernels.expert_parallel import ShardedExperts
 from ds_model.config import ModelConfig
 from ds_model.quantized import (SCALE_SUFFIX, Format, quantizable, quantize_modules,
                                 scale_grid)
@@ -111,13 +112,13 @@ class _Weight:
 
 
 def from_pretrained(cls, folder, *, dtype: torch.dtype | None = None, device="cpu",
-                    dequantize: bool = False, ep_group=None):
+                    dequantize: bool = False, ep_group=None, ep_wire="native"):
     """A ``cls`` (DeepSeekForCausalLM) with the weights of the HF-format checkpoint in folder,
     in ``dtype`` (default: config.json's dtype, else float32; routers stay fp32) on ``device``,
     in eval mode. A quantised checkpoint's weights stay quantised, unless ``dequantize`` (then
     they are folded into ``dtype``). With ``ep_group`` (expert parallelism), this rank's routed
-    experts only: the other ranks' expert tensors are never read (fused [E, ...] expert
-    weights: only this rank's rows)."""
+    experts only (quantised or not): the other ranks' expert tensors are never read (fused
+    [E, ...] expert weights: only this rank's rows); ``ep_wire``: see DeepSeekForCausalLM."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such checkpoint folder")
@@ -128,13 +129,11 @@ def from_pretrained(cls, folder, *, dtype: torch.dtype | None = None, device="cp
     ranks = 1 if ep_group is None else torch.distributed.get_world_size(ep_group)
     check_fits(config, dtype, device, str(folder), quantized=not dequantize, expert_ranks=ranks)
     with torch.device("meta"):
-        model = cls(config, ep_group=ep_group)
-    local = {name: m.local_ids for name, m in model.named_modules() if isinstance(m, EPExperts)}
+        model = cls(config, ep_group=ep_group, ep_wire=ep_wire)
+    local = {name: m.local_ids for name, m in model.named_modules()
+             if isinstance(m, ShardedExperts)}
     weights = _scan(folder, files, model, config, num_mtp, local)
     formats = {} if dequantize else _formats(weights, config)
-    if set(formats) & set(local):
-        raise NotImplementedError(f"{folder}: quantised routed experts under expert parallelism "
-                                  "are not supported yet; load with dequantize=True")
     with torch.device("meta"):
         quantize_modules(model, formats)
     model = empty(model, dtype, device)
@@ -169,6 +168,8 @@ def _copy(weights: list[_Weight], state, formats) -> dict[str, int]:
                 handles[t.path] = stack.enter_context(safe_open(t.path, framework="pt"))
             if rows is None:
                 tensor = handles[t.path].get_tensor(t.key)
+            elif rows == list(range(rows[0], rows[-1] + 1)) and t.dtype == "F4":
+                tensor = _f4_rows(t, rows[0], rows[-1] + 1)
             elif rows == list(range(rows[0], rows[-1] + 1)):  # contiguous: read just those
                 tensor = handles[t.path].get_slice(t.key)[rows[0]:rows[-1] + 1]
             else:
@@ -178,9 +179,9 @@ def _copy(weights: list[_Weight], state, formats) -> dict[str, int]:
         for w in weights:
             dest = _slice(state, w.name, w.expert, w.part)
             if w.module in formats:
-                dest.copy_(read(w.tensor))
+                dest.copy_(read(w.tensor, w.rows))
                 scales = _slice(state, w.name + SCALE_SUFFIX, w.expert, w.part)
-                scales.copy_(read(w.scale))
+                scales.copy_(read(w.scale, w.rows))
                 written[w.name + SCALE_SUFFIX] += scales.numel()
             elif w.scale is not None:
                 dest.copy_(ds_kernels.dequantize(read(w.tensor, w.rows), read(w.scale, w.rows),
@@ -189,6 +190,19 @@ def _copy(weights: list[_Weight], state, formats) -> dict[str, int]:
                 dest.copy_(read(w.tensor, w.rows))
             written[w.name] += dest.numel()
     return written
+
+
+def _f4_rows(t: _Tensor, start: int, stop: int) -> torch.Tensor:
+    """Rows start:stop of an F4 (MXFP4 codes) tensor, from the file's bytes: safetensors 0.8's
+    get_slice sizes an F4 slice as if each 4-bit value took a byte, and fails."""
+    with open(t.path, "rb") as f:
+        header = int.from_bytes(f.read(8), "little")
+        begin = 8 + header + json.loads(f.read(header))[t.key]["data_offsets"][0]
+        row = math.prod(t.shape[1:]) // 2                         # bytes a row
+        f.seek(begin + start * row)
+        data = bytearray(f.read((stop - start) * row))
+    codes = torch.frombuffer(data, dtype=torch.uint8).view(FP4_DTYPE)
+    return codes.view(stop - start, *t.shape[1:-1], t.shape[-1] // 2)
 
 
 def empty(model, dtype: torch.dtype, device: torch.device):

@@ -223,11 +223,12 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, ep_group=None):
+    def __init__(self, config: ModelConfig, layer_idx: int, ep: dict):
+        """ep: MoE.from_hf_config's expert-parallel arguments (ep_group, ep_wire), or none."""
         super().__init__()
         H = config.hidden_size
         self.self_attn = Attention(config)
-        self.mlp = (MoE.from_hf_config(config, ep_group=ep_group)
+        self.mlp = (MoE.from_hf_config(config, **ep)
                     if layer_idx >= config.first_k_dense_replace
                     else SharedExperts(H, config.intermediate_size))  # the dense SwiGLU MLP
         self.input_layernorm = RMSNorm(H, config.rms_norm_eps)
@@ -239,10 +240,10 @@ class DecoderLayer(nn.Module):
 
 
 class DeepSeekModel(nn.Module):
-    def __init__(self, config: ModelConfig, ep_group=None):
+    def __init__(self, config: ModelConfig, ep: dict):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i, ep_group)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, ep)
                                     for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
@@ -259,14 +260,19 @@ class DeepSeekForCausalLM(nn.Module):
     from_pretrained = classmethod(_from_pretrained)   # see ds_model/loading.py
     generate = _generate                              # see ds_model/generate.py
 
-    def __init__(self, config: ModelConfig, *, ep_group=None):
+    def __init__(self, config: ModelConfig, *, ep_group=None, ep_wire="native"):
         """ep_group: a torch.distributed group whose ranks share the routed experts (E/W each;
         ds_kernels.MoE), each rank running attention and everything else on its own sequences
-        (data-parallel attention). load_state_dict takes the unsharded state_dict."""
+        (data-parallel attention); ep_wire: how the tokens travel to the experts ("native", or
+        "fp8": ds_kernels/expert_wire.py). load_state_dict takes the unsharded state_dict."""
         super().__init__()
         config.validate()  # again: its fields may have been changed since it was built
         self.config, self.ep_group = config, ep_group
-        self.model = DeepSeekModel(config, ep_group)
+        if ep_wire != "native" and ep_group is None:
+            raise ValueError(f"ep_wire={ep_wire!r} is how tokens travel to other ranks' "
+                             "experts: it needs an ep_group")
+        ep = {} if ep_group is None else dict(ep_group=ep_group, ep_wire=ep_wire)
+        self.model = DeepSeekModel(config, ep)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

@@ -38,8 +38,8 @@ import torch
 from torch import nn
 
 from ds_kernels import fused_moe, quant_linear, quantize_fp8_block, quantize_mxfp4
-from ds_kernels.expert_parallel import EPExperts
-from ds_kernels.moe import Experts
+from ds_kernels.expert_parallel import ShardedExperts
+from ds_kernels.moe import EPExperts, Experts
 from ds_kernels.quant_formats import (E8M0_DTYPE, FP4_DTYPE, FP8, FP8_BLOCK, FP8_DTYPE, MXFP4,
                                       SCALE_BLOCK, SCALE_FMTS)
 
@@ -196,6 +196,11 @@ class QuantExperts(nn.Module):
         return f"num_experts={E}, intermediate_size={two_i // 2}, {self.format.fmt}"
 
 
+class EPQuantExperts(ShardedExperts, QuantExperts):
+    """Quantised routed experts sharded over a torch.distributed group (expert parallelism,
+    ds_kernels/expert_parallel.py): this rank's experts' codes and scales only."""
+
+
 QUANTIZED_MODULES = (QuantLinear, QuantExperts)
 
 
@@ -204,7 +209,7 @@ def quantizable(model: nn.Module) -> dict[str, str]:
     "experts", for every module of a (plain) model that DeepSeek's checkpoints quantise."""
     kinds = {}
     for name, module in model.named_modules():
-        if isinstance(module, (Experts, EPExperts)):  # (EP: refused quantised, at load)
+        if isinstance(module, Experts):  # EPExperts included
             kinds[name] = "experts"
         elif type(module) is nn.Linear and name != "lm_head":
             kinds[name] = "folded" if name.endswith(".kv_b_proj") else "linear"
@@ -224,7 +229,11 @@ def quantize_modules(model: nn.Module, formats: dict[str, Format]) -> nn.Module:
     empty storage on the current default device (build on the meta device, then to_empty)."""
     for name, fmt in formats.items():
         module = model.get_submodule(name)
-        if isinstance(module, Experts):
+        if isinstance(module, EPExperts):
+            _, two_i, H = module.gate_up_proj.shape
+            new = EPQuantExperts(module.num_experts, H, two_i // 2, fmt, group=module.group,
+                                 expert_map=module.experts_of, wire=module.wire)
+        elif isinstance(module, Experts):
             E, two_i, H = module.gate_up_proj.shape
             new = QuantExperts(E, H, two_i // 2, fmt)
         else:

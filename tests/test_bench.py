@@ -3,6 +3,7 @@ and every benchmark module on toy shapes."""
 
 import dataclasses
 import functools
+import re
 import importlib
 import json
 import threading
@@ -154,21 +155,39 @@ def test_norm_rope_benchmark_on_tiny_shapes(monkeypatch):
     assert all(r.op == "norm_rope" and r.speedup_vs is not None for r in rows)
 
 
-def test_expert_parallel_benchmark_on_a_toy_layer(monkeypatch):
+def test_expert_parallel_benchmark_on_a_toy_layer(monkeypatch, tmp_path):
     """bench_expert_parallel on 1 and 2 gloo ranks at a toy size: the bytes each token sends
-    to the other rank match the analytic figure (uniform routing, so within sampling noise)."""
+    to the other rank match the analytic figures (uniform routing, so within sampling noise),
+    dispatch and combine, in each wire format; the tiny model's rows come after the layer's."""
     from bench import bench_expert_parallel as ep
 
-    monkeypatch.setattr(ep, "SHAPE", dict(H=32, I=16, E=8, k=4, n_group=2, topk_group=2))
+    monkeypatch.setattr(ep, "SHAPE", dict(H=256, I=16, E=8, k=4, n_group=2, topk_group=2))
     monkeypatch.setattr(ep, "WORLDS", (1, 2))
     monkeypatch.setattr(ep, "TOKENS", ((64,), (64,)))
     monkeypatch.setattr(ep, "REPS", 3)
+    monkeypatch.setattr(ep, "MODEL", dict(preset="tiny", batch=2, prompt_len=4, new_tokens=2))
+    monkeypatch.setattr(ep, "MODEL_REPS", 3)
     rows = ep.run(torch.device("cpu"), quick=True)
-    assert [r.impl for r in rows] == ["MoE (one process)", "ep W=1", "ep W=2"]
-    two = rows[-1]
-    sent, analytic = (float(two.notes[n].split()[0]) for n in ("sent/token", "analytic"))
-    assert abs(sent - analytic) <= 0.25 * analytic and float(rows[1].notes["sent/token"][:3]) == 0
+    assert [(r.impl, r.shape["W"]) for r in rows] == [
+        ("MoE (one process)", 1), ("ep native", 1), ("ep fp8", 1), ("ep native", 2),
+        ("ep fp8", 2), ("tiny model (one process)", 1), ("tiny model ep", 1),
+        ("tiny model ep", 2)]
+    for row in rows[1:5]:
+        for way in ("dispatch/token", "combine/token"):
+            sent, analytic = (float(n) for n in re.fullmatch(
+                r"([\d.]+) KiB \(analytic ([\d.]+) KiB\)", row.notes[way]).groups())
+            if row.shape["W"] == 1:
+                assert sent == analytic == 0
+            else:
+                assert abs(sent - analytic) <= 0.25 * analytic, (row.impl, way)
+    # FP8 rows: 256 + 2 x 4 scale bytes and an 8-byte index, where fp32 takes 1024 + 8.
+    native, fp8 = (float(rows[i].notes["dispatch/token"].split()[0]) for i in (3, 4))
+    assert fp8 / native == pytest.approx((256 + 8 + 8) / (1024 + 8), rel=0.01)
+    assert {"no overlap", "shared expert", "overlap saves", "comm"} <= set(rows[3].notes)
+    assert "encode+decode" in rows[4].notes
     assert all(r.median_us > 0 and r.tokens_per_s > 0 for r in rows)
+    pytest.importorskip("matplotlib")
+    harness.plot(rows, tmp_path / "expert_parallel.png", ep.PLOT_X)
 
 
 def test_model_benchmark_on_a_toy_config(monkeypatch, tmp_path):

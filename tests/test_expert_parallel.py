@@ -109,6 +109,65 @@ def test_replicated_experts_give_the_same_numbers(tmp_path):
     assert results[1]["experts"]["gate_up_proj"][0:2].abs().sum(dim=(1, 2)).min() > 0
 
 
+def _fp8_wire(rank, world, counts):
+    """The layer with FP8 dispatch on this rank's tokens, beside the unsharded layer whose
+    routed experts see them FP8-quantised (straight through for d input); and the order of one
+    forward's events."""
+    from ds_kernels import expert_parallel
+    from ds_kernels.cpu.quantize import fake_quantize_fp8_activations
+
+    full = _layer()
+    ep = _layer(ep_group=dist.group.WORLD, ep_wire="fp8")
+    ep.load_state_dict(full.state_dict())
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(n, H, generator=g) * 3 for n in counts]
+    grads = [torch.randn(n, H, generator=g) for n in counts]
+    events = []
+    transfer = expert_parallel._Transfer
+    sent = {}
+
+    class Logged(transfer):
+        def __init__(self, wire, rows, *args):
+            events.append(f"send {wire.name}")
+            super().__init__(wire, rows, *args)
+            sent.setdefault(wire.name, [p.dtype for p in wire.encode(rows)])
+
+        def rows(self, dtype):
+            events.append("arrive")
+            return super().rows(dtype)
+
+    expert_parallel._Transfer = Logged
+    ep.shared_experts.register_forward_hook(lambda *_: events.append("shared"))
+    x = xs[rank].clone().requires_grad_()
+    out = ep(x)
+    forward_events = list(events)
+    (out * grads[rank]).sum().backward()
+    expert_parallel._Transfer = transfer
+
+    leaf = xs[rank].clone().requires_grad_()
+    weights, ids = full.gate(leaf)
+    quantised = leaf + (fake_quantize_fp8_activations(leaf) - leaf).detach()
+    want = full.experts(quantised, ids, weights) + full.shared_experts(leaf)
+    (want * grads[rank]).sum().backward()
+    return dict(out=out.detach(), want=want.detach(), d_x=x.grad, want_d_x=leaf.grad,
+                unquantised=full(xs[rank]).detach(), events=forward_events, sent=sent)
+
+
+@pytest.mark.parametrize("counts", [[6, 5], [4, 0]])
+def test_fp8_dispatch_equals_the_layer_on_quantised_tokens(tmp_path, counts):
+    """ep_wire="fp8": the routed experts get each token's e4m3 codes and per-128-column scales
+    (1 byte a value on the wire, not 4), d input passes the quantisation straight through; the
+    shared expert runs after the rows leave and before they are awaited."""
+    for r, res in enumerate(ranks.run(2, _fp8_wire, counts, tmp_path=tmp_path)):
+        assert_close(res["out"], res["want"], torch.float32, reduction=H + I, what=f"rank {r}")
+        assert_close(res["d_x"], res["want_d_x"], torch.float32, reduction=2 * (H + I),
+                     what=f"rank {r} d x")
+        if counts[r]:  # the quantisation is felt
+            assert (res["out"] - res["unquantised"]).abs().max() > 1e-3
+        assert res["events"] == ["send fp8", "shared", "arrive", "send native", "arrive"]
+        assert res["sent"] == {"fp8": [torch.uint8, torch.float32], "native": [torch.float32]}
+
+
 def _mismatched_maps(rank, world):
     expert_map = [[0, 1, 2, 3], [4, 5, 6, 7]] if rank == 0 else [[0, 1, 2, 4], [3, 5, 6, 7]]
     _layer(ep_group=dist.group.WORLD, expert_map=expert_map)
@@ -133,8 +192,15 @@ def test_bad_placements_are_named(args, match):
 
 
 def test_ep_arguments_need_their_group():
-    with pytest.raises(ValueError, match="pass both"):
+    with pytest.raises(ValueError, match="sharded over the ranks of an ep_group: pass one"):
         MoE(H, I, E, K, expert_map=[[0, 1, 2, 3], [4, 5, 6, 7]])
+    with pytest.raises(ValueError, match="sharded over the ranks of an ep_group: pass one"):
+        MoE(H, I, E, K, ep_wire="fp8")
+    with pytest.raises(ValueError, match=r"unknown expert-parallel wire format 'int4'; known: "
+                                         r"\['fp8', 'native'\]"):
+        MoE(H, I, E, K, ep_group=object(), ep_wire="int4")
+    with pytest.raises(TypeError, match="lacks \\['decode', 'row_bytes'\\]"):
+        MoE(H, I, E, K, ep_group=object(), ep_wire=type("Half", (), {"encode": len})())
     with pytest.raises(RuntimeError, match="needs torch.distributed initialised"):
         MoE(H, I, E, K, ep_group=object())
 
@@ -205,28 +271,40 @@ def _ep_from_pretrained(rank, world, folder):
     full = DeepSeekForCausalLM.from_pretrained(folder)
     prompt = [torch.arange(3 + rank) + 5 * rank]
     held = {n: tuple(p.shape) for n, p in ep.named_parameters() if ".experts." in n}
-    return dict(read=read, held=held, local=ep.model.layers[1].mlp.experts.local_ids,
+    experts = ep.model.layers[1].mlp.experts
+    return dict(read=read, held=held, local=experts.local_ids, kind=type(experts).__name__,
                 got=ep.generate(prompt, 4)[0].tolist(), want=full.generate(prompt, 4)[0].tolist())
 
 
-@pytest.mark.parametrize("layout", ["per expert", "fused"])
-def test_ep_from_pretrained_reads_only_the_ranks_experts(tmp_path, layout):
-    """The published per-expert layout: other ranks' expert tensors are never read; the fused
-    [E, ...] layout: only this rank's rows. Each rank holds E/W experts a layer and greedy
-    decodes as the single-process model."""
+@pytest.mark.parametrize("layout, experts", [("per expert", None), ("fused", None),
+                                             ("per expert", "fp8"), ("fused", "mxfp4")])
+def test_ep_from_pretrained_reads_only_the_ranks_experts(tmp_path, layout, experts):
+    """The published per-expert layout: other ranks' expert tensors (and scales) are never
+    read; the fused [E, ...] layout: only this rank's rows. Each rank holds E/W experts a layer
+    (quantised checkpoints: their codes and scales, quantised) and greedy decodes as the
+    single-process model."""
     from test_loading import config_of
-    from tiny_deepseek import hf_model, per_expert, write_checkpoint
+    from tiny_deepseek import FP8_CONFIG, QUANTIZED_CONFIG, hf_model, per_expert
+    from tiny_deepseek import quantize_tensors, write_checkpoint
 
-    hf = hf_model()
+    hf = hf_model() if experts is None else hf_model(**QUANTIZED_CONFIG)
     state = hf.state_dict()
     tensors = per_expert(state) if layout == "per expert" else state
-    folder = write_checkpoint(tmp_path / "ckpt", config_of(hf), tensors)
+    config = config_of(hf)
+    if experts is not None:
+        tensors, _ = quantize_tensors(tensors, experts=experts)
+        config["quantization_config"] = {**FP8_CONFIG, "expert_dtype": experts.replace(
+            "mxfp4", "fp4")}
+    folder = write_checkpoint(tmp_path / "ckpt", config, tensors)
     E = hf.config.n_routed_experts
     results = ranks.run(2, _ep_from_pretrained, str(folder), tmp_path=tmp_path)
     for rank, res in enumerate(results):
         assert res["got"] == res["want"], f"rank {rank}"
         assert res["local"] == list(range(rank * E // 2, (rank + 1) * E // 2))
+        assert res["kind"] == ("EPExperts" if experts is None else "EPQuantExperts")
         assert all(shape[0] == E // 2 for shape in res["held"].values())
+        if experts is not None:
+            assert any(name.endswith("gate_up_proj_scale_inv") for name in res["held"])
         experts_read = {int(k.split(".")[5]) for k in res["read"] if ".experts." in k
                         and k.split(".")[5].isdigit()}  # model.layers.L.mlp.experts.J.*
         if layout == "per expert":
@@ -249,39 +327,35 @@ def test_memory_estimates_count_a_ranks_share_of_the_experts():
         check_fits(config, torch.bfloat16, torch.device("cpu"), "v3", expert_ranks=8)
 
 
-def _load_quantised(rank, world, folder):
-    from ds_model import DeepSeekForCausalLM
-
-    DeepSeekForCausalLM.from_pretrained(folder, ep_group=dist.group.WORLD)
-
-
-def test_quantised_experts_under_ep_are_refused_with_the_way_out(tmp_path):
-    from test_loading import config_of
-    from tiny_deepseek import FP8_CONFIG, QUANTIZED_CONFIG, hf_model, quantize_tensors
-    from tiny_deepseek import write_checkpoint
-
-    hf = hf_model(**QUANTIZED_CONFIG)
-    tensors, _ = quantize_tensors(hf.state_dict())
-    folder = write_checkpoint(tmp_path / "ckpt", {**config_of(hf), "quantization_config":
-                                                  FP8_CONFIG}, tensors)
-    with pytest.raises(ranks.RankFailed, match="not supported yet; load with dequantize=True"):
-        ranks.run(1, _load_quantised, str(folder), tmp_path=tmp_path)
-
-
-def test_the_cli_runs_under_torchrun(tmp_path):
+@pytest.mark.parametrize("nodes, options", [
+    (1, []), (1, ["--quantize", "fp8", "--ep-wire", "fp8"]), (2, [])])
+def test_the_cli_runs_under_torchrun(tmp_path, nodes, options):
     """python -m torch.distributed.run --nproc-per-node 2 -m ds_model generate --expert-parallel:
-    each rank its own prompts, rank 0 the throughput of both."""
+    each rank its own prompts, rank 0 the throughput of both; also with FP8 experts and FP8
+    dispatch, and as two nodes of one process each (--nnodes 2, both on this machine, meeting
+    at --master-addr as separate machines would)."""
     import subprocess
     import sys
 
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-         "--master-port", str(ranks._free_port()), "-m", "ds_model", "generate", "--preset",
-         "tiny", "--expert-parallel", "--batch", "2", "--prompt-len", "4",
-         "--max-new-tokens", "3"], capture_output=True, text=True, timeout=ranks.TIMEOUT_S)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "decode: 8 tokens on 2 ranks" in done.stdout  # 2 ranks x 2 sequences x 2 steps
-    assert [done.stdout.count(f"rank {r} sequence") for r in (0, 1)] == [2, 2]
+    port = str(ranks._free_port())
+    generate = ["-m", "ds_model", "generate", "--preset", "tiny", "--expert-parallel", "--batch",
+                "2", "--prompt-len", "4", "--max-new-tokens", "3", *options]
+    launch = ([["--nproc-per-node", "2", "--master-port", port]] if nodes == 1 else
+              [["--nnodes", "2", "--node-rank", str(n), "--nproc-per-node", "1",
+                "--master-addr", "127.0.0.1", "--master-port", port] for n in range(2)])
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *how, *generate],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for how in launch]
+    try:
+        outs = [proc.communicate(timeout=ranks.TIMEOUT_S) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    stdout, stderr = "".join(o for o, _ in outs), "".join(e for _, e in outs)
+    assert all(proc.returncode == 0 for proc in procs), stderr[-3000:]
+    assert ("fp8 x" in stderr) == bool(options)  # the weights line counts FP8 modules
+    assert "decode: 8 tokens on 2 ranks" in stdout  # 2 ranks x 2 sequences x 2 steps
+    assert [stdout.count(f"rank {r} sequence") for r in (0, 1)] == [2, 2]
 
 
 def test_the_cli_outside_torchrun_says_how_to_run_it(monkeypatch, capsys):

@@ -103,7 +103,7 @@ def test_fp8_activations_match_the_reference_recipe(problem):
     """w8a8's activations (per token and 128 columns): the vectorised torch path is the
     reference's, bit for bit; a group's scale keeps its amax, the round trip stays within half
     an e4m3 step, and a group holding NaN or inf comes back all NaN (its token's outputs)."""
-    from ds_kernels.cpu.quantize import fake_quantize_fp8_activations
+    from ds_kernels.cpu.quantize import fake_quantize_fp8_activations, quantize_fp8_activations
 
     w, _ = problem
     x = w.reshape(-1, w.shape[-1])                                # [M, K]
@@ -112,6 +112,9 @@ def test_fp8_activations_match_the_reference_recipe(problem):
     assert got.dtype == torch.float32 and got.shape == x.shape
     assert _same(got.cpu(), want.cpu()), "differs from the reference"
     x_q, scale = reference.quantize_fp8_activations(x)
+    got_q, got_scale = quantize_fp8_activations(x)              # FP8 dispatch's codes
+    assert torch.equal(got_q.cpu().view(torch.uint8), x_q.cpu().view(torch.uint8))
+    assert _same(got_scale.cpu(), scale.cpu())
     groups = torch.nn.functional.pad(x.double().cpu(), (0, (-x.shape[1]) % 128)).unflatten(
         1, (-1, 128))                                             # [M, groups, 128]
     finite = groups.isfinite().all(dim=-1)
