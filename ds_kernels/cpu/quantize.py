@@ -86,6 +86,7 @@ def quantize_fp8_block(w: torch.Tensor, scale_fmt: str):
     return w_q.view(w.shape), scale.view(*w.shape[:-2], *scale.shape[1:])
 
 
+@torch.no_grad()  # rounding: no gradient (FP8 dispatch passes it straight through)
 def quantize_fp8_activations(x: torch.Tensor):
     """(x_q float8_e4m3fn [M, K], scale fp32 [M, ceil(K/128)]) of activations x [M, K],
     quantised per token and 128 columns (w8a8's activations, FP8 dispatch; the recipe and NaN
@@ -129,6 +130,7 @@ def _quantize_activation_rows(x: torch.Tensor):
     return codes.view(M, cols * FP8_BLOCK)[:, :K], scale.view(M, cols)
 
 
+@torch.no_grad()
 def dequantize_fp8_activations(x_q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """fp32 [M, K]: each code of x_q [M, K] times its group's scale [M, ceil(K/128)]."""
     out = torch.empty(x_q.shape, device=x_q.device)
