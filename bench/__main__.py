@@ -27,6 +27,7 @@ BENCHMARKS = {
     "quant_linear": "bench.bench_quant_linear",
     "model": "bench.bench_model",
     "expert_parallel": "bench.bench_expert_parallel",
+    "lightning_indexer": "bench.bench_lightning_indexer",
 }
 
 

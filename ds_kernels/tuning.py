@@ -54,6 +54,7 @@ SHAPE_KEYS = {
     "mla_decode": "Hq={Hq},Dc={Dc},Dr={Dr},page={page}",
     "mla_prefill": "H={H},Dqk={Dqk},Dv={Dv},causal={causal:d}",
     "quant_linear": "fmt={fmt},N={N},K={K}",
+    "lightning_indexer": "H={H},D={D},page={page}",
 }
 
 

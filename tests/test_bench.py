@@ -190,6 +190,25 @@ def test_expert_parallel_benchmark_on_a_toy_layer(monkeypatch, tmp_path):
     harness.plot(rows, tmp_path / "expert_parallel.png", ep.PLOT_X)
 
 
+def test_lightning_indexer_benchmark_on_toy_shapes(monkeypatch):
+    """Decode and prefill rows, ours against the dense peer (checked as sets first)."""
+    from bench import bench_lightning_indexer as li
+
+    monkeypatch.setattr(li, "H", 4)
+    monkeypatch.setattr(li, "D", 16)
+    monkeypatch.setattr(li, "TOP_K", 32)
+    monkeypatch.setattr(li, "PAGE", 16)
+    monkeypatch.setattr(li, "CONTEXTS", {"cpu": ((100,), (100,))})
+    monkeypatch.setattr(li, "PREFILL_CONTEXTS", {"cpu": ((80,), (80,))})
+    monkeypatch.setattr(li, "PREFILL_QUERIES", 8)
+    monkeypatch.setattr(li, "DENSE_MAX_BYTES", 10_000)  # the prefill's dense scores: skipped
+    monkeypatch.setattr(li, "compare", functools.partial(harness.compare, reps=3, warmup=0))
+    rows = li.run(torch.device("cpu"), quick=True)
+    assert [(r.shape["phase"], r.impl) for r in rows] == [
+        ("decode", "ds_kernels"), ("decode", li.BASELINE), ("prefill", "ds_kernels")]
+    assert all(r.tflops_per_s > 0 and r.gbytes_per_s > 0 for r in rows)
+
+
 def test_model_benchmark_on_a_toy_config(monkeypatch, tmp_path):
     """bench_model end to end on CPU at a toy size, timing cut short."""
     pytest.importorskip("transformers")

@@ -97,3 +97,39 @@ def test_weight_only_fp8_builds_for_gpus_without_fp8():
     (hence kernels/grouped_mm.check_fp8_tensor_cores, a clear error before any build)."""
     assert _build_grouped_gemm(80, "weight-only").startswith("no e4m3 mma")
     assert "CompilationError" in _build_grouped_gemm(80, "w8a8", fails=True)
+
+
+_BUILD_INDEXER = """
+import inspect, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from ds_kernels.kernels.lightning_indexer import _merge_kernel, _top_keys_kernel
+
+capability = int(sys.argv[1])
+pointers = dict(q_ptr="*bf16", w_ptr="*fp32", cache_ptr="*bf16", block_table_ptr="*i32",
+                seq_ptr="*i32", pos_ptr="*i32", part_ptr="*i64", slots_ptr="*i32")
+for kernel, constexprs in [
+        (_top_keys_kernel, dict(PAGE=64, BLOCK_H=64, BLOCK_D=128, BLOCK_N=64, TOPK=2048,
+                                FINAL=False, PRECISION="ieee", UPCAST=False)),
+        (_merge_kernel, dict(PAGE=64, TOPK=2048))]:
+    params = list(inspect.signature(kernel.fn).parameters)
+    signature = {p: "constexpr" if p in constexprs else pointers.get(p, "i32") for p in params}
+    source = ASTSource(fn=kernel, signature=signature,
+                       constexprs={(params.index(n),): v for n, v in constexprs.items()})
+    built = triton.compile(source, target=GPUTarget("cuda", capability, 32),
+                           options=dict(num_warps=8, num_stages=1))
+    print(kernel.fn.__name__, len(built.asm["cubin"]))
+"""
+
+
+def test_lightning_indexer_builds_at_deepseek_v32s_shape():
+    """64 heads x 128 dims, top 2048 (the running keys and bitonic merges of 4096 int64 in
+    registers), bf16: both kernels compile for Hopper (the tests run them in the interpreter;
+    this is the build a GPU would do; ~30 s each, uncached)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _BUILD_INDEXER, "90"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [line.split()[0] for line in done.stdout.splitlines()] == [
+        "_top_keys_kernel", "_merge_kernel"]

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 import ds_kernels
 import ds_kernels.kernels.mla_decode as kernel
 from conftest import DEVICE
+from paged import shuffled_pages
 from ds_kernels import tuning
 from ds_kernels.mla_cache_format import fp8_row_bytes
 from ds_kernels.ops.mla_cache_write import mla_cache_write
@@ -51,20 +52,8 @@ def make_cache(g, lens, block_size, D, dtype, garbage=float("nan"), spare_pages=
 
     Rows past each sequence's end, the spare pages, and the table entries past each sequence's
     last page hold garbage, which must never reach the output."""
-    pages = [-(-n // block_size) for n in lens]                 # pages each sequence uses
-    num_blocks = sum(pages) + spare_pages
-    max_blocks = max(pages + [0]) + spare_columns
-    cache = torch.randn(num_blocks, block_size, D, generator=g)
-    order = torch.randperm(num_blocks, generator=g)
-    junk = torch.tensor([-1, num_blocks, 2**31 - 1, -(2**31)])
-    table = junk[torch.randint(0, 4, (len(lens), max_blocks), generator=g)]
-    used = torch.zeros(num_blocks, block_size, dtype=torch.bool)
-    taken = 0
-    for b, (n, p) in enumerate(zip(lens, pages)):
-        table[b, :p] = order[taken:taken + p]
-        rows = torch.arange(n)
-        used[table[b, rows // block_size], rows % block_size] = True
-        taken += p
+    table, used = shuffled_pages(g, lens, block_size, spare_pages, spare_columns)
+    cache = torch.randn(used.shape[0], block_size, D, generator=g)
     cache[~used] = garbage
     return (cache.to(DEVICE, dtype), table.to(DEVICE, torch.int32),
             torch.tensor(lens, dtype=torch.int32, device=DEVICE))

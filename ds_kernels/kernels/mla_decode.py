@@ -63,7 +63,7 @@ _INTERPRETER_SMS = 4
 
 
 @triton.jit
-def _operand(x, UPCAST: tl.constexpr):
+def dot_operand(x, UPCAST: tl.constexpr):
     """A loaded tile as a dot operand: as it is, or in fp32 (bf16 under the interpreter, whose
     bf16 arithmetic is wrong)."""
     if UPCAST:
@@ -102,10 +102,10 @@ def _mla_decode_kernel(
     dc = tl.arange(0, DC_POW2)                                   # [DCP]
     dr = tl.arange(0, DR_POW2)                                   # [DRP]
     h_ok, dc_ok, dr_ok = heads < Hq, dc < DC, dr < DR
-    q_nope = _operand(tl.load(q_nope_ptr + b * stride_qnb + heads[:, None] * stride_qnh
+    q_nope = dot_operand(tl.load(q_nope_ptr + b * stride_qnb + heads[:, None] * stride_qnh
                               + dc[None, :] * stride_qnd,
                               mask=h_ok[:, None] & dc_ok[None, :], other=0.0), UPCAST)
-    q_pe = _operand(tl.load(q_pe_ptr + b * stride_qpb + heads[:, None] * stride_qph
+    q_pe = dot_operand(tl.load(q_pe_ptr + b * stride_qpb + heads[:, None] * stride_qph
                             + dr[None, :] * stride_qpd,
                             mask=h_ok[:, None] & dr_ok[None, :], other=0.0), UPCAST)
 
@@ -133,8 +133,8 @@ def _mla_decode_kernel(
                          mask=t_ok[:, None] & dc_ok[None, :], other=0.0)
             k_pe = tl.load(row[:, None] + (DC + dr)[None, :] * stride_cd,   # [BN, DRP]
                            mask=t_ok[:, None] & dr_ok[None, :], other=0.0)
-        kv = _operand(kv, UPCAST)
-        k_pe = _operand(k_pe, UPCAST)
+        kv = dot_operand(kv, UPCAST)
+        k_pe = dot_operand(k_pe, UPCAST)
         s = tl.dot(q_nope, tl.trans(kv), input_precision=PRECISION)      # [BH, BN]
         s = tl.dot(q_pe, tl.trans(k_pe), s, input_precision=PRECISION)
         s = s * scale_log2
