@@ -28,6 +28,7 @@ BENCHMARKS = {
     "model": "bench.bench_model",
     "expert_parallel": "bench.bench_expert_parallel",
     "lightning_indexer": "bench.bench_lightning_indexer",
+    "sparse_mla": "bench.bench_sparse_mla",
 }
 
 

@@ -64,7 +64,7 @@ def _bench(phase, B, ctx, g, dtype, device):
         skip(OP, shape, BASELINE, f"its [T, H, S] fp32 scores would pass "
              f"{DENSE_MAX_BYTES >> 30} GiB")
     else:
-        others.append(Impl(BASELINE, _dense))
+        others.append(Impl(BASELINE, lambda *a: dense_top_k(*a, TOP_K, PAGE)))
 
     def check(name, got):
         assert_close(f"{OP} ({shape}) {name}'s selected scores vs ds_kernels'",
@@ -88,18 +88,18 @@ def _selected_scores(slots, q, weights, k_cache, table, seq, pos):
     return scores.sort(dim=1).values
 
 
-def _dense(q, weights, k_cache, table, seq, pos):
+def dense_top_k(q, weights, k_cache, table, seq, pos, top_k, page):
     """transformers' DeepseekV32Indexer: all of a sequence's keys gathered, [T, H, S] scores,
     relu, the weighted head sum, the causal mask, torch.topk (-1 where fewer keys are seen)."""
     S = int(pos.max()) + 1
     positions = torch.arange(S, device=q.device)
-    keys = k_cache[table[:, positions // PAGE].long(), positions % PAGE].float()  # [B, S, D]
+    keys = k_cache[table[:, positions // page].long(), positions % page].float()  # [B, S, D]
     if keys.shape[0] == 1:  # one sequence's queries share its keys
         scores = torch.einsum("thd,sd->ths", q.float(), keys[0]).relu()  # [T, H, S]
     else:
         scores = torch.einsum("thd,tsd->ths", q.float(), keys[seq.long()]).relu()
     scores = torch.einsum("th,ths->ts", weights.float(), scores)          # [T, S]
     scores = scores.masked_fill(positions[None, :] > pos[:, None], float("-inf"))
-    top = scores.topk(min(TOP_K, S), dim=1)
-    slots = table[seq.long()[:, None], top.indices // PAGE].long() * PAGE + top.indices % PAGE
+    top = scores.topk(min(top_k, S), dim=1)
+    slots = table[seq.long()[:, None], top.indices // page].long() * page + top.indices % page
     return torch.where(top.values > float("-inf"), slots, -1).int()

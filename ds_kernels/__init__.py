@@ -18,11 +18,12 @@ from ds_kernels.ops.moe_align import MoEAlignment, moe_align
 from ds_kernels.ops.quant_linear import quant_linear
 from ds_kernels.ops.quantize import dequantize, quantize_fp8_block, quantize_mxfp4
 from ds_kernels.ops.rms_norm import rms_norm
+from ds_kernels.ops.sparse_mla import sparse_mla
 from ds_kernels.ops.route import route
 
 __all__ = ["BACKENDS", "BackendUnavailableError", "MoE", "MoEAlignment", "apply_rope",
            "fused_moe", "grouped_mm", "lightning_indexer", "mla_cache_write", "mla_cache_write_fused", "mla_decode",
            "mla_prefill", "moe_align",
-           "rms_norm", "route", "rope", "use_backend",
+           "rms_norm", "route", "rope", "sparse_mla", "use_backend",
            "dequantize", "quant_linear", "quantize_fp8_block", "quantize_mxfp4"]
 __version__ = "0.1.0"

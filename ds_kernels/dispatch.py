@@ -48,6 +48,7 @@ _IMPLEMENTATIONS: dict[str, dict[str, str]] = {
     "mla_cache_write_fused": _paths("mla_cache_write", "mla_cache_write_fused"),
     "mla_decode": _paths("mla_decode", "mla_decode"),
     "lightning_indexer": _paths("lightning_indexer", "lightning_indexer"),
+    "sparse_mla": _paths("sparse_mla", "sparse_mla"),
     "mla_prefill": _paths("mla_prefill", "mla_prefill"),
     "mla_prefill_backward": _paths("mla_prefill", "mla_prefill_backward"),
     "quant_linear": _paths("quant_linear", "quant_linear"),

@@ -79,7 +79,8 @@ class _Transfer:
     tensor; recv_sizes rows arrive from each."""
 
     def __init__(self, wire, rows, extra, send_sizes, recv_sizes, group):
-        self.wire, self.send_sizes, self.recv_sizes, self.group = wire, send_sizes, recv_sizes, group
+        self.wire, self.group = wire, group
+        self.send_sizes, self.recv_sizes = send_sizes, recv_sizes
         parts = [*wire.encode(rows.detach()), *extra]
         self.received = [p.new_empty(sum(recv_sizes), *p.shape[1:]) for p in parts]
         self.works = [dist.all_to_all_single(out, p.contiguous(), recv_sizes, send_sizes,
@@ -126,6 +127,25 @@ def _peers_blamed(rank, world):
                            ) from error
 
 
+# The backends whose all_to_all_single takes tensors of each device type.
+_BACKENDS_FOR = {"cpu": ("gloo", "mpi"), "cuda": ("nccl",), "npu": ("hccl",)}
+
+
+def check_backend(group, device: torch.device):
+    """Raise ValueError if ``group``'s backend cannot exchange tensors on ``device`` (a gloo
+    group and CUDA tensors, an NCCL group and CPU tensors), naming both and the way out."""
+    backend = str(dist.get_backend(group))
+    # "cpu:gloo,cuda:nccl" names one per device type
+    per_device = dict(part.split(":") for part in backend.split(",")) if ":" in backend else None
+    name = per_device.get(device.type) if per_device else backend
+    allowed = _BACKENDS_FOR.get(device.type, ())
+    if name not in allowed:
+        raise ValueError(f"expert-parallel MoE: the ep_group's backend {backend!r} cannot "
+                         f"exchange {device.type} tensors; the hidden states are on {device}: "
+                         f"use a group of backend {' or '.join(allowed) or 'for that device'} "
+                         f"(torch.distributed.new_group(backend=...)), or move the model")
+
+
 class ShardedExperts:
     """Mixed into a routed-experts module (``class EPExperts(ShardedExperts, Experts)``): the
     module holds this rank's experts only, under the unsharded keys (gate_up_proj [E_local, 2I,
@@ -152,6 +172,7 @@ class ShardedExperts:
         """(replicas [E, width]: the i-th rank holding e, cycled to the widest; replica_counts
         [E]; local_index [W, E]: e's row on rank r, -1 where r does not hold it)."""
         if device not in self._tables:
+            check_backend(self.group, device)  # once per device, beside the tables
             holders = [[r for r, ids in enumerate(self.experts_of) if e in ids]
                        for e in range(self.num_experts)]
             width = max(len(h) for h in holders)

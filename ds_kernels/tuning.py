@@ -52,6 +52,7 @@ SHAPE_KEYS = {
     "grouped_mm": "E={E},N={N},K={K}",
     "route": "E={E}",
     "mla_decode": "Hq={Hq},Dc={Dc},Dr={Dr},page={page}",
+    "sparse_mla": "Hq={Hq},Dc={Dc},Dr={Dr},page={page}",
     "mla_prefill": "H={H},Dqk={Dqk},Dv={Dv},causal={causal:d}",
     "quant_linear": "fmt={fmt},N={N},K={K}",
     "lightning_indexer": "H={H},D={D},page={page}",

@@ -209,6 +209,21 @@ def test_lightning_indexer_benchmark_on_toy_shapes(monkeypatch):
     assert all(r.tflops_per_s > 0 and r.gbytes_per_s > 0 for r in rows)
 
 
+def test_sparse_mla_benchmark_on_toy_shapes(monkeypatch):
+    """Dense decode, DSA, sparse_mla alone and the masked dense peer (checked against DSA)."""
+    from bench import bench_sparse_mla as sm
+
+    for name, value in dict(DC=32, DR=16, IH=4, ID=16, TOP_K=24, PAGE=16,
+                            CONTEXTS={"cpu": ((40,), (40,))}, BATCH={"cpu": 2},
+                            HEADS={"cpu": 3}).items():
+        monkeypatch.setattr(sm, name, value)
+    monkeypatch.setattr(sm, "compare", functools.partial(harness.compare, reps=3, warmup=0))
+    rows = sm.run(torch.device("cpu"), quick=True)
+    assert [r.impl for r in rows] == [sm.BASELINE, sm.DSA, "sparse_mla alone",
+                                      "transformers (dense indexer, masked dense attention)"]
+    assert [r.notes["attended keys"] for r in rows] == [40, 24, 24, 40]
+
+
 def test_model_benchmark_on_a_toy_config(monkeypatch, tmp_path):
     """bench_model end to end on CPU at a toy size, timing cut short."""
     pytest.importorskip("transformers")

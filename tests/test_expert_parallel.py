@@ -109,6 +109,35 @@ def test_replicated_experts_give_the_same_numbers(tmp_path):
     assert results[1]["experts"]["gate_up_proj"][0:2].abs().sum(dim=(1, 2)).min() > 0
 
 
+def _wrong_backend(rank, world):
+    """The check that the group's backend takes the tensors' device, against the backends a
+    GPU or NPU run would have (this machine's group is gloo)."""
+    from ds_kernels import expert_parallel
+
+    layer = _layer(ep_group=dist.group.WORLD)
+    out = layer(torch.randn(3, H)).shape  # gloo, CPU tensors: fine
+    errors = []
+    for backend, device in [("nccl", "cpu"), ("gloo", "cuda"), ("cpu:gloo,cuda:nccl", "cuda"),
+                            ("cpu:nccl", "cpu")]:
+        expert_parallel.dist.get_backend = lambda group, b=backend: b
+        try:
+            expert_parallel.check_backend(dist.group.WORLD, torch.device(device))
+            errors.append(None)
+        except ValueError as error:
+            errors.append(str(error))
+    return out, errors
+
+
+def test_a_group_of_the_wrong_backend_for_the_device_is_named(tmp_path):
+    (shape, errors), = ranks.run(1, _wrong_backend, tmp_path=tmp_path)
+    assert shape == (3, H)
+    assert "the ep_group's backend 'nccl' cannot exchange cpu tensors" in errors[0]
+    assert "use a group of backend gloo or mpi" in errors[0]
+    assert "backend 'gloo' cannot exchange cuda tensors" in errors[1] and "nccl" in errors[1]
+    assert errors[2] is None  # a mixed group: NCCL for CUDA tensors
+    assert "'cpu:nccl' cannot exchange cpu tensors" in errors[3]
+
+
 def _fp8_wire(rank, world, counts):
     """The layer with FP8 dispatch on this rank's tokens, beside the unsharded layer whose
     routed experts see them FP8-quantised (straight through for d input); and the order of one

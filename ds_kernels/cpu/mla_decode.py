@@ -33,7 +33,7 @@ def _e4m3_values(device: torch.device) -> torch.Tensor:
     return torch.arange(256, dtype=torch.uint8).view(FP8_DTYPE).float().to(device)
 
 
-def _dequantize(rows, Dc, Dr, dtype):
+def dequantize_rows(rows, Dc, Dr, dtype):
     """fp32 [..., Dc + Dr] of FP8 rows uint8 [..., width] (contiguous): codes times their
     tile's scale, k_pe from bf16, rounded through ``dtype`` (the query's) as the reference's
     dequantised cache is; exact for the power-of-two scales that mla_cache_write stores."""
@@ -78,7 +78,7 @@ def mla_decode(q_nope, q_pe, kv_cache, block_table, cache_seqlens, softmax_scale
         # Past a sequence's end, table entries and cache rows may hold anything (garbage, NaN).
         pages = pages.masked_fill(~used.to(pages.device), 0)
         rows = kv_cache.index_select(0, pages.flatten()).view(n, C, width)   # [n, C, width]
-        rows = _dequantize(rows, Dc, Dr, q_nope.dtype) if fp8 else rows.float()  # [n, C, D]
+        rows = dequantize_rows(rows, Dc, Dr, q_nope.dtype) if fp8 else rows.float()  # [n, C, D]
         # The sequences ending in this chunk (sorted, so the last ones): blank their rows past
         # the end, a few slices instead of a masked pass over the whole chunk.
         ending = range(bisect.bisect_left([-x for x in lengths[:n]], -(start + C)), n)

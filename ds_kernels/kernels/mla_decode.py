@@ -72,15 +72,25 @@ def dot_operand(x, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _fold_sink(m, l, sink):
+    """The running max m and sum l (log2 units) with one more score ``sink`` whose value row
+    is 0 (attention sinks); alpha rescales the accumulator."""
+    m_new = tl.maximum(m, sink)
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m - m_ref)
+    return m_new, l * alpha + tl.exp2(sink - m_ref), alpha
+
+
+@triton.jit
 def _mla_decode_kernel(
-    q_nope_ptr, q_pe_ptr, cache_ptr, block_table_ptr, seqlens_ptr, out_ptr, lse_ptr,
+    q_nope_ptr, q_pe_ptr, cache_ptr, block_table_ptr, seqlens_ptr, sinks_ptr, out_ptr, lse_ptr,
     Hq, num_blocks, max_blocks, num_splits, scale_log2,
     stride_qnb, stride_qnh, stride_qnd, stride_qpb, stride_qph, stride_qpd,
     stride_cb, stride_ct, stride_cd, stride_btb, stride_btp, stride_sl,
-    stride_ob, stride_oh, stride_os, stride_od, stride_lb, stride_lh, stride_ls,
+    stride_ob, stride_oh, stride_os, stride_od, stride_lb, stride_lh, stride_ls, stride_sink,
     DC: tl.constexpr, DR: tl.constexpr, DC_POW2: tl.constexpr, DR_POW2: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr, FP8: tl.constexpr,
+    UPCAST: tl.constexpr, FP8: tl.constexpr, SPARSE: tl.constexpr, SINKS: tl.constexpr,
 ):
     """Split program_id(2) of sequence program_id(0)'s tokens, for heads program_id(1)*BLOCK_H...
 
@@ -88,13 +98,17 @@ def _mla_decode_kernel(
     likewise. cache_ptr: [num_blocks, PAGE, DC + DR] latent cache, strides (stride_cb,
     stride_ct, stride_cd), same dtype as q; with FP8, the bytes (uint8) of FP8 rows, the
     strides in bytes (stride_cd 1). block_table_ptr: int32 [B, max_blocks], strides
-    (stride_btb, stride_btp). seqlens_ptr: int32 [B], stride stride_sl (0 when expanded). out_ptr: [B, Hq, num_splits, DC] partial
-    (or, with one split, final) output, strides (stride_ob, stride_oh, stride_os, stride_od);
+    (stride_btb, stride_btp). seqlens_ptr: int32 [B], stride stride_sl (0 when expanded).
+    out_ptr: [B, Hq, num_splits, DC] partial (or, with one split, final) output, strides (stride_ob, stride_oh, stride_os, stride_od);
     lse_ptr: fp32 [B, Hq, num_splits] natural-log lse of the split's scores, strides
     (stride_lb, stride_lh, stride_ls). An empty split writes out 0 and lse -inf.
     scale_log2: softmax_scale * log2(e). DC_POW2, DR_POW2: tile widths (powers of two >= 16).
     PAGE: block_size. PRECISION: tl.dot input precision for fp32 operands. UPCAST: dot in fp32
     whatever the input dtype. FP8: the cache holds FP8 rows.
+    SPARSE (sparse_mla): program_id(0) is a query, block_table_ptr its slots int32 [T,
+    max_blocks = top_k] (slot = page * PAGE + offset, -1: none), every one of them read;
+    seqlens_ptr is not read. SINKS: sinks_ptr fp32 [Hq] join each head's softmax denominator
+    (here with one split; else in _merge_splits_kernel).
     """
     b = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)   # [BH]
@@ -109,7 +123,11 @@ def _mla_decode_kernel(
                             + dr[None, :] * stride_qpd,
                             mask=h_ok[:, None] & dr_ok[None, :], other=0.0), UPCAST)
 
-    seqlen = tl.minimum(tl.maximum(tl.load(seqlens_ptr + b * stride_sl), 0), max_blocks * PAGE)
+    if SPARSE:
+        seqlen = max_blocks
+    else:
+        seqlen = tl.minimum(tl.maximum(tl.load(seqlens_ptr + b * stride_sl), 0),
+                            max_blocks * PAGE)
     per_split = tl.cdiv(tl.cdiv(seqlen, num_splits), BLOCK_N) * BLOCK_N
     start = split * per_split
     end = tl.minimum(start + per_split, seqlen)
@@ -120,10 +138,17 @@ def _mla_decode_kernel(
     bad = tl.zeros([BLOCK_H], tl.int32)                           # a non-finite score seen
     for n0 in range(start, end, BLOCK_N):
         tok = n0 + tl.arange(0, BLOCK_N)                          # [BN]
-        page = tl.load(block_table_ptr + b * stride_btb + (tok // PAGE) * stride_btp,
-                       mask=tok < end, other=0)
+        if SPARSE:
+            slot = tl.load(block_table_ptr + b * stride_btb + tok * stride_btp, mask=tok < end,
+                           other=-1)
+            page = tl.where(slot >= 0, slot // PAGE, -1)
+            offset = slot % PAGE
+        else:
+            page = tl.load(block_table_ptr + b * stride_btb + (tok // PAGE) * stride_btp,
+                           mask=tok < end, other=0)
+            offset = tok % PAGE
         t_ok = (tok < end) & (page >= 0) & (page < num_blocks)
-        row = cache_ptr + page.to(tl.int64) * stride_cb + (tok % PAGE).to(tl.int64) * stride_ct
+        row = cache_ptr + page.to(tl.int64) * stride_cb + offset.to(tl.int64) * stride_ct
         if FP8:
             kv, k_pe = load_rows(row, t_ok, dc, dc_ok, dr, dr_ok, DC)
             kv = kv.to(q_nope_ptr.dtype.element_ty)                # [BN, DCP] K_nope = V
@@ -152,6 +177,10 @@ def _mla_decode_kernel(
         acc = tl.dot(p.to(kv.dtype), kv, acc * alpha[:, None], input_precision=PRECISION)
         m = m_new
 
+    if SINKS:  # with one split; the merge folds them in otherwise (-inf folds in nothing)
+        sink = tl.load(sinks_ptr + heads * stride_sink, mask=h_ok, other=0.0) * _LOG2E
+        m, l, alpha = _fold_sink(m, l, tl.where(num_splits == 1, sink, float("-inf")))
+        acc = acc * alpha[:, None]
     found = l > 0
     l = tl.where(found, l, 1.0)
     out = tl.where(bad[:, None] > 0, float("nan"), acc / l[:, None])
@@ -165,9 +194,9 @@ def _mla_decode_kernel(
 
 @triton.jit
 def _merge_splits_kernel(
-    part_out_ptr, part_lse_ptr, out_ptr, lse_ptr, Hq, num_splits,
-    stride_ob, stride_oh, stride_od,
-    DC: tl.constexpr, DC_POW2: tl.constexpr, BLOCK_S: tl.constexpr,
+    part_out_ptr, part_lse_ptr, sinks_ptr, out_ptr, lse_ptr, Hq, num_splits,
+    stride_ob, stride_oh, stride_od, stride_sink,
+    DC: tl.constexpr, DC_POW2: tl.constexpr, BLOCK_S: tl.constexpr, SINKS: tl.constexpr,
 ):
     """out[b, h] = sum_s w_s part_out[b, h, s] / sum_s w_s, w_s = exp(part_lse[b, h, s]);
     lse[b, h] = log(sum_s w_s) (all splits empty: out 0, lse -inf; a split with lse NaN - a
@@ -176,6 +205,7 @@ def _merge_splits_kernel(
     part_out_ptr: fp32 [B, Hq, num_splits, DC] contiguous; part_lse_ptr: fp32 [B, Hq,
     num_splits] contiguous, natural log. out_ptr: [B, Hq, DC] in q's dtype, strides (stride_ob,
     stride_oh, stride_od); lse_ptr: fp32 [B, Hq] contiguous. BLOCK_S splits are read a step.
+    SINKS: sinks_ptr fp32 [Hq] join the denominator, as one more split with out 0.
     """
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -201,6 +231,9 @@ def _merge_splits_kernel(
         acc = acc * alpha + tl.sum(w[:, None] * part, axis=0)
         l = l * alpha + tl.sum(w, axis=0)
         m = m_new
+    if SINKS:
+        m, l, alpha = _fold_sink(m, l, tl.load(sinks_ptr + h * stride_sink) * _LOG2E)
+        acc = acc * alpha
     found = l > 0
     l = tl.where(found, l, 1.0)
     out = tl.where(bad > 0, float("nan"), acc / l)
@@ -234,7 +267,7 @@ def fits(config, Dc, Dr, dtype, device) -> bool:
             and registers <= _REGISTER_WORDS)
 
 
-def _config(B, Hq, Dc, Dr, page, dtype, fp8, device) -> dict:
+def _config(op, B, Hq, Dc, Dr, page, dtype, fp8, device) -> dict:
     """BLOCK_N, min_split_tokens, num_warps, num_stages: tuned for this batch-size bucket, else
     the heuristic. FP8 caches are tuned apart (as kernel "fp8_cache")."""
     if device.type == "cpu":
@@ -243,8 +276,8 @@ def _config(B, Hq, Dc, Dr, page, dtype, fp8, device) -> dict:
         block_n = _FP8_BLOCK_N if fp8 else 32 if dtype.itemsize <= 2 else 16
         default = dict(_GPU, BLOCK_N=block_n)
     kernel = "fp8_cache" if fp8 else None
-    key = tuning.shape_key("mla_decode", kernel, Hq=Hq, Dc=Dc, Dr=Dr, page=page)
-    return tuning.config("mla_decode", "triton", key, B, dtype, device, default, kernel=kernel)
+    key = tuning.shape_key(op, kernel, Hq=Hq, Dc=Dc, Dr=Dr, page=page)
+    return tuning.config(op, "triton", key, B, dtype, device, default, kernel=kernel)
 
 
 def _sms(device) -> int:
@@ -254,6 +287,13 @@ def _sms(device) -> int:
 
 
 def mla_decode(q_nope, q_pe, kv_cache, block_table, cache_seqlens, softmax_scale):
+    return attend(q_nope, q_pe, kv_cache, block_table, cache_seqlens, softmax_scale)
+
+
+def attend(q_nope, q_pe, kv_cache, table, cache_seqlens, softmax_scale, *, sinks=None):
+    """mla_decode (table: block_table, cache_seqlens given) or sparse_mla (table: the slots,
+    cache_seqlens None): one launch of the attention kernel, and the merge where it splits."""
+    sparse = cache_seqlens is None
     B, Hq, Dc = q_nope.shape
     Dr = q_pe.shape[2]
     num_blocks, page = kv_cache.shape[:2]
@@ -262,30 +302,36 @@ def mla_decode(q_nope, q_pe, kv_cache, block_table, cache_seqlens, softmax_scale
     lse = torch.empty(B, Hq, dtype=torch.float32, device=q_nope.device)
     if B == 0:
         return out, lse
-    config = _config(B, Hq, Dc, Dr, page, q_nope.dtype, fp8, q_nope.device)
+    config = _config("sparse_mla" if sparse else "mla_decode", B, Hq, Dc, Dr, page,
+                     q_nope.dtype, fp8, q_nope.device)
     head_groups = triton.cdiv(Hq, _BLOCK_H)
-    splits = num_splits(B * head_groups, block_table.shape[1] * page, _sms(q_nope.device),
+    capacity = table.shape[1] * (1 if sparse else page)           # rows a program may read
+    splits = num_splits(B * head_groups, capacity, _sms(q_nope.device),
                         config["min_split_tokens"])
     if splits == 1:  # the partials are the answer
         part_out, part_lse = out.unsqueeze(2), lse.unsqueeze(2)
     else:
         part_out = torch.empty(B, Hq, splits, Dc, dtype=torch.float32, device=out.device)
         part_lse = torch.empty(B, Hq, splits, dtype=torch.float32, device=out.device)
+    seqlens = table if sparse else cache_seqlens  # (not read when sparse)
+    sinks_arg = lse if sinks is None else sinks   # (not read without sinks)
     dc_p, dr_p = _widths(Dc, Dr)
     fp32_precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
     _mla_decode_kernel[(B, head_groups, splits)](
-        q_nope, q_pe, kv_cache, block_table, cache_seqlens, part_out, part_lse,
-        Hq, num_blocks, block_table.shape[1], splits, softmax_scale * _LOG2E.value,
-        *q_nope.stride(), *q_pe.stride(), *kv_cache.stride(), *block_table.stride(), cache_seqlens.stride(0),
-        *part_out.stride(), *part_lse.stride(),
+        q_nope, q_pe, kv_cache, table, seqlens, sinks_arg, part_out, part_lse,
+        Hq, num_blocks, table.shape[1], splits, softmax_scale * _LOG2E.value,
+        *q_nope.stride(), *q_pe.stride(), *kv_cache.stride(), *table.stride(),
+        seqlens.stride(0), *part_out.stride(), *part_lse.stride(), sinks_arg.stride(-1),
         DC=Dc, DR=Dr, DC_POW2=dc_p, DR_POW2=dr_p, PAGE=page, BLOCK_H=_BLOCK_H,
         BLOCK_N=config["BLOCK_N"],
         PRECISION=fp32_precision if q_nope.dtype == torch.float32 else "ieee",
         UPCAST=q_nope.dtype == torch.bfloat16 and q_nope.device.type == "cpu", FP8=fp8,
+        SPARSE=sparse, SINKS=sinks is not None,
         num_warps=config["num_warps"], num_stages=config["num_stages"])
     if splits > 1:
         _merge_splits_kernel[(B, Hq)](
-            part_out, part_lse, out, lse, Hq, splits, *out.stride(),
+            part_out, part_lse, sinks_arg, out, lse, Hq, splits, *out.stride(),
+            sinks_arg.stride(-1),
             DC=Dc, DC_POW2=triton.next_power_of_2(Dc),
-            BLOCK_S=min(16, triton.next_power_of_2(splits)))
+            BLOCK_S=min(16, triton.next_power_of_2(splits)), SINKS=sinks is not None)
     return out, lse

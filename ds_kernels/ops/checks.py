@@ -1,5 +1,7 @@
 """Argument checks shared by the ops: each error names the argument and the offending value."""
 
+import math
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -36,6 +38,13 @@ def check_int(name: str, value, *, low: int, high: int | None = None):
     if value < low or (high is not None and value > high):
         bound = f">= {low}" if high is None else f"in [{low}, {high}]"
         raise ValueError(f"{name} must be {bound}, got {value}")
+
+
+def check_finite_float(name: str, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
 
 
 def device_checks_allowed(t: torch.Tensor) -> bool:

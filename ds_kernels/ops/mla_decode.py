@@ -2,15 +2,13 @@
 latent cache (FlashMLA semantics), as ``torch.ops.ds_kernels.mla_decode``. Inference only: no
 autograd formula."""
 
-import math
-
 import torch
 
 from ds_kernels import dispatch
 from ds_kernels.mla_cache_format import FP8_CACHE_DTYPE, is_fp8
 from ds_kernels.ops.mla_cache_write import check_fp8_cache
-from ds_kernels.ops.checks import (FLOAT_DTYPES, check_same_device, check_same_dtype,
-                                   check_tensor, device_checks_allowed)
+from ds_kernels.ops.checks import (FLOAT_DTYPES, check_finite_float, check_same_device,
+                                   check_same_dtype, check_tensor, device_checks_allowed)
 
 
 def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
@@ -69,10 +67,7 @@ def _check(q_nope, q_pe, kv_cache, block_table, cache_seqlens, softmax_scale):
         raise ValueError(f"block_table must be [B={B}, max_blocks], got {tuple(block_table.shape)}")
     if cache_seqlens.shape[0] != B:
         raise ValueError(f"cache_seqlens must be [B={B}], got {tuple(cache_seqlens.shape)}")
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
-        raise TypeError(f"softmax_scale must be a float, got {type(softmax_scale).__name__}")
-    if not math.isfinite(softmax_scale):
-        raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
+    check_finite_float("softmax_scale", softmax_scale)
     check_same_device("q_nope", q_nope, q_pe=q_pe, kv_cache=kv_cache, block_table=block_table,
                       cache_seqlens=cache_seqlens)
 

@@ -2,13 +2,11 @@
 ``torch.ops.ds_kernels.mla_prefill``, differentiable in q, k, v and through both outputs
 (backward: ``torch.ops.ds_kernels.mla_prefill_backward``)."""
 
-import math
-
 import torch
 
 from ds_kernels import dispatch
-from ds_kernels.ops.checks import (GEMM_DTYPES, check_same_device, check_same_dtype,
-                                   check_tensor, device_checks_allowed)
+from ds_kernels.ops.checks import (GEMM_DTYPES, check_finite_float, check_same_device,
+                                   check_same_dtype, check_tensor, device_checks_allowed)
 
 MAX_HEAD_DIM = 256
 
@@ -51,10 +49,7 @@ def _check(q, k, v, cu_seqlens, causal, softmax_scale):
                          f"got shape {tuple(cu_seqlens.shape)}")
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
-        raise TypeError(f"softmax_scale must be a float, got {type(softmax_scale).__name__}")
-    if not math.isfinite(softmax_scale):
-        raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
+    check_finite_float("softmax_scale", softmax_scale)
     check_same_device("q", q, k=k, v=v, cu_seqlens=cu_seqlens)
 
 
