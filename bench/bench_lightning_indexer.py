@@ -102,4 +102,5 @@ def dense_top_k(q, weights, k_cache, table, seq, pos, top_k, page):
     scores = scores.masked_fill(positions[None, :] > pos[:, None], float("-inf"))
     top = scores.topk(min(top_k, S), dim=1)
     slots = table[seq.long()[:, None], top.indices // page].long() * page + top.indices % page
-    return torch.where(top.values > float("-inf"), slots, -1).int()
+    slots = torch.where(top.values > float("-inf"), slots, -1).int()
+    return torch.nn.functional.pad(slots, (0, top_k - slots.shape[1]), value=-1)  # [T, top_k]

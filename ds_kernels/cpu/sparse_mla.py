@@ -30,9 +30,14 @@ def sparse_mla(q, kv_cache, slots, softmax_scale, v_dim, sinks):
         rows_of = slots[first:first + step].long()                # [Q, K]
         named = rows_of >= 0
         safe = rows_of.clamp_min(0)
-        rows = kv_cache[safe // block_size, safe % block_size]    # [Q, K, width]
+        if kv_cache.is_contiguous():  # index_select: ~20% faster than the 2-index gather
+            rows = kv_cache.view(-1, kv_cache.shape[2]).index_select(0, safe.flatten())
+            rows = rows.view(*safe.shape, -1)                     # [Q, K, width]
+        else:
+            rows = kv_cache[safe // block_size, safe % block_size]
         rows = dequantize_rows(rows, v_dim, Dk - v_dim, q.dtype) if fp8 else rows.float()
-        rows = rows.masked_fill(~named[..., None], 0.0)           # unnamed: never counted
+        if not named.all():
+            rows = rows.masked_fill(~named[..., None], 0.0)       # unnamed: never counted
         scores = torch.bmm(q[first:first + step].float() * softmax_scale,
                            rows.transpose(1, 2))                  # [Q, Hq, K]
         bad = ~scores.isfinite().all(dim=-1)                      # [Q, Hq]
