@@ -57,10 +57,13 @@ def main(argv=None):
                      help="e.g. E=256,I=2048,H=7168,k=8 for fused_moe; "
                      "Hq=16,Dc=512,Dr=64,page=64,context=4096 for mla_decode; "
                      "H=16,Dqk=192,Dv=128,causal=1,seqs=4 for mla_prefill; "
-                     "N=7168,K=16384 for quant_linear "
+                     "N=7168,K=16384 for quant_linear; "
+                     "H=64,D=128,page=64,top_k=2048,context=16384 for lightning_indexer; "
+                     "Hq=128,Dc=512,Dr=64,page=64,top_k=2048 for sparse_mla "
                      "(default: the op's default shapes)")
     run.add_argument("--tokens", nargs="+", type=int,
-                     help="buckets: tokens (rows for grouped_mm, sequences for mla_decode); "
+                     help="buckets: tokens (rows for grouped_mm, sequences for mla_decode, "
+                     "queries for lightning_indexer and sparse_mla); "
                      "default per op and device")
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     run.add_argument("--dtype", choices=_FLOATS + cases.WEIGHTS,

@@ -3,7 +3,8 @@ which ds_kernels looks the result up, and how to call and check the op.
 
 Shape keys come from ds_kernels.tuning.SHAPE_KEYS, the table the ops use at run time, so a
 stored result is always found. The bucket is the token count T, except M rows for grouped_mm
-and quant_linear, and B sequences for mla_decode.
+and quant_linear, B sequences for mla_decode, and T queries for sparse_mla and
+lightning_indexer (one a sequence, as in decode).
 
 The GEMM ops also run on quantised weights (``weights`` "fp8" or "mxfp4", DeepSeek's formats):
 their configs are tuned apart, under the kernel names tuning.gemm_kernel gives them (and
@@ -35,6 +36,11 @@ SHAPES = {
                    "cpu": [dict(_V3_MLA, Hq=16, context=2048)]},
     "mla_prefill": {"cuda": [dict(_V3_PREFILL, H=16), dict(_V3_PREFILL, H=128)],
                     "cpu": [dict(_V3_PREFILL, H=4)]},
+    # DeepSeek-V3.2's DSA: top 2048 keys by the 64 x 128 indexer, 576-wide latent rows.
+    "lightning_indexer": {"cuda": [dict(H=64, D=128, page=64, top_k=2048, context=16384)],
+                          "cpu": [dict(H=64, D=128, page=64, top_k=2048, context=4096)]},
+    "sparse_mla": {"cuda": [dict(_V3_MLA, Hq=16, top_k=2048), dict(_V3_MLA, Hq=128, top_k=2048)],
+                   "cpu": [dict(_V3_MLA, Hq=16, top_k=2048)]},
     # DeepSeek-V3's q_b_proj, o_proj and shared expert gate+up; on CPU the bench's quick shape.
     "quant_linear": {"cuda": [dict(N=24576, K=1536), dict(N=7168, K=16384), dict(N=4096, K=7168)],
                      "cpu": [dict(N=2048, K=2048)]},
@@ -47,6 +53,8 @@ BUCKETS = {
        for op in ("fused_moe", "grouped_mm", "route", "quant_linear")},
     "mla_decode": {"cuda": ([1, 2, 4, 8, 16, 32, 64, 128], [1, 8, 64]),
                    "cpu": ([1, 4, 16], [1, 8])},
+    **{op: {"cuda": ([1, 4, 16, 64, 256, 1024], [1, 64, 1024]), "cpu": ([1, 4, 16], [1, 16])}
+       for op in ("lightning_indexer", "sparse_mla")},
     "mla_prefill": {"cuda": ([256, 1024, 4096, 8192], [1024, 8192]),
                     "cpu": ([256, 1024, 4096], [256, 2048])},
 }
@@ -135,6 +143,8 @@ _INPUT_ELEMENTS = {
     "mla_decode": lambda s, n: n * (s["Dc"] + s["Dr"]) * (
         -(-s["context"] // s["page"]) * s["page"] + s["Hq"]),
     "mla_prefill": lambda s, n: n * s["H"] * (2 * s["Dqk"] + s["Dv"]),
+    "lightning_indexer": lambda s, n: n * s["D"] * (s["H"] + s["context"]),
+    "sparse_mla": lambda s, n: n * (s["Dc"] + s["Dr"]) * (s["Hq"] + s["top_k"]),
     "quant_linear": lambda s, n: n * s["K"] + s["N"] * s["K"],
 }
 
@@ -297,8 +307,45 @@ def _mla_prefill(shape, n, device, dtype, g, backward):
             max(lengths) + Dqk + (Dv if backward else 0))
 
 
+def _lightning_indexer(shape, n, device, dtype, g):
+    """n sequences of ``context`` keys on shuffled pages, one query at the end of each. The run
+    gives the scores of the keys it picked, sorted: near-equal scores may swap keys between
+    backends, which the scores do not see."""
+    H, D, page, context, top_k = (shape[x] for x in ("H", "D", "page", "context", "top_k"))
+    pages = -(-context // page)
+    k_cache = torch.randn(n * pages, page, D, generator=g).to(device, dtype)
+    table = torch.randperm(n * pages, generator=g).view(n, pages).to(device, torch.int32)
+    q = torch.randn(n, H, D, generator=g).to(device, dtype)
+    weights = (torch.randn(n, H, generator=g) * (H * D) ** -0.5).to(device)
+    seq = torch.arange(n, dtype=torch.int32, device=device)
+    pos = torch.full((n,), context - 1, dtype=torch.int32, device=device)
+    keys = k_cache.reshape(-1, D).double()
+
+    def run():
+        slots = ds_kernels.lightning_indexer(q, weights, k_cache, table, seq, pos, top_k)
+        dots = torch.einsum("thd,tkd->tkh", q.double(), keys[slots.clamp_min(0).long()])
+        scores = (dots.clamp_min(0) * weights.double()[:, None, :]).sum(-1)
+        return scores.masked_fill(slots < 0, 0.0).sort(dim=1).values.float()
+    return run, H * D
+
+
+def _sparse_mla(shape, n, device, dtype, g):
+    Hq, Dc, Dr, page, top_k = (shape[x] for x in ("Hq", "Dc", "Dr", "page", "top_k"))
+    pages = -(-top_k // page)
+    kv_cache = torch.randn(n * pages, page, Dc + Dr, generator=g).to(device, dtype)
+    slots = torch.randint(0, n * pages * page, (n, top_k), generator=g)
+    q = torch.randn(n, Hq, Dc + Dr, generator=g).to(device, dtype)
+    args = (q, kv_cache, slots.to(device, torch.int32), (Dc + Dr) ** -0.5)
+
+    def run():
+        out, lse = ds_kernels.sparse_mla(*args, v_dim=Dc)
+        return torch.cat([out.float().flatten(), lse.flatten()])
+    return run, top_k + Dc + Dr
+
+
 _BUILDERS = {"fused_moe": _fused_moe, "grouped_mm": _grouped_mm, "route": _route,
              "mla_decode": _mla_decode, "mla_prefill": _mla_prefill,
+             "lightning_indexer": _lightning_indexer, "sparse_mla": _sparse_mla,
              "quant_linear": _quant_linear}
 
 
@@ -346,7 +393,7 @@ def _fits(op, backend, shape, n, kernel, dtype, device, weights):
             N = K = max(N, K)
             swiglu = False
         return lambda c: spaces.gemm_fits(c, rows, N, K, dtype, device, swiglu=swiglu)
-    if op == "mla_decode":
+    if op in ("mla_decode", "sparse_mla"):
         from ds_kernels.kernels import mla_decode
 
         return lambda c: mla_decode.fits(c, shape["Dc"], shape["Dr"], dtype, device)

@@ -23,6 +23,17 @@ SPACES = {
              num_warps=[4, 8], num_stages=[1, 2]),
         dict(BLOCK_N=[16, 32, 64], min_split_tokens=[128, 256, 512], num_warps=[8],
              num_stages=[2])),
+    # sparse_mla runs mla_decode's kernel over the rows its slots name: the same knobs.
+    ("sparse_mla", "triton"): (
+        dict(BLOCK_N=[16, 32, 64], min_split_tokens=[64, 128, 256, 512, 1024],
+             num_warps=[4, 8], num_stages=[1, 2]),
+        dict(BLOCK_N=[16, 32, 64], min_split_tokens=[128, 256, 512], num_warps=[8],
+             num_stages=[2])),
+    # The running top keys take registers whatever BLOCK_N; the page loop is not pipelined.
+    ("lightning_indexer", "triton"): (
+        dict(BLOCK_N=[16, 32, 64, 128], min_split_keys=[512, 1024, 2048, 4096, 8192],
+             num_warps=[4, 8], num_stages=[1]),
+        dict(BLOCK_N=[32, 64], min_split_keys=[1024, 4096], num_warps=[4, 8], num_stages=[1])),
     ("mla_prefill", "triton"): (
         dict(BLOCK_M=[16, 32, 64, 128], BLOCK_N=[16, 32, 64, 128], num_warps=[4, 8],
              num_stages=[1, 2, 3, 4]),
@@ -37,6 +48,12 @@ SPACES = {
     ("mla_decode", "torch"): (
         dict(chunk_elements=[1 << 16, 1 << 18, 1 << 19, 1 << 20, 1 << 21, 1 << 22, 1 << 24]),
         dict(chunk_elements=[1 << 18, 1 << 20, 1 << 22])),
+    ("lightning_indexer", "torch"): (
+        dict(chunk_elements=[1 << 18, 1 << 20, 1 << 22, 1 << 24]),
+        dict(chunk_elements=[1 << 20, 1 << 22])),
+    ("sparse_mla", "torch"): (
+        dict(chunk_elements=[1 << 18, 1 << 20, 1 << 22, 1 << 24]),
+        dict(chunk_elements=[1 << 20, 1 << 22])),
     ("mla_prefill", "torch"): (
         dict(score_elements=[1 << 20, 1 << 22, 1 << 24], pieces=[1, 4, 8, 16],
              pack_elements=[1 << 14, 1 << 16, 1 << 18]),
@@ -57,7 +74,7 @@ LIMITS = {
     "GROUP_M": (1, 256, False),
     "num_warps": (1, 32, True),  # Triton's rule; 32 warps are 1024 threads
     "num_stages": (1, 8, False),
-    "min_split_tokens": _COUNT,
+    "min_split_tokens": _COUNT, "min_split_keys": _COUNT,
     "chunk_elements": _COUNT, "score_elements": _COUNT, "pack_elements": _COUNT,
     "pieces": _COUNT,
 }

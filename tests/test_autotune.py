@@ -529,6 +529,10 @@ def _tiny_triton_spaces(monkeypatch):
                                           num_stages=[1])),
                       ("mla_prefill", dict(BLOCK_M=[16, 32], BLOCK_N=[16], num_warps=[4],
                                            num_stages=[1])),
+                      ("sparse_mla", dict(BLOCK_N=[16, 32], min_split_tokens=[16],
+                                          num_warps=[4], num_stages=[1])),
+                      ("lightning_indexer", dict(BLOCK_N=[16, 32], min_split_keys=[16],
+                                                 num_warps=[4], num_stages=[1])),
                       ("fused_moe", small_gemm), ("grouped_mm", small_gemm),
                       ("quant_linear", small_gemm)]:
         monkeypatch.setitem(spaces.SPACES, (op, "triton"), (space, space))
@@ -537,7 +541,9 @@ def _tiny_triton_spaces(monkeypatch):
 TINY = {"mla_decode": (dict(Hq=4, Dc=32, Dr=16, page=16, context=100), 3),
         "mla_prefill": (dict(H=2, Dqk=24, Dv=16, causal=1, seqs=2), 40),
         "fused_moe": (dict(E=4, I=8, H=16, k=2), 5),
-        "grouped_mm": (dict(E=3, N=16, K=24), 7)}
+        "grouped_mm": (dict(E=3, N=16, K=24), 7),
+        "sparse_mla": (dict(Hq=4, Dc=32, Dr=16, page=16, top_k=40), 3),
+        "lightning_indexer": (dict(H=4, D=16, page=16, top_k=16, context=40), 2)}
 KERNELS = {("mla_prefill", "triton"): ["fwd", "dkdv", "dq"],
            ("mla_prefill", "torch"): ["fwd", "bwd"],
            **{(op, b): [None, "backward"] for op in ("fused_moe", "grouped_mm")

@@ -1,4 +1,4 @@
-"""Reference lightning indexer (DeepSeek-V3.2's DSA key selection): one query, one key at a time.
+"""Reference lightning indexer (DeepSeek-V3.2's DSA key selection): one query at a time.
 
 Query t belongs to sequence query_seq[t] and sees that sequence's keys at positions
 0..query_pos[t]; the key at position p is k_cache[block_table[b, p // block_size],
@@ -18,17 +18,17 @@ import torch
 def lightning_indexer(q, weights, k_cache, block_table, query_seq, query_pos, top_k):
     T, H, D = q.shape
     block_size = k_cache.shape[1]
-    keys = k_cache.reshape(-1, D)                                 # [num_blocks * block_size, D]
     slots = torch.full((T, top_k), -1, dtype=torch.int32)
     for t in range(T):
-        b, last = int(query_seq[t]), int(query_pos[t])
-        scored = []                                               # (score, position, slot)
-        for p in range(last + 1):
-            slot = int(block_table[b, p // block_size]) * block_size + p % block_size
-            dots = q[t].double() @ keys[slot].double()            # [H]
-            score = float((weights[t].double() * dots.clamp_min(0)).sum())
-            scored.append((float("-inf") if score != score else score, p, slot))
-        scored.sort(key=lambda e: (-e[0], e[1]))
-        for i, (_, _, slot) in enumerate(scored[:top_k]):
-            slots[t, i] = slot
+        b, seen = int(query_seq[t]), int(query_pos[t]) + 1
+        positions = torch.arange(seen, device=k_cache.device)    # [n]
+        pages = block_table[b, positions // block_size].long()
+        keys = k_cache[pages, positions % block_size].double()    # [n, D]
+        dots = q[t].double() @ keys.T                             # [H, n]
+        scores = (weights[t].double()[:, None] * dots.clamp_min(0)).sum(0)  # [n]
+        scores = scores.nan_to_num(nan=float("-inf"), posinf=float("inf"),
+                                   neginf=float("-inf"))
+        # Stable: among equal scores the lower position stays first.
+        order = torch.sort(scores, descending=True, stable=True).indices[:top_k]
+        slots[t, :order.numel()] = (pages[order] * block_size + order % block_size).int().cpu()
     return slots.to(q.device)
