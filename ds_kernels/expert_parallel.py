@@ -86,12 +86,13 @@ class _Transfer:
         self.works = [dist.all_to_all_single(out, p.contiguous(), recv_sizes, send_sizes,
                                              group=group, async_op=True)
                       for out, p in zip(self.received, parts)]
-        self.extra = self.received[len(parts) - len(extra):]
+        self.encoded, self.extra = (self.received[:len(parts) - len(extra)],
+                                    self.received[len(parts) - len(extra):])
 
     def rows(self, dtype):                                        # [R, H]
         for work in self.works:
             work.wait()
-        return self.wire.decode(self.received[:len(self.received) - len(self.extra)], dtype)
+        return self.wire.decode(self.encoded, dtype)
 
 
 class _Arrived(torch.autograd.Function):

@@ -66,9 +66,9 @@ def _top_keys(q, weights, last, k_cache, table, best, chunk):
     qs = q.float().reshape(Q * H, D)                              # [Q * H, D]
     w = weights.float().unsqueeze(1)                              # [Q, 1, H]
     C = max(1, chunk // (Q * H + D))                              # key positions a chunk
-    for start in range(0, int(last.max()) + 1, C):
-        positions = torch.arange(start, min(start + C, int(last.max()) + 1),
-                                 device=q.device)                 # [C]
+    seen = int(last.max()) + 1                                    # one sync, not one a chunk
+    for start in range(0, seen, C):
+        positions = torch.arange(start, min(start + C, seen), device=q.device)  # [C]
         keys = k_cache[table[positions // block_size].long(), positions % block_size]  # [C, D]
         scores = (qs @ keys.float().T).view(Q, H, -1).relu_()     # [Q, H, C]
         scores = torch.bmm(w, scores).squeeze(1)                  # [Q, C]
