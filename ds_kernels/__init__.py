@@ -10,6 +10,7 @@ from ds_kernels.moe import MoE
 from ds_kernels.ops.apply_rope import apply_rope
 from ds_kernels.ops.fused_moe import fused_moe
 from ds_kernels.ops.grouped_mm import grouped_mm
+from ds_kernels.ops.index_cache_write import index_cache_write
 from ds_kernels.ops.lightning_indexer import lightning_indexer
 from ds_kernels.ops.mla_cache_write import mla_cache_write, mla_cache_write_fused
 from ds_kernels.ops.mla_decode import mla_decode
@@ -22,8 +23,8 @@ from ds_kernels.ops.sparse_mla import sparse_mla
 from ds_kernels.ops.route import route
 
 __all__ = ["BACKENDS", "BackendUnavailableError", "MoE", "MoEAlignment", "apply_rope",
-           "fused_moe", "grouped_mm", "lightning_indexer", "mla_cache_write", "mla_cache_write_fused", "mla_decode",
-           "mla_prefill", "moe_align",
+           "fused_moe", "grouped_mm", "index_cache_write", "lightning_indexer", "mla_cache_write",
+           "mla_cache_write_fused", "mla_decode", "mla_prefill", "moe_align",
            "rms_norm", "route", "rope", "sparse_mla", "use_backend",
            "dequantize", "quant_linear", "quantize_fp8_block", "quantize_mxfp4"]
 __version__ = "0.1.0"

@@ -47,6 +47,7 @@ _IMPLEMENTATIONS: dict[str, dict[str, str]] = {
     "mla_cache_write": _paths("mla_cache_write", "mla_cache_write"),
     "mla_cache_write_fused": _paths("mla_cache_write", "mla_cache_write_fused"),
     "mla_decode": _paths("mla_decode", "mla_decode"),
+    "index_cache_write": _paths("index_cache_write", "index_cache_write"),
     "lightning_indexer": _paths("lightning_indexer", "lightning_indexer"),
     "sparse_mla": _paths("sparse_mla", "sparse_mla"),
     "mla_prefill": _paths("mla_prefill", "mla_prefill"),

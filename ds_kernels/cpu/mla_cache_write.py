@@ -1,5 +1,6 @@
 """MLA cache write on the torch path: one indexed copy per part of the row, for all tokens at
-once (an FP8 cache: the tokens' rows quantised first, then copied whole). The fused variant
+once (an FP8 cache: the tokens' rows quantised first, then copied whole; write_rows is shared
+with the index-key cache). The fused variant
 composes the torch paths of rms_norm and apply_rope with that write (on a CPU there is no
 launch to save by fusing)."""
 
@@ -28,27 +29,34 @@ def quantize_rows(latent, k_pe):
 
 
 def mla_cache_write(latent, k_pe, kv_cache, slot_mapping):
-    num_blocks, block_size, width = kv_cache.shape
     Dc = latent.shape[1]
-    slots = slot_mapping.long()                                   # [T]
-    # -1 (padding) skips; a bad slot the host check could not see must not write either.
-    keep = (slots >= 0) & (slots < num_blocks * block_size)
-    if not bool(keep.all()):
-        slots, latent, k_pe = slots[keep], latent[keep], k_pe[keep]
     if is_fp8(kv_cache):
         parts = [(slice(None), quantize_rows(latent, k_pe))]        # [T, width]
     else:
         parts = [(slice(None, Dc), latent), (slice(Dc, None), k_pe)]
-    if kv_cache.stride(0) == block_size * kv_cache.stride(1):
+    write_rows(kv_cache, slot_mapping, parts)
+
+
+def write_rows(cache, slot_mapping, parts):
+    """cache[slot // block_size, slot % block_size, columns] = values[t] for each (columns,
+    values [T, n]) of parts and each token t whose slot is in [0, num_slots)."""
+    num_blocks, block_size, width = cache.shape
+    slots = slot_mapping.long()                                   # [T]
+    # -1 (padding) skips; a bad slot the host check could not see must not write either.
+    keep = (slots >= 0) & (slots < num_blocks * block_size)
+    keep = slice(None) if bool(keep.all()) else keep
+    slots = slots[keep]
+    parts = [(columns, values[keep]) for columns, values in parts]
+    if cache.stride(0) == block_size * cache.stride(1):
         # Blocks evenly spaced (a cache allocated as one tensor): one row per slot, and
         # index_copy_ (~2x faster than indexed assignment for a decode step's token).
-        rows = kv_cache.view(num_blocks * block_size, width)     # [num_slots, width]
+        rows = cache.view(num_blocks * block_size, width)        # [num_slots, width]
         for columns, values in parts:
             rows[:, columns].index_copy_(0, slots, values)
     else:
         block, offset = slots // block_size, slots % block_size
         for columns, values in parts:
-            kv_cache[block, offset, columns] = values
+            cache[block, offset, columns] = values
 
 
 def mla_cache_write_fused(kv_latent, k_pe, norm_weight, eps, cos, sin, kv_cache, slot_mapping,

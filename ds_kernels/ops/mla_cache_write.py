@@ -120,7 +120,7 @@ def _check_fused(kv_latent, k_pe, norm_weight, eps, cos, sin, kv_cache, slot_map
     check_rope("k_pe", k_pe, cos, sin, interleaved)
 
 
-def _check_slots(slot_mapping, kv_cache):
+def check_slots(slot_mapping, kv_cache):
     """Slots in [-1, num_slots); a device sync, skipped under CUDA graph capture (where the
     kernels still mask bad slots: they never write)."""
     num_slots = kv_cache.shape[0] * kv_cache.shape[1]
@@ -135,7 +135,7 @@ def _check_slots(slot_mapping, kv_cache):
 def _mla_cache_write(latent: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor,
                      slot_mapping: torch.Tensor) -> None:
     _check(latent, k_pe, kv_cache, slot_mapping)
-    _check_slots(slot_mapping, kv_cache)
+    check_slots(slot_mapping, kv_cache)
     dispatch.implementation("mla_cache_write", latent.device)(latent, k_pe, kv_cache,
                                                               slot_mapping)
 
@@ -154,7 +154,7 @@ def _mla_cache_write_fused(kv_latent: torch.Tensor, k_pe: torch.Tensor,
                            sin: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
                            interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
     _check_fused(kv_latent, k_pe, norm_weight, eps, cos, sin, kv_cache, slot_mapping, interleaved)
-    _check_slots(slot_mapping, kv_cache)
+    check_slots(slot_mapping, kv_cache)
     return dispatch.implementation("mla_cache_write_fused", kv_latent.device)(
         kv_latent, k_pe, norm_weight, float(eps), cos, sin, kv_cache, slot_mapping, interleaved)
 

@@ -1,0 +1,18 @@
+"""Index-key cache write on the torch path: LayerNorm and the rope columns' rotation for all
+tokens at once (torch's layer_norm, our apply_rope), then one indexed copy of the rows."""
+
+import torch
+import torch.nn.functional as F
+
+from ds_kernels.cpu.apply_rope import apply_rope
+from ds_kernels.cpu.mla_cache_write import write_rows
+
+
+def index_cache_write(k, norm_weight, norm_bias, eps, cos, sin, k_cache, slot_mapping,
+                      interleaved):
+    acc = torch.promote_types(k.dtype, torch.float32)
+    normed = F.layer_norm(k.to(acc), k.shape[-1:], norm_weight.to(acc), norm_bias.to(acc),
+                          eps).to(k.dtype)                                      # [T, Di]
+    Dr = 2 * cos.shape[1]
+    rows = torch.cat([apply_rope(normed[:, :Dr], cos, sin, interleaved), normed[:, Dr:]], dim=1)
+    write_rows(k_cache, slot_mapping, [(slice(None), rows)])
