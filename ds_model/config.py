@@ -16,6 +16,9 @@ Presets:
   "tiny": a few million parameters for tests and the CLI.
   "deepseek-v3-671b": DeepSeek-V3's published config.json (without the MTP module):
       671.0B total, 37.6B active.
+  "deepseek-v3.2-685b": DeepSeek-V3.2's (and V3.2-Exp's) config.json: V3's plus the lightning
+      indexer (index_topk 2048, 64 heads of 128): 671.9B total without the MTP module (685B
+      with it, the name DeepSeek gives), 38.4B active.
   "r2-hypothetical-1.2t": HYPOTHETICAL. "DeepSeek-R2" is a rumour (1.2T total, 78B active,
       "hybrid MoE"); no config is public. Derived by keeping V3's attention (hidden 7168, 128
       heads, the same MLA ranks) and searching layers, routed experts, expert width and top-k
@@ -56,6 +59,7 @@ _IGNORED_FIELDS = {
     "_name_or_path", "_attn_implementation_autoset", "_experts_implementation", "pruned_heads",
     "name_or_path", "attention_bias_type", "mlp_bias", "head_dim", "layer_types",
     "expert_dtype",  # V4's place for quantization_config's expert_dtype: moved in there
+    "mlp_layer_types",  # DeepseekV32Config's dense/sparse per layer: first_k_dense_replace's
 }
 
 # Fields every DeepSeek-V2/V3 config.json has, DeepSeek's and transformers' alike: they fix the
@@ -118,6 +122,10 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     eos_token_id: int | list[int] | None = None
     quantization_config: dict | None = None  # FP8 checkpoints: see ds_model/quantized.py
+    # DeepSeek-V3.2's sparse attention (ds_model/deepseek_v32.py): None is V3's dense MLA.
+    index_topk: int | None = None            # cached tokens each query attends over
+    index_head_dim: int = 128
+    index_n_heads: int = 64
 
     def __post_init__(self):
         self.validate()
@@ -145,6 +153,7 @@ class ModelConfig:
         _check_choice("topk_method", self.topk_method, TOPK_METHODS)
         _check_choice("hidden_act", self.hidden_act, HIDDEN_ACTS)
         self._check_routing()
+        self._check_index()
         self._check_rope_scaling()
         self._check_eos()
         if self.quantization_config is not None:
@@ -170,6 +179,18 @@ class ModelConfig:
         _check_int("topk_group", self.topk_group, 1, self.n_group, f" (n_group={self.n_group})")
         _check_int("num_experts_per_tok", k, 1, self.topk_group * per_group,
                    f" (topk_group={self.topk_group} groups of {per_group} experts)")
+
+    def _check_index(self):
+        if self.index_topk is None:
+            return
+        _check_int("index_topk", self.index_topk, 1, why=" or null")
+        _check_int("index_n_heads", self.index_n_heads, 1)
+        _check_int("index_head_dim", self.index_head_dim, self.qk_rope_head_dim,
+                   why=f" (its first qk_rope_head_dim={self.qk_rope_head_dim} columns are "
+                       "rotated)")
+        if not self.q_lora_rank:
+            raise ValueError("index_topk (DeepSeek Sparse Attention) needs q_lora_rank: the "
+                             "indexer's queries come from MLA's query latent")
 
     def _check_rope_scaling(self):
         scaling = self.rope_scaling
@@ -297,6 +318,10 @@ class ModelConfig:
                       ("dense", (ql,), int(bias))]
         else:
             layer += [("linear", (qk_width, h), 1)]
+        if self.index_topk:  # the indexer: wq_b, wk, weights_proj and k_norm's weight and bias
+            hi, di = self.index_n_heads, self.index_head_dim
+            layer += [("linear", (hi * di, ql), 1), ("linear", (di, h), 1),
+                      ("linear", (hi, h), 1), ("dense", (di,), 2)]
         mlp = self.intermediate_size
         shared = self.n_shared_experts * self.moe_intermediate_size
         E, I = self.n_routed_experts, self.moe_intermediate_size
@@ -336,6 +361,10 @@ PRESETS = {
                  qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
                  max_position_embeddings=4096),
     "deepseek-v3-671b": dict(
+        rope_scaling={"rope_type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+                      "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}),
+    "deepseek-v3.2-685b": dict(
+        index_topk=2048, index_head_dim=128, index_n_heads=64,
         rope_scaling={"rope_type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
                       "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}),
     "r2-hypothetical-1.2t": dict(

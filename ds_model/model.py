@@ -11,6 +11,10 @@ Tokens travel as one flat batch [T, H], no padding, with a Batch saying where ea
   [latent | k_pe] rows themselves, and W_UV maps its [Hq, Dc] output to values. The cache is
   never expanded per head: (Dc + Dr) values per token per layer (576 in DeepSeek-V3), not
   Hq * (Dn + Dr + Dv) (40,960).
+DeepSeek-V3.2 (config.index_topk set: DeepSeek Sparse Attention, ds_model/deepseek_v32.py):
+prefill and decode alike write the cache first, the indexer picks index_topk cached rows per
+query, and ds_kernels.sparse_mla attends over those, absorbed as in decode; forward() without a
+cache runs the same through a cache of its own.
 
 Quantised checkpoints (ds_model/quantized.py): the projections, shared experts and dense MLPs
 become QuantLinear (ds_kernels.quant_linear on the FP8 weight) and the routed experts
@@ -33,6 +37,7 @@ from ds_kernels.moe import MoE, SharedExperts
 from ds_kernels.rope import (mla_softmax_scale, rope_attention_factor, rope_cos_sin,
                              rope_frequencies)
 from ds_model.config import ModelConfig
+from ds_model.deepseek_v32 import Indexer
 from ds_model.generate import generate as _generate
 from ds_model.loading import from_pretrained as _from_pretrained
 from ds_model.quantized import QuantExperts, QuantLinear, quantized_state_keys
@@ -45,13 +50,14 @@ LATENT_NORM_EPS = 1e-6
 @dataclasses.dataclass
 class Batch:
     """Where the tokens of a flat batch sit. Prefill sets cu_seqlens; decode (one token per
-    sequence) sets block_table and seqlens."""
+    sequence) sets seqlens; both set block_table and query_seq when there is a cache."""
 
     positions: torch.Tensor                  # [T] int64 position in its sequence
     slots: torch.Tensor | None = None        # [T] int64 cache row to write (None: no cache)
     cu_seqlens: torch.Tensor | None = None   # [B + 1] int32 sequence bounds
     block_table: torch.Tensor | None = None  # [B, max_pages] int32 pages of each sequence
     seqlens: torch.Tensor | None = None      # [B] int32 cached tokens, this step's included
+    query_seq: torch.Tensor | None = None    # [T] int32 each token's row of block_table
 
 
 class KVCache:
@@ -61,7 +67,9 @@ class KVCache:
     page each). With ``fp8`` the rows are FlashMLA's FP8 layout for DeepSeek-V3.2 (uint8: e4m3
     latent, a scale per 128 columns, bf16 k_pe; ds_kernels/mla_cache_format.py): 656 bytes a
     token a layer for DeepSeek-V3 instead of 1,152 in bf16; the ops read the format from the
-    dtype."""
+    dtype. DeepSeek-V3.2 (config.index_topk): also the indexer's keys, per layer
+    [num_blocks, block_size, index_head_dim] in ``dtype`` (``index_layers``), under the same
+    block table."""
 
     def __init__(self, config: ModelConfig, capacities: list[int], *, block_size: int = 64,
                  dtype=torch.float32, device=None, fp8: bool = False):
@@ -72,12 +80,15 @@ class KVCache:
             raise ValueError(f"an FP8 latent cache needs kv_lora_rank a multiple of "
                              f"{mla_cache_format.FP8_TILE} and an even qk_rope_head_dim, got "
                              f"{Dc} and {Dr}")
-        dtype = mla_cache_format.FP8_CACHE_DTYPE if fp8 else dtype
+        latent_dtype = mla_cache_format.FP8_CACHE_DTYPE if fp8 else dtype
         pages = [-(-c // block_size) for c in capacities]
-        width = mla_cache_format.row_width(Dc, Dr, dtype)
+        width = mla_cache_format.row_width(Dc, Dr, latent_dtype)
         self.block_size = block_size
-        self.layers = [torch.zeros(sum(pages), block_size, width, dtype=dtype, device=device)
-                       for _ in range(config.num_hidden_layers)]
+        self.layers = [torch.zeros(sum(pages), block_size, width, dtype=latent_dtype,
+                                   device=device) for _ in range(config.num_hidden_layers)]
+        self.index_layers = [
+            torch.zeros(sum(pages), block_size, config.index_head_dim, dtype=dtype, device=device)
+            for _ in range(config.num_hidden_layers if config.index_topk else 0)]
         table = torch.zeros(len(pages), max(pages, default=0), dtype=torch.int32)
         first = 0
         for b, n in enumerate(pages):  # entries past a sequence's pages are never read
@@ -97,10 +108,12 @@ class KVCache:
         starts, lengths = cu_seqlens[:-1].long(), cu_seqlens.diff()      # [B], [B]
         seq_ids = torch.repeat_interleave(torch.arange(B, device=starts.device), lengths)  # [T]
         positions = torch.arange(T, device=starts.device) - starts[seq_ids]  # [T]
-        batch = Batch(positions, self.slots(seq_ids, positions), cu_seqlens=cu_seqlens)
+        slots = self.slots(seq_ids, positions)
         self.seqlens[:B] = lengths
         self.longest = max(self.longest, int(lengths.max()))
-        return batch
+        return Batch(positions, slots, cu_seqlens=cu_seqlens,
+                     block_table=self.block_table[:B, :self._pages()],
+                     query_seq=seq_ids.to(torch.int32))
 
     def append(self, seq_ids) -> Batch:
         """Where one more token of each of sequences seq_ids (int64 [n], distinct) goes, and
@@ -109,9 +122,17 @@ class KVCache:
         slots = self.slots(seq_ids, positions)
         self.seqlens[seq_ids] += 1
         self.longest += 1
-        pages = -(-self.longest // self.block_size)
-        return Batch(positions, slots, block_table=self.block_table[seq_ids, :pages],
-                     seqlens=self.seqlens[seq_ids])
+        return Batch(positions, slots, block_table=self.block_table[seq_ids, :self._pages()],
+                     seqlens=self.seqlens[seq_ids],
+                     query_seq=torch.arange(len(seq_ids), dtype=torch.int32,
+                                            device=positions.device))
+
+    def _pages(self) -> int:
+        return -(-self.longest // self.block_size)
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Layer i's (latent cache, index-key cache or None)."""
+        return self.layers[i], self.index_layers[i] if self.index_layers else None
 
     def slots(self, seq_ids, positions):                                 # [T], [T]
         if bool((positions >= self.capacities[seq_ids]).any()):
@@ -121,12 +142,13 @@ class KVCache:
         return page * self.block_size + positions % self.block_size             # [T]
 
     def bytes_per_token(self) -> int:
-        """Cache bytes one token takes, all layers together: layers * row bytes."""
-        return sum(layer[0, 0].nbytes for layer in self.layers)
+        """Cache bytes one token takes, all layers together: layers * row bytes (V3.2: the
+        index keys' row too)."""
+        return sum(layer[0, 0].nbytes for layer in self.layers + self.index_layers)
 
     def nbytes(self) -> int:
         """Bytes allocated, all pages of all layers."""
-        return sum(layer.nbytes for layer in self.layers)
+        return sum(layer.nbytes for layer in self.layers + self.index_layers)
 
 
 class RMSNorm(nn.Module):
@@ -161,7 +183,8 @@ class RotaryEmbedding(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head latent attention, with (q_a_proj, q_b_proj) or without (q_proj) q_lora_rank."""
+    """Multi-head latent attention, with (q_a_proj, q_b_proj) or without (q_proj) q_lora_rank;
+    with an indexer (DeepSeek-V3.2), sparse over the tokens it picks."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -182,10 +205,15 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.heads * self.dv, H, bias=bias)
         self.softmax_scale = mla_softmax_scale(self.dn + self.dr, config.rope_scaling)
         self.interleaved = config.rope_interleave
+        self.indexer = Indexer(config) if config.index_topk else None
 
-    def forward(self, x, cos, sin, batch: Batch, kv_cache=None):         # x [T, H]
+    def forward(self, x, cos, sin, batch: Batch, kv_cache=None, index_cache=None):  # x [T, H]
         T = x.shape[0]
-        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora else self.q_proj(x)
+        if self.q_lora:
+            q_resid = self.q_a_layernorm(self.q_a_proj(x))                 # [T, q_lora_rank]
+            q = self.q_b_proj(q_resid)
+        else:
+            q = self.q_proj(x)
         q_nope, q_pe = q.view(T, self.heads, -1).split([self.dn, self.dr], dim=-1)  # [T, Hq, *]
         q_pe = ds_kernels.apply_rope(q_pe, cos, sin, interleaved=self.interleaved)
         kv = self.kv_a_proj_with_mqa(x)                                    # [T, Dc + Dr]
@@ -197,10 +225,17 @@ class Attention(nn.Module):
             latent, k_pe = ds_kernels.mla_cache_write_fused(
                 latent, k_pe, self.kv_a_layernorm.weight, LATENT_NORM_EPS, cos, sin, kv_cache,
                 batch.slots, interleaved=self.interleaved)
-        if batch.block_table is None:
+        if self.indexer is not None:
+            slots = self.indexer(x, q_resid, cos, sin, batch, index_cache)  # [T, index_topk]
+            out, _ = ds_kernels.sparse_mla(torch.cat([self._absorb(q_nope), q_pe], dim=-1),
+                                           kv_cache, slots, self.softmax_scale, v_dim=self.dc)
+            out = self._values(out)
+        elif batch.cu_seqlens is not None:
             out = self._prefill(q_nope, q_pe, latent, k_pe, batch.cu_seqlens)
         else:
-            out = self._decode(q_nope, q_pe, kv_cache, batch)
+            out, _ = ds_kernels.mla_decode(self._absorb(q_nope), q_pe, kv_cache,
+                                           batch.block_table, batch.seqlens, self.softmax_scale)
+            out = self._values(out)
         return self.o_proj(out.reshape(T, self.heads * self.dv))           # [T, H]
 
     def _prefill(self, q_nope, q_pe, latent, k_pe, cu_seqlens):
@@ -213,13 +248,18 @@ class Attention(nn.Module):
                                         softmax_scale=self.softmax_scale)    # [T, Hq, Dv]
         return out
 
-    def _decode(self, q_nope, q_pe, kv_cache, batch):
-        w = self.kv_b_proj.weight.view(self.heads, self.dn + self.dv, self.dc)  # [Hq, Dn + Dv, Dc]
-        w_uk, w_uv = w.split([self.dn, self.dv], dim=1)                      # [Hq, Dn | Dv, Dc]
-        q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)   # [B, Hq, Dc]
-        out, _ = ds_kernels.mla_decode(q_latent, q_pe, kv_cache, batch.block_table,
-                                       batch.seqlens, self.softmax_scale)    # [B, Hq, Dc]
-        return torch.bmm(out.transpose(0, 1), w_uv.mT).transpose(0, 1)       # [B, Hq, Dv]
+    def _absorbed(self):
+        """(W_UK [Hq, Dn, Dc], W_UV [Hq, Dv, Dc]): kv_b_proj's rows as per-head matrices."""
+        w = self.kv_b_proj.weight.view(self.heads, self.dn + self.dv, self.dc)
+        return w.split([self.dn, self.dv], dim=1)
+
+    def _absorb(self, q_nope):                                             # [T, Hq, Dn]
+        """The query in latent space, scoring cached latents as k_nope would."""
+        return torch.bmm(q_nope.transpose(0, 1), self._absorbed()[0]).transpose(0, 1)  # [T, Hq, Dc]
+
+    def _values(self, out):                                                # [T, Hq, Dc]
+        """Attention over latents mapped to values through W_UV."""
+        return torch.bmm(out.transpose(0, 1), self._absorbed()[1].mT).transpose(0, 1)  # [T, Hq, Dv]
 
 
 class DecoderLayer(nn.Module):
@@ -234,8 +274,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(H, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(H, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, batch, kv_cache=None):                 # x [T, H]
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, kv_cache)
+    def forward(self, x, cos, sin, batch, kv_cache=None, index_cache=None):  # x [T, H]
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, kv_cache, index_cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -252,7 +292,7 @@ class DeepSeekModel(nn.Module):
         x = self.embed_tokens(input_ids)                                  # [T, H]
         cos, sin = self.rotary_emb(batch.positions)                       # [T, Dr/2] each
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, batch, None if cache is None else cache.layers[i])
+            x = layer(x, cos, sin, batch, *((None, None) if cache is None else cache.layer(i)))
         return self.norm(x)                                               # [T, H]
 
 
@@ -278,15 +318,20 @@ class DeepSeekForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Logits [B, S, V] of input_ids [B, S] (every row a whole sequence; no cache)."""
+        """Logits [B, S, V] of input_ids [B, S] (every row a whole sequence; no cache kept:
+        DeepSeek-V3.2's sparse attention selects from a cache of its own, dropped after)."""
         if input_ids.dim() != 2 or input_ids.shape[1] < 1 or input_ids.is_floating_point():
             raise ValueError(f"input_ids must be integer [B, S >= 1], got {input_ids.dtype} "
                              f"{tuple(input_ids.shape)}")
         B, S = input_ids.shape
         device = input_ids.device
-        positions = torch.arange(S, device=device).repeat(B)             # [B * S]
         cu_seqlens = torch.arange(0, B * S + 1, S, dtype=torch.int32, device=device)  # [B + 1]
-        hidden = self.model(input_ids.reshape(-1), Batch(positions, cu_seqlens=cu_seqlens))
+        if self.config.index_topk:
+            cache = self.new_cache([S] * B)
+            hidden = self.model(input_ids.reshape(-1), cache.fill(cu_seqlens), cache)
+        else:
+            positions = torch.arange(S, device=device).repeat(B)         # [B * S]
+            hidden = self.model(input_ids.reshape(-1), Batch(positions, cu_seqlens=cu_seqlens))
         return self.lm_head(hidden).view(B, S, -1)                       # [B, S, V]
 
     def new_cache(self, capacities: list[int], *, block_size: int = 64,

@@ -1,6 +1,8 @@
-"""patch_deepseek_v3 on a live transformers DeepseekV3: the same logits, gradients and greedy
-tokens as unpatched, through ds_kernels' attention kernels where the masks allow; unpatch
-restores the model exactly. Every test undoes the patches it applies."""
+"""patch_deepseek_v3 on a live transformers DeepseekV3, and patch / unpatch on V3 and V3.2
+(DeepseekV32ForCausalLM, sparse attention through lightning_indexer + sparse_mla): the same
+logits, gradients and greedy tokens as unpatched, through ds_kernels' attention kernels where
+the masks allow; unpatch restores the model exactly. Every test undoes the patches it
+applies."""
 
 import copy
 
@@ -407,3 +409,140 @@ def test_fp8_modules_refused_name_the_module(config, overrides, match):
     with pytest.raises(ValueError, match=match):
         patch_deepseek_v3(model)
     assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+# ---- DeepSeek-V3.2 (DeepseekV32ForCausalLM) through the common entry point ----
+
+V32_PATCHED = ("DeepseekV32RMSNorm", "DeepseekV32TopkRouter", "DeepseekV32Experts",
+               "DeepseekV32Attention")
+
+
+def _v32_model(attn="sdpa", seed=0):
+    """_model's network with DeepSeek Sparse Attention: 6 of the cached tokens per query, so
+    prompts of 7+ prune; the indexer's LayerNorm bias random too."""
+    config = transformers.DeepseekV32Config(
+        vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+        num_hidden_layers=2, first_k_dense_replace=1, num_attention_heads=4,
+        num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
+        topk_group=1, kv_lora_rank=32, q_lora_rank=24, qk_rope_head_dim=16,
+        qk_nope_head_dim=16, v_head_dim=16, index_topk=6, index_head_dim=32, index_n_heads=8,
+        max_position_embeddings=256, initializer_range=0.2, pad_token_id=0)
+    config._attn_implementation = attn
+    torch.manual_seed(seed)
+    model = transformers.DeepseekV32ForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_((1 if name.endswith("weight") else 0) + 0.2 * torch.randn_like(p))
+        for name, b in model.named_buffers():
+            if "e_score_correction_bias" in name:
+                b.copy_(0.1 * torch.randn_like(b))
+    return model.eval().to(DEVICE)
+
+
+@pytest.fixture
+def sparse_calls(monkeypatch):
+    """How often the patched V3.2 attention called each kernel."""
+    counts = {"lightning_indexer": 0, "sparse_mla": 0}
+    for name in counts:
+        def counted(*args, _op=getattr(integration, name), _name=name, **kwargs):
+            counts[_name] += 1
+            return _op(*args, **kwargs)
+        monkeypatch.setattr(integration, name, counted)
+    return counts
+
+
+def _v32_before_and_after(model, run):
+    with torch.no_grad():
+        expected = run()
+        integration.patch(model)
+        try:
+            assert all("forward" in m.__dict__ for m in model.modules()
+                       if type(m).__name__ in V32_PATCHED)
+            return expected, run()
+        finally:
+            integration.unpatch(model)
+
+
+def test_v32_logits_match_and_prune(sparse_calls):
+    model = _v32_model()
+    ids, _ = _inputs(S=20)
+    expected, logits = _v32_before_and_after(model, lambda: model(ids).logits)
+    assert_close(logits, expected, torch.float32, reduction=NETWORK, what="logits")
+    assert sparse_calls == {"lightning_indexer": 2, "sparse_mla": 2}  # one per layer
+    # The selection prunes: the same weights attending over every token differ.
+    model.config.index_topk = 64
+    for layer in model.model.layers:
+        layer.self_attn.indexer.index_topk = 64
+    with torch.no_grad():
+        assert (model(ids).logits - expected).abs().max() > 0.5
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_v32_greedy_generate_matches(sparse_calls, attn):
+    """Prefill, then decode steps reading transformers' own cache (both of its parts)."""
+    model = _v32_model(attn=attn)
+    ids, mask = _inputs(S=9)
+    expected, out = _v32_before_and_after(model, lambda: _generate(model, ids, mask, steps=6))
+    assert torch.equal(out.sequences, expected.sequences)
+    for step, (got, want) in enumerate(zip(out.scores, expected.scores)):
+        assert_close(got, want, torch.float32, reduction=NETWORK, what=f"step {step} logits")
+    assert sparse_calls["sparse_mla"] == 2 * len(out.scores)
+
+
+def test_v32_chunked_prefill_matches(sparse_calls):
+    """Several new tokens after cached ones (chunked prefill) stay on the kernels: the cache
+    of the first chunk, then the second chunk against it."""
+    model = _v32_model()
+    ids, _ = _inputs(S=16)
+
+    def run():
+        cache = transformers.DynamicCache(config=model.config)
+        first = model(ids[:, :9], cache=cache, use_cache=True).logits
+        second = model(ids[:, 9:], cache=cache, use_cache=True).logits
+        return torch.cat([first, second], dim=1)
+
+    expected, logits = _v32_before_and_after(model, run)
+    assert_close(logits, expected, torch.float32, reduction=NETWORK, what="logits")
+    assert sparse_calls["sparse_mla"] == 4                          # 2 chunks x 2 layers
+
+
+def test_v32_padded_batch_and_gradients_fall_back():
+    """Left padding (not plain causal) and grad-enabled calls run transformers' forward."""
+    model = _v32_model()
+    ids, mask = _inputs(S=10)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask).logits
+    integration.patch(model)
+    try:
+        with torch.no_grad():
+            got = model(ids, attention_mask=mask).logits
+        loss = model(ids).logits.square().mean()
+        loss.backward()
+    finally:
+        integration.unpatch(model)
+    assert_close(got, expected, torch.float32, reduction=NETWORK, what="logits")
+    assert model.model.layers[0].self_attn.q_b_proj.weight.grad is not None
+
+
+def test_v32_triton_backend():
+    model = _v32_model()
+    ids, _ = _inputs(S=10)
+    with ds_kernels.use_backend("triton"):
+        expected, logits = _v32_before_and_after(model, lambda: model(ids).logits)
+    assert_close(logits, expected, torch.float32, reduction=NETWORK, what="logits")
+
+
+def test_patch_takes_either_family_and_unpatch_restores():
+    for model in (_model(q_lora_rank=24), _v32_model()):
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        assert integration.patch(model) is model
+        assert any("forward" in m.__dict__ for m in model.modules())
+        assert integration.unpatch(model) is model
+        assert not any("forward" in m.__dict__ for m in model.modules())
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(TypeError, match="DeepseekV3 model .* got DeepseekV32ForCausalLM"):
+        patch_deepseek_v3(_v32_model())
+    with pytest.raises(TypeError, match="DeepseekV3 or DeepseekV32 model .* got Linear"):
+        integration.patch(torch.nn.Linear(2, 2))

@@ -22,18 +22,28 @@ CONFIG = dict(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermed
               initializer_range=0.2)
 
 
-def hf_model(seed: int = 0, **overrides):
-    """A random DeepseekV3ForCausalLM (fp32, eval). Norm weights and router correction biases,
-    which transformers initialises to 1 and 0, are randomised too, so a model that drops
-    one of them fails the comparisons."""
+# DeepSeek-V3.2's indexer, tiny: 8 of the cached tokens per query, so prompts of more than 8
+# tokens prune. 8 heads: a key scores exactly 0 (every head's relu at 0, a tie) rarely.
+V32_CONFIG = dict(index_topk=8, index_head_dim=16, index_n_heads=8)
+
+
+def hf_model(seed: int = 0, *, v32: bool = False, **overrides):
+    """A random DeepseekV3ForCausalLM (fp32, eval), or with ``v32`` a DeepseekV32ForCausalLM
+    (V32_CONFIG). Norm weights, LayerNorm biases and router correction biases, which
+    transformers initialises to 1 and 0, are randomised too, so a model that drops one of
+    them fails the comparisons."""
     torch.manual_seed(seed)
-    config = transformers.DeepseekV3Config(**{**CONFIG, **overrides})
-    model = transformers.DeepseekV3ForCausalLM(config).eval()
+    if v32:
+        config = transformers.DeepseekV32Config(**{**CONFIG, **V32_CONFIG, **overrides})
+        model = transformers.DeepseekV32ForCausalLM(config).eval()
+    else:
+        config = transformers.DeepseekV3Config(**{**CONFIG, **overrides})
+        model = transformers.DeepseekV3ForCausalLM(config).eval()
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
             if name.endswith("norm.weight"):
                 tensor.uniform_(0.5, 1.5)
-            elif name.endswith("e_score_correction_bias"):
+            elif name.endswith(("norm.bias", "e_score_correction_bias")):
                 tensor.normal_(0.0, 0.1)
     return model
 

@@ -1,8 +1,11 @@
-"""Run a live transformers 5 DeepSeek-V3 model on ds_kernels ops, and undo it exactly.
+"""Run a live transformers 5 DeepSeek model on ds_kernels ops, and undo it exactly.
 
-    model = DeepseekV3ForCausalLM.from_pretrained(...)
-    patch_deepseek_v3(model)      # same parameters, same logits, kernels underneath
-    unpatch_deepseek_v3(model)    # transformers' own forwards again
+    model = DeepseekV3ForCausalLM.from_pretrained(...)   # or DeepseekV32ForCausalLM
+    patch(model)      # same parameters, same logits, kernels underneath
+    unpatch(model)    # transformers' own forwards again
+
+patch / unpatch take DeepSeek-V3 and V3.2 models; patch_deepseek_v3 / unpatch_deepseek_v3 are
+the same for V3 models only (their first name).
 
 What is patched: each module of these classes gets an instance-level ``forward`` (a method bound
 to the module) that shadows its class's; unpatching deletes it, so the class forward is what
@@ -54,6 +57,18 @@ Checking a mask reads it back (one device sync per layer when transformers mater
 with sdpa and no padding it passes None and nothing is read).
 
 The patched attention returns no attention weights (None), as sdpa and flash do.
+
+DeepSeek-V3.2 (DeepseekV32ForCausalLM): its RMSNorm, router and experts are V3's and patched the
+same way; DeepseekV32Attention -> MLA's q, latent and k_pe as above, the indexer's q
+(wq_b of the query latent, non-interleaved RoPE on its first qk_rope_head_dim columns) and key
+(its own k_norm LayerNorm of wk(x), the same RoPE), both caches updated as transformers
+updates them (cache.update, cache.update_indexer), then over paged copies of the caches
+lightning_indexer picks each query's index_topk keys and sparse_mla attends over them,
+absorbed (q_nope through W_UK, the output through W_UV) - prefill, chunked prefill and decode
+alike, with or without a cache. The dense [S, L] score matrix transformers masks is never
+formed. Inference only: with gradients enabled (lightning_indexer and sparse_mla have no
+backward), and for the masks, caches and implementations listed above, transformers' forward
+runs. Top-k ties: ours go to the lower position, torch.topk's order is unspecified.
 """
 
 import types
@@ -62,15 +77,18 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache
 from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf
+from transformers.models.deepseek_v32 import modeling_deepseek_v32 as hf_v32
 
 from ds_kernels.ops.apply_rope import apply_rope
 from ds_kernels.ops.fused_moe import fused_moe
+from ds_kernels.ops.lightning_indexer import lightning_indexer
 from ds_kernels.ops.mla_decode import mla_decode
 from ds_kernels.ops.mla_prefill import mla_prefill
 from ds_kernels.ops.quant_linear import quant_linear
 from ds_kernels.ops.quantize import check_quantized, dequantize
 from ds_kernels.ops.rms_norm import rms_norm
 from ds_kernels.ops.route import route
+from ds_kernels.ops.sparse_mla import sparse_mla
 from ds_kernels.quant_formats import FP4_DTYPE, FP8_BLOCK, FP8_DTYPE
 
 try:  # transformers' FP8 modules (kept quantised on FP8-capable GPUs)
@@ -86,16 +104,21 @@ _PAGE = 64
 _MASK_IMPLEMENTATIONS = ("eager", "sdpa")
 
 
-def patch_deepseek_v3(model: hf.DeepseekV3PreTrainedModel) -> hf.DeepseekV3PreTrainedModel:
+# The models patch takes, by the name its errors give them.
+_FAMILIES = {"DeepseekV3": hf.DeepseekV3PreTrainedModel,
+             "DeepseekV32": hf_v32.DeepseekV32PreTrainedModel}
+
+
+def patch(model):
     """Run ``model``'s RMSNorms, routers, experts and attention on ds_kernels ops, in place.
 
-    model: a transformers DeepseekV3 model (DeepseekV3ForCausalLM, DeepseekV3Model, or another
-    DeepseekV3PreTrainedModel). Patching again patches only modules not yet patched (a no-op on
-    a patched model). Nothing is changed if any module cannot be patched: a module that already
-    has an instance-level forward (another patch, accelerate's device hooks), experts whose
-    activation is not silu or that are expert-parallel. Returns ``model``.
+    model: a transformers DeepseekV3 or DeepseekV32 model (…ForCausalLM, …Model, or another
+    of their PreTrainedModels). Patching again patches only modules not yet patched (a no-op
+    on a patched model). Nothing is changed if any module cannot be patched: a module that
+    already has an instance-level forward (another patch, accelerate's device hooks), experts
+    whose activation is not silu or that are expert-parallel. Returns ``model``.
     """
-    todo = [(name, m) for name, m in _targets(model) if not _is_patched(m)]
+    todo = [(name, m) for name, m in _targets(model, _FAMILIES) if not _is_patched(m)]
     for name, module in todo:
         _check_patchable(name, module)
     for _, module in todo:
@@ -103,13 +126,25 @@ def patch_deepseek_v3(model: hf.DeepseekV3PreTrainedModel) -> hf.DeepseekV3PreTr
     return model
 
 
-def unpatch_deepseek_v3(model: hf.DeepseekV3PreTrainedModel) -> hf.DeepseekV3PreTrainedModel:
-    """Undo patch_deepseek_v3: every patched module runs its class's forward again (a no-op on
-    an unpatched model). Returns ``model``."""
-    for _, module in _targets(model):
+def unpatch(model):
+    """Undo patch: every patched module runs its class's forward again (a no-op on an
+    unpatched model). Returns ``model``."""
+    for _, module in _targets(model, _FAMILIES):
         if _is_patched(module):
             del module.forward
     return model
+
+
+def patch_deepseek_v3(model: hf.DeepseekV3PreTrainedModel) -> hf.DeepseekV3PreTrainedModel:
+    """patch, for a transformers DeepseekV3 model only."""
+    _targets(model, {"DeepseekV3": hf.DeepseekV3PreTrainedModel})
+    return patch(model)
+
+
+def unpatch_deepseek_v3(model: hf.DeepseekV3PreTrainedModel) -> hf.DeepseekV3PreTrainedModel:
+    """unpatch, for a transformers DeepseekV3 model only."""
+    _targets(model, {"DeepseekV3": hf.DeepseekV3PreTrainedModel})
+    return unpatch(model)
 
 
 def _rms_norm_forward(self, hidden_states):
@@ -194,6 +229,59 @@ def _attention_forward(self, hidden_states, position_embeddings, attention_mask,
     return self.o_proj(out.reshape(B, S, H * Dv)), None
 
 
+def _sparse_attention_forward(self, hidden_states, position_embeddings, attention_mask,
+                              cache=None, **kwargs):
+    B, S = hidden_states.shape[:-1]
+    past = _sparse_past(self, S, attention_mask, cache)
+    if past is None:
+        return type(self).forward(self, hidden_states, position_embeddings, attention_mask,
+                                  cache=cache, **kwargs)
+    H, Dn, Dr, Dc = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
+    T, indexer = B * S, self.indexer
+    q_resid = self.q_a_layernorm(self.q_a_proj(hidden_states))              # [B, S, q_lora_rank]
+    q_nope, q_pe = self.q_b_proj(q_resid).view(T, H, Dn + Dr).split([Dn, Dr], dim=-1)
+    latent, k_pe = self.kv_a_proj_with_mqa(hidden_states).view(T, Dc + Dr).split([Dc, Dr], dim=-1)
+    latent = self.kv_a_layernorm(latent)                                    # [T, Dc]
+    cos, sin = (_rope_table(t, B, S) for t in position_embeddings)          # [T, Dr/2] each
+    q_pe = _rope(q_pe, cos, sin, True)                                      # [T, H, Dr]
+    k_pe = _rope(k_pe, cos, sin, True)                                      # [T, Dr]
+
+    Hi, Di = indexer.n_heads, indexer.head_dim
+    q_index = indexer.wq_b(q_resid).view(T, Hi, Di)                         # [T, Hi, Di]
+    q_index = torch.cat([apply_rope(q_index[..., :Dr], cos, sin, interleaved=False),
+                         q_index[..., Dr:]], dim=-1)
+    k_index = indexer.k_norm(indexer.wk(hidden_states)).view(T, Di)         # [T, Di]
+    k_index = torch.cat([apply_rope(k_index[:, :Dr], cos, sin, interleaved=False),
+                         k_index[:, Dr:]], dim=-1)
+    latent, k_pe, k_index = latent.view(B, 1, S, Dc), k_pe.view(B, 1, S, Dr), k_index.view(B, S, Di)
+    if cache is not None:
+        latent, k_pe = cache.update(latent, k_pe, self.layer_idx)          # [B, 1, L, Dc / Dr]
+        k_index = cache.update_indexer(k_index, self.layer_idx)             # [B, L, Di]
+    kv_pages, block_table, _ = _pages(latent[:, 0], k_pe[:, 0])
+    index_pages, _, _ = _pages(k_index)
+    device = hidden_states.device
+    query_seq = torch.arange(B, dtype=torch.int32, device=device).repeat_interleave(S)  # [T]
+    query_pos = (past + torch.arange(S, dtype=torch.int32, device=device)).repeat(B)    # [T]
+    weights = indexer.weights_proj(hidden_states).float().view(T, Hi) * (Hi * Di) ** -0.5
+    slots = lightning_indexer(q_index, weights, index_pages, block_table, query_seq, query_pos,
+                              indexer.index_topk)                           # [T, index_topk]
+    w_uk, w_uv = _absorbed(self, q_nope.dtype)
+    q = torch.cat([torch.einsum("thn,hnc->thc", q_nope, w_uk), q_pe], dim=-1)  # [T, H, Dc + Dr]
+    out, _ = sparse_mla(q, kv_pages, slots, self.scaling, v_dim=Dc)         # [T, H, Dc]
+    out = torch.einsum("thc,hvc->thv", out, w_uv)                           # [T, H, Dv]
+    return self.o_proj(out.reshape(B, S, H * self.v_head_dim)), None
+
+
+def _sparse_past(self, q_len, attention_mask, cache):
+    """Tokens cached before this call when the sparse kernels can take it, else None (keep
+    transformers' forward; the module docstring says when)."""
+    if (self.config._attn_implementation not in _MASK_IMPLEMENTATIONS or torch.is_grad_enabled()
+            or (cache is not None and not isinstance(cache, DynamicCache))):
+        return None
+    past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
+    return past if _plain_causal(attention_mask, q_len, past + q_len) else None
+
+
 def _kernel_path(self, q_len, attention_mask, cache):
     """Which kernels this call takes: "prefill", "decode", or None to keep transformers' forward
     (the module docstring says why each case does)."""
@@ -253,30 +341,38 @@ def _prefill(self, q_nope, q_pe, latent, k_pe, B, S):
     return out
 
 
+def _absorbed(self, dtype):
+    """(W_UK [H, Dn, Dc], W_UV [H, Dv, Dc]): kv_b_proj's rows as per-head matrices in dtype."""
+    H, Dn, Dv, Dc = self.num_heads, self.qk_nope_head_dim, self.v_head_dim, self.kv_lora_rank
+    w_kv_b = _dense_weight(self.kv_b_proj, dtype)                         # [H * (Dn + Dv), Dc]
+    return w_kv_b.view(H, Dn + Dv, Dc).split([Dn, Dv], dim=1)
+
+
 def _absorbed_decode(self, q_nope, q_pe, latent, k_pe):
     """One new token per sequence against its cached rows: q_nope [B, H, Dn], q_pe [B, H, Dr];
     latent [B, L, Dc], k_pe [B, L, Dr] (this layer's whole cache, new token included)."""
-    H, Dn, Dv, Dc = self.num_heads, self.qk_nope_head_dim, self.v_head_dim, self.kv_lora_rank
-    w_kv_b = _dense_weight(self.kv_b_proj, q_nope.dtype)                  # [H * (Dn + Dv), Dc]
-    w_uk, w_uv = w_kv_b.view(H, Dn + Dv, Dc).split([Dn, Dv], dim=1)       # [H, Dn|Dv, Dc]
+    w_uk, w_uv = _absorbed(self, q_nope.dtype)
     q_latent = torch.einsum("bhn,hnc->bhc", q_nope, w_uk)                  # [B, H, Dc]
     kv_cache, block_table, cache_seqlens = _pages(latent, k_pe)
     out, _ = mla_decode(q_latent, q_pe, kv_cache, block_table, cache_seqlens, self.scaling)
     return torch.einsum("bhc,hvc->bhv", out, w_uv)                         # [B, H, Dv]
 
 
-def _pages(latent, k_pe):
-    """A copy of the contiguous cache, latent [B, L, Dc] and k_pe [B, L, Dr], in mla_decode's
-    layout: (kv_cache [B * P, _PAGE, Dc + Dr], block_table int32 [B, P], cache_seqlens int32 [B]),
-    sequence b owning pages b * P .. b * P + P - 1."""
-    B, L, Dc = latent.shape
+def _pages(*parts):
+    """A copy of a contiguous cache, the columns parts [B, L, n_i] side by side (latent and
+    k_pe; or the index keys), in mla_decode's layout: (cache [B * P, _PAGE, sum n_i],
+    block_table int32 [B, P], cache_seqlens int32 [B]), sequence b owning pages
+    b * P .. b * P + P - 1."""
+    B, L, _ = parts[0].shape
     P = -(-L // _PAGE)
-    rows = latent.new_empty(B, P * _PAGE, Dc + k_pe.shape[-1])
-    rows[:, :L, :Dc] = latent
-    rows[:, :L, Dc:] = k_pe
+    rows = parts[0].new_empty(B, P * _PAGE, sum(p.shape[-1] for p in parts))
+    first = 0
+    for part in parts:
+        rows[:, :L, first:first + part.shape[-1]] = part
+        first += part.shape[-1]
     rows[:, L:] = 0                                 # the last page's tail: never scored, but finite
-    block_table = torch.arange(B * P, dtype=torch.int32, device=latent.device).view(B, P)
-    cache_seqlens = torch.full((B,), L, dtype=torch.int32, device=latent.device)
+    block_table = torch.arange(B * P, dtype=torch.int32, device=rows.device).view(B, P)
+    cache_seqlens = torch.full((B,), L, dtype=torch.int32, device=rows.device)
     return rows.view(B * P, _PAGE, -1), block_table, cache_seqlens
 
 
@@ -285,20 +381,26 @@ _FORWARDS = {
     hf.DeepseekV3TopkRouter: _router_forward,
     hf.DeepseekV3Experts: _experts_forward,
     hf.DeepseekV3Attention: _attention_forward,
+    hf_v32.DeepseekV32RMSNorm: _rms_norm_forward,
+    hf_v32.DeepseekV32TopkRouter: _router_forward,
+    hf_v32.DeepseekV32Experts: _experts_forward,
+    hf_v32.DeepseekV32Attention: _sparse_attention_forward,
 }
-_EXPERTS = (hf.DeepseekV3Experts,)
+_EXPERTS = (hf.DeepseekV3Experts, hf_v32.DeepseekV32Experts)
 if hf_fp8 is not None:
     _FORWARDS.update({hf_fp8.FP8Linear: _fp8_linear_forward,
                       hf_fp8.FP8Experts: _fp8_experts_forward})
     _EXPERTS += (hf_fp8.FP8Experts,)
 
 
-def _targets(model):
-    """(name, module) of every module of a patched class; exact classes, as a subclass may
-    compute something else."""
-    if not isinstance(model, hf.DeepseekV3PreTrainedModel):
-        raise TypeError("patch_deepseek_v3 / unpatch_deepseek_v3 take a transformers DeepseekV3 "
-                        "model (DeepseekV3ForCausalLM, DeepseekV3Model), got "
+def _targets(model, families):
+    """(name, module) of every module of a patched class in model, which must be one of the
+    families {name: PreTrainedModel class}; exact classes, as a subclass may compute something
+    else."""
+    if not isinstance(model, tuple(families.values())):
+        names = " or ".join(families)
+        examples = ", ".join(f"{n}ForCausalLM, {n}Model" for n in families)
+        raise TypeError(f"expected a transformers {names} model ({examples}), got "
                         f"{type(model).__name__}")
     return [(name, m) for name, m in model.named_modules() if type(m) in _FORWARDS]
 
