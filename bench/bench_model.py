@@ -4,7 +4,11 @@ One random DeepseekV3ForCausalLM, saved with save_pretrained and loaded by both:
 parameters, 7.5M active per token (4 layers, the first dense; hidden 256; 8 heads with
 DeepSeek-V3's head dims, Dn = Dv = 128 and Dr = 64; kv_lora_rank Dc = 128, no q_lora; 16 routed
 experts of width 128, top 2, one shared; vocab 4096). Batch 1, greedy, no EOS; fp32 on CPU,
-bf16 on CUDA.
+bf16 on CUDA. Then the same network as a DeepseekV32ForCausalLM (shape["model"] says which):
+q_lora_rank 192 (the indexer reads MLA's query latent) and DeepSeek Sparse Attention with
+V3.2's indexer heads (64 of 128 dims) but index_topk 256 instead of 2048, so that these CPU
+contexts prune: ds_model runs lightning_indexer + sparse_mla, transformers scores every cached
+token with the indexer and masks a dense [S, L] attention matrix down to the top 256.
 
 Rows (op "model"), at each context length ctx:
 - phase=prefill: generate(ctx-token prompt, max_new_tokens=1): the prompt's forward and one
@@ -36,22 +40,34 @@ CONFIG = dict(vocab_size=4096, hidden_size=256, intermediate_size=768, moe_inter
               num_attention_heads=8, num_key_value_heads=8, q_lora_rank=None,
               kv_lora_rank=128, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
               max_position_embeddings=16384, eos_token_id=None, bos_token_id=None)
-CONTEXTS = ((256, 2048, 8192), (256, 2048))                         # (full, quick)
+# (full, quick) per family. transformers' V3.2 indexer holds [S, index_n_heads, L] fp32 scores
+# in prefill: 4.3 GB at 4096 tokens, 17 GB at 8192 (more than this machine's 23 GB free).
+CONTEXTS = {"deepseek_v3": ((256, 2048, 8192), (256, 2048)),
+            "deepseek_v32": ((256, 1024, 4096), (256, 1024))}
 STEPS = 20                                                           # timed decode steps, at most
 BASELINE = "transformers"
 OP = "model"
+# What each family adds to CONFIG.
+FAMILIES = {"deepseek_v3": {},
+            "deepseek_v32": dict(q_lora_rank=192, index_topk=256, index_head_dim=128,
+                                 index_n_heads=64)}
 
 
 def run(device: torch.device, quick: bool) -> list[Row]:
+    return [row for family in FAMILIES for row in _run(family, device, quick)]
+
+
+def _run(family, device, quick):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    hf, ours = _models(device, dtype)
+    hf, ours = _models(family, device, dtype)
     g = torch.Generator().manual_seed(0)
-    probe = torch.randint(CONFIG["vocab_size"], (1, 64), generator=g).to(device)
+    # Longer than the V3.2 model's index_topk: the check covers a pruned selection.
+    probe = torch.randint(CONFIG["vocab_size"], (1, 320), generator=g).to(device)
     with torch.inference_mode():
-        assert_close("model logits: ds_model vs transformers", ours(probe).float(),
+        assert_close(f"model logits: ds_model vs transformers ({family})", ours(probe).float(),
                      hf(probe).logits.float(), 1e-4 if dtype == torch.float32 else 3e-2)
     rows = []
-    for ctx in CONTEXTS[quick]:
+    for ctx in CONTEXTS[family][quick]:
         ids = torch.randint(CONFIG["vocab_size"], (1, ctx), generator=g).to(device)
         with torch.inference_mode():
             _cache_bytes(hf, ours, ids)
@@ -62,13 +78,13 @@ def run(device: torch.device, quick: bool) -> list[Row]:
             decode = time_fns(_decode_steps(hf, ours, ids), device, warmup=1, reps=STEPS,
                               budget_s=1.0)
         for name in prefill:
-            rows.append(_row(name, dict(ctx=ctx, B=1, phase="prefill"), dtype, device, ctx,
-                             prefill[name]))
-            rows.append(_row(name, dict(ctx=ctx, B=1, phase="decode"), dtype, device, 1,
-                             decode[name]))
-            print(f"[model] ctx={ctx} {name}: prefill {prefill[name]['median_us'] / 1e3:.1f} ms,"
-                  f" decode {decode[name]['median_us'] / 1e3:.2f} ms/token", file=sys.stderr,
-                  flush=True)
+            rows.append(_row(name, dict(model=family, ctx=ctx, B=1, phase="prefill"), dtype,
+                             device, ctx, prefill[name]))
+            rows.append(_row(name, dict(model=family, ctx=ctx, B=1, phase="decode"), dtype,
+                             device, 1, decode[name]))
+            print(f"[model] {family} ctx={ctx} {name}: prefill "
+                  f"{prefill[name]['median_us'] / 1e3:.1f} ms, decode "
+                  f"{decode[name]['median_us'] / 1e3:.2f} ms/token", file=sys.stderr, flush=True)
     return rows
 
 
@@ -84,16 +100,19 @@ def _decode_steps(hf, ours, ids):
             BASELINE: lambda: hf(token[:, None], cache=hf_cache, use_cache=True).logits}
 
 
-def _models(device, dtype):
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+def _models(family, device, dtype):
+    import transformers
 
     torch.manual_seed(0)
-    hf = DeepseekV3ForCausalLM(DeepseekV3Config(**CONFIG))
+    name = {"deepseek_v3": "DeepseekV3", "deepseek_v32": "DeepseekV32"}[family]
+    config = getattr(transformers, f"{name}Config")(**{**CONFIG, **FAMILIES[family]})
+    hf = getattr(transformers, f"{name}ForCausalLM")(config)
     with tempfile.TemporaryDirectory() as folder:
         hf.save_pretrained(folder)
         ours = DeepSeekForCausalLM.from_pretrained(folder, dtype=dtype, device=device)
     total, active = ours.config.num_parameters()
-    print(f"[model] {total / 1e6:.1f}M parameters ({active / 1e6:.1f}M active per token)",
+    print(f"[model] {family}: {total / 1e6:.1f}M parameters ({active / 1e6:.1f}M active per "
+          "token)",
           file=sys.stderr, flush=True)
     return hf.to(device, dtype).eval(), ours
 
@@ -106,12 +125,14 @@ def _cache_bytes(hf, ours, ids):
     with torch.inference_mode():
         out = hf.generate(ids[:, :64], max_new_tokens=1, do_sample=False, pad_token_id=0,
                           return_dict_in_generate=True)
-    held = sum(t.nbytes for layer in out.cache.layers
-               for t in (layer.keys, layer.values)) // out.cache.get_seq_length()
+    held = sum(t.nbytes for layer in out.cache.layers  # V3.2: its index keys too
+               for t in (layer.keys, layer.values, getattr(layer, "indexer_keys", None))
+               if t is not None) // out.cache.get_seq_length()
     expanded = (c.num_attention_heads * (c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim)
                 * ours.lm_head.weight.element_size())
+    parts = "paged latent + index keys" if cache.index_layers else "paged latent"
     print(f"[model] ctx={ctx} cache bytes per token: ds_model {cache.bytes_per_token():,} "
-          f"(paged latent; {cache.nbytes() / 2**20:.1f} MiB for {ctx} tokens); transformers "
+          f"({parts}; {cache.nbytes() / 2**20:.1f} MiB for {ctx} tokens); transformers "
           f"{held:,} held + {expanded:,} per layer re-expanded every step "
           f"({ctx * expanded / 2**20:.1f} MiB at this ctx)", file=sys.stderr, flush=True)
 

@@ -10,6 +10,10 @@ shape["kernel"] tells them apart).
 - mla_cache_write: DeepSeek-V3's latent (Dc = 512) and k_pe (Dr = 64) into a cache of
   64-row blocks: the fused op against the same three steps as separate ds_kernels ops (the
   baseline) and the reference (a Python loop over tokens: up to REFERENCE_MAX_T).
+- index_cache_write: DeepSeek-V3.2's index key (Di = 128, the first 64 columns rotated
+  non-interleaved) LayerNorm'd, rotated and written into 64-row blocks, fused, against
+  torch's layer_norm + ds_kernels' apply_rope + an indexed copy (the baseline: what
+  transformers computes, into pages) and the reference.
 CPU: fp32, H = 16; CUDA: bf16, H = 128 (one GPU's heads without tensor parallelism). Each
 impl's output is checked against ds_kernels' before it is timed. "torch.compile(reference)"
 runs on CUDA and in full CPU runs.
@@ -21,9 +25,12 @@ import torch.nn.functional as F
 from bench.harness import Impl, Row, assert_close, compare, working
 from ds_kernels import rope
 from ds_kernels.ops.apply_rope import apply_rope
+from ds_kernels.ops.index_cache_write import index_cache_write
 from ds_kernels.ops.mla_cache_write import mla_cache_write, mla_cache_write_fused
 from ds_kernels.ops.rms_norm import rms_norm
 from ds_kernels.reference.apply_rope import apply_rope as reference_apply_rope
+from ds_kernels.reference.index_cache_write import (
+    index_cache_write as reference_index_cache_write)
 from ds_kernels.reference.mla_cache_write import (
     mla_cache_write_fused as reference_mla_cache_write_fused)
 from ds_kernels.reference.rms_norm import rms_norm as reference_rms_norm
@@ -31,6 +38,7 @@ from ds_kernels.reference.rms_norm import rms_norm as reference_rms_norm
 OP = "norm_rope"
 TOKENS = (1, 256, 4096)
 HIDDEN, DC, DR, BLOCK_SIZE, EPS = 7168, 512, 64, 64, 1e-6
+DI = 128                                      # DeepSeek-V3.2's index_head_dim
 HEADS = {"cpu": 16, "cuda": 128}
 REFERENCE_MAX_T = 256
 V3_YARN = {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
@@ -54,6 +62,7 @@ def run(device: torch.device, quick: bool) -> list[Row]:
             rows += _bench_rms_norm(T, g, dtype, with_compile, timing)
             rows += _bench_apply_rope(T, HEADS[kind], g, dtype, cos, sin, with_compile, timing)
             rows += _bench_cache_write(T, g, dtype, cos, sin, timing)
+            rows += _bench_index_cache_write(T, g, dtype, cos, sin, timing)
     return rows
 
 
@@ -169,3 +178,41 @@ def _bench_cache_write(T, g, dtype, cos, sin, timing):
     nbytes = 3 * compressed.nbytes + cos.nbytes + sin.nbytes + slots.nbytes
     return compare(impls, args, op=OP, shape=shape, dtype=dtype, device=device, tokens=T,
                    baseline="ds_kernels unfused", nbytes=nbytes, **timing)
+
+
+def _bench_index_cache_write(T, g, dtype, cos, sin, timing):
+    device = g.device
+    k = torch.randn(T, DI, generator=g, device=device, dtype=dtype)           # wk(x)
+    weight = torch.empty(DI, device=device, dtype=dtype).normal_(1.0, 0.2, generator=g)
+    bias = torch.empty(DI, device=device, dtype=dtype).normal_(0.0, 0.2, generator=g)
+    num_blocks = -(-T // BLOCK_SIZE) + 1
+    slots = torch.randperm(num_blocks * BLOCK_SIZE, generator=g, device=device)[:T]
+    k_cache = torch.zeros(num_blocks, BLOCK_SIZE, DI, device=device, dtype=dtype)
+    rows = k_cache.view(-1, DI)
+
+    def unfused(k):
+        normed = F.layer_norm(k, (DI,), weight, bias, EPS)
+        rotated = apply_rope(normed[:, :DR], cos, sin, interleaved=False)
+        rows.index_copy_(0, slots, torch.cat([rotated, normed[:, DR:]], dim=1))
+
+    shape = dict(T=T, kernel="index_cache_write", D=DI)
+    ds_impl = Impl("ds_kernels", lambda k: index_cache_write(k, weight, bias, EPS, cos, sin,
+                                                              k_cache, slots))
+    others = [Impl("torch unfused", unfused)]
+    if T <= REFERENCE_MAX_T:
+        others.append(Impl("reference", lambda k: reference_index_cache_write(
+            k, weight, bias, EPS, cos, sin, k_cache, slots, False)))
+    ds_impl(k)
+    written = rows[slots].clone()                                # ds_kernels' rows
+    rows.zero_()  # each impl must write its rows itself
+
+    def check(name, _):
+        assert_close(f"{OP} index_cache_write {name} cache rows vs ds_kernels", rows[slots],
+                     written, TOLERANCE[dtype])
+        rows.zero_()
+
+    impls = [ds_impl] + working(others, (k,), check, op=OP, shape=shape)
+    # Read the keys and tables; write the rows.
+    nbytes = 2 * k.nbytes + cos.nbytes + sin.nbytes + slots.nbytes
+    return compare(impls, (k,), op=OP, shape=shape, dtype=dtype, device=device, tokens=T,
+                   baseline="torch unfused", nbytes=nbytes, **timing)

@@ -15,6 +15,10 @@ mla_cache_write / mla_cache_write_fused fill and mla_decode reads; the cache's d
               a multiple of 4), so the rows are read in place. Any Dc that is a multiple of
               128 and any even Dr fit the layout; FlashMLA ships it for 512 and 64 only.
 
+DeepSeek-V3.2's FP8 index-key cache (index_cache_write, lightning_indexer) uses the same rows
+with Dr = 0: Di e4m3 codes then Di/128 fp32 scales, 132 bytes a token for Di = 128 (DeepSeek's
+inference keeps one fp32 scale per 128 key columns too, in a tensor of its own).
+
 The FP8 recipe (ds_kernels/reference/fp8_mla_cache.py spells it out) is the one of FlashMLA's
 tests/quant.py: scale = the smallest power of two >= max(amax / 448, 1e-4) over the tile, so
 code * scale is exact in bf16 and fp16 too. Readers take any positive fp32 scale: caches that

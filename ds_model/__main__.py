@@ -62,7 +62,8 @@ def main(argv=None):
                      "quantised checkpoint's weights into --dtype at load")
     gen.add_argument("--kv-cache", choices=("model", "fp8"), default="model",
                      help="latent cache rows: the model's dtype, or FlashMLA's FP8 layout "
-                     "(656 bytes a token a layer for DeepSeek-V3; needs kv_lora_rank % 128 == 0)")
+                     "(656 bytes a token a layer for DeepSeek-V3; needs kv_lora_rank % 128 == 0; "
+                     "V3.2's index keys too, 132 bytes)")
     gen.add_argument("--batch", type=int, default=4)
     gen.add_argument("--prompt-len", type=int, default=32)
     gen.add_argument("--max-new-tokens", type=int, default=64)

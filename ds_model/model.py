@@ -69,25 +69,32 @@ class KVCache:
     token a layer for DeepSeek-V3 instead of 1,152 in bf16; the ops read the format from the
     dtype. DeepSeek-V3.2 (config.index_topk): also the indexer's keys, per layer
     [num_blocks, block_size, index_head_dim] in ``dtype`` (``index_layers``), under the same
-    block table."""
+    block table; with ``fp8`` FP8 rows too (e4m3, a scale per 128 columns: 132 bytes a token a
+    layer for V3.2's 128-wide keys, against 256 in bf16), as DeepSeek's inference holds them
+    (it also rotates them by a Hadamard matrix first, which we do not)."""
 
     def __init__(self, config: ModelConfig, capacities: list[int], *, block_size: int = 64,
                  dtype=torch.float32, device=None, fp8: bool = False):
         if block_size < 16 or block_size & (block_size - 1):
             raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
         Dc, Dr = config.kv_lora_rank, config.qk_rope_head_dim
-        if fp8 and (Dc % mla_cache_format.FP8_TILE or Dr % 2):
-            raise ValueError(f"an FP8 latent cache needs kv_lora_rank a multiple of "
-                             f"{mla_cache_format.FP8_TILE} and an even qk_rope_head_dim, got "
-                             f"{Dc} and {Dr}")
+        tile = mla_cache_format.FP8_TILE
+        if fp8 and (Dc % tile or Dr % 2):
+            raise ValueError(f"an FP8 latent cache needs kv_lora_rank a multiple of {tile} and "
+                             f"an even qk_rope_head_dim, got {Dc} and {Dr}")
+        Di = config.index_head_dim
+        if fp8 and config.index_topk and Di % tile:
+            raise ValueError(f"an FP8 index-key cache needs index_head_dim a multiple of {tile}, "
+                             f"got {Di}")
         latent_dtype = mla_cache_format.FP8_CACHE_DTYPE if fp8 else dtype
         pages = [-(-c // block_size) for c in capacities]
         width = mla_cache_format.row_width(Dc, Dr, latent_dtype)
         self.block_size = block_size
         self.layers = [torch.zeros(sum(pages), block_size, width, dtype=latent_dtype,
                                    device=device) for _ in range(config.num_hidden_layers)]
+        index_width = mla_cache_format.row_width(Di, 0, latent_dtype)
         self.index_layers = [
-            torch.zeros(sum(pages), block_size, config.index_head_dim, dtype=dtype, device=device)
+            torch.zeros(sum(pages), block_size, index_width, dtype=latent_dtype, device=device)
             for _ in range(config.num_hidden_layers if config.index_topk else 0)]
         table = torch.zeros(len(pages), max(pages, default=0), dtype=torch.int32)
         first = 0

@@ -152,6 +152,8 @@ def test_norm_rope_benchmark_on_tiny_shapes(monkeypatch):
     assert {("rms_norm", i) for i in ("ds_kernels", "transformers", "F.rms_norm", "reference")} <= got
     assert {("apply_rope", i) for i in ("ds_kernels", "transformers", "reference")} <= got
     assert {("mla_cache_write", i) for i in ("ds_kernels", "ds_kernels unfused", "reference")} <= got
+    assert {("index_cache_write", i)
+            for i in ("ds_kernels", "torch unfused", "reference")} <= got
     assert all(r.op == "norm_rope" and r.speedup_vs is not None for r in rows)
 
 
@@ -195,7 +197,7 @@ def test_lightning_indexer_benchmark_on_toy_shapes(monkeypatch):
     from bench import bench_lightning_indexer as li
 
     monkeypatch.setattr(li, "H", 4)
-    monkeypatch.setattr(li, "D", 16)
+    monkeypatch.setattr(li, "D", 128)  # FP8 rows: a multiple of 128
     monkeypatch.setattr(li, "TOP_K", 32)
     monkeypatch.setattr(li, "PAGE", 16)
     monkeypatch.setattr(li, "CONTEXTS", {"cpu": ((20, 100), (20, 100))})  # 20 < top_k
@@ -205,7 +207,8 @@ def test_lightning_indexer_benchmark_on_toy_shapes(monkeypatch):
     monkeypatch.setattr(li, "compare", functools.partial(harness.compare, reps=3, warmup=0))
     rows = li.run(torch.device("cpu"), quick=True)
     assert [(r.shape["phase"], r.impl) for r in rows] == [
-        ("decode", "ds_kernels"), ("decode", li.BASELINE)] * 2 + [("prefill", "ds_kernels")]
+        ("decode", "ds_kernels"), ("decode", li.FP8), ("decode", li.BASELINE)] * 2 + [
+        ("prefill", "ds_kernels"), ("prefill", li.FP8)]
     assert all(r.tflops_per_s > 0 and r.gbytes_per_s > 0 for r in rows)
 
 
@@ -232,12 +235,18 @@ def test_model_benchmark_on_a_toy_config(monkeypatch, tmp_path):
                         functools.partial(harness.time_fns, reps=harness.MIN_REPS, budget_s=0))
     monkeypatch.setattr(bench_model, "CONFIG", {**bench_model.CONFIG, "hidden_size": 64,
                                                 "num_hidden_layers": 2, "vocab_size": 256})
-    monkeypatch.setattr(bench_model, "CONTEXTS", ((16,), (16,)))
+    # 24 tokens: past the V3.2 model's index_topk, so its selection prunes.
+    monkeypatch.setattr(bench_model, "CONTEXTS",
+                        dict.fromkeys(bench_model.FAMILIES, ((24,), (24,))))
+    # (64 index heads kept: with few, keys whose every head's relu is 0 tie at score 0, and
+    # transformers' topk breaks those ties in no stated order.)
+    monkeypatch.setitem(bench_model.FAMILIES, "deepseek_v32", {
+        **bench_model.FAMILIES["deepseek_v32"], "index_topk": 16})
     rows = bench_model.run(torch.device("cpu"), quick=True)
     harness.add_speedups(rows)
-    assert sorted((r.shape["phase"], r.impl) for r in rows) == [
-        ("decode", "ds_model"), ("decode", "transformers"), ("prefill", "ds_model"),
-        ("prefill", "transformers")]
+    assert sorted((r.shape["model"], r.shape["phase"], r.impl) for r in rows) == [
+        (model, phase, impl) for model in ("deepseek_v3", "deepseek_v32")
+        for phase in ("decode", "prefill") for impl in ("ds_model", "transformers")]
     assert all(r.op == "model" and r.speedup_vs is not None and r.median_us > 0 for r in rows)
     pytest.importorskip("matplotlib")
     harness.plot(rows, tmp_path / "model.png")

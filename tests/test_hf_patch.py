@@ -19,27 +19,35 @@ from ds_kernels.integrations.hf import patch_deepseek_v3, unpatch_deepseek_v3  #
 
 # A whole network's chain of sums: atol 1e-4, rtol 1e-3 on fp32 logits and gradients.
 NETWORK = 10_000
-PATCHED_CLASSES = ("DeepseekV3RMSNorm", "DeepseekV3TopkRouter", "DeepseekV3Experts",
-                   "DeepseekV3Attention")
+PATCHED_CLASSES = tuple(f"{family}{part}" for family in ("DeepseekV3", "DeepseekV32")
+                        for part in ("RMSNorm", "TopkRouter", "Experts", "Attention"))
 
 
-def _model(q_lora_rank=None, rope_interleave=True, attn="sdpa", seed=0):
+def _model(q_lora_rank=None, rope_interleave=True, attn="sdpa", seed=0, v32=False):
     """Two layers (one dense, one MoE with grouped routing), weights ~N(0, 0.2) so the logits
-    spread out, norm weights and the routing bias random too."""
-    config = transformers.DeepseekV3Config(
+    spread out, norm weights and the routing bias random too. v32: a DeepseekV32ForCausalLM,
+    DeepSeek Sparse Attention over 6 of the cached tokens a query (prompts of 7+ prune), the
+    indexer's LayerNorm bias random too."""
+    fields = dict(
         vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
         num_hidden_layers=2, first_k_dense_replace=1, num_attention_heads=4,
         num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
         topk_group=1, kv_lora_rank=32, q_lora_rank=q_lora_rank, qk_rope_head_dim=16,
-        qk_nope_head_dim=16, v_head_dim=16, rope_interleave=rope_interleave,
-        max_position_embeddings=256, initializer_range=0.2, pad_token_id=0)
+        qk_nope_head_dim=16, v_head_dim=16, max_position_embeddings=256,
+        initializer_range=0.2, pad_token_id=0)
+    if v32:
+        config = transformers.DeepseekV32Config(**fields, index_topk=6, index_head_dim=32,
+                                                index_n_heads=8)
+    else:
+        config = transformers.DeepseekV3Config(**fields, rope_interleave=rope_interleave)
     config._attn_implementation = attn
     torch.manual_seed(seed)
-    model = transformers.DeepseekV3ForCausalLM(config)
+    model = (transformers.DeepseekV32ForCausalLM if v32 else
+             transformers.DeepseekV3ForCausalLM)(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
-                p.copy_(1 + 0.2 * torch.randn_like(p))
+                p.copy_((0 if name.endswith("bias") else 1) + 0.2 * torch.randn_like(p))
         for name, b in model.named_buffers():
             if "e_score_correction_bias" in name:
                 b.copy_(0.1 * torch.randn_like(b))
@@ -61,10 +69,9 @@ def _patched_modules(model):
     return [m for m in model.modules() if type(m).__name__ in PATCHED_CLASSES]
 
 
-@pytest.fixture
-def calls(monkeypatch):
-    """How often the patched attention called each kernel."""
-    counts = {"mla_prefill": 0, "mla_decode": 0}
+def _counted(monkeypatch, *names):
+    """How often the patched attention calls each of these kernels, from now on."""
+    counts = dict.fromkeys(names, 0)
     for name in counts:
         def counted(*args, _op=getattr(integration, name), _name=name, **kwargs):
             counts[_name] += 1
@@ -73,15 +80,20 @@ def calls(monkeypatch):
     return counts
 
 
+@pytest.fixture
+def calls(monkeypatch):
+    return _counted(monkeypatch, "mla_prefill", "mla_decode")
+
+
 def _before_and_after_patching(model, run):
     """run() on the unpatched model, then on the patched one (unpatched again afterwards)."""
     with torch.no_grad():
         expected = run()
-        patch_deepseek_v3(model)
+        integration.patch(model)
         try:
             return expected, run()
         finally:
-            unpatch_deepseek_v3(model)
+            integration.unpatch(model)
 
 
 @pytest.mark.parametrize("q_lora_rank", [None, 24])
@@ -417,57 +429,19 @@ V32_PATCHED = ("DeepseekV32RMSNorm", "DeepseekV32TopkRouter", "DeepseekV32Expert
                "DeepseekV32Attention")
 
 
-def _v32_model(attn="sdpa", seed=0):
-    """_model's network with DeepSeek Sparse Attention: 6 of the cached tokens per query, so
-    prompts of 7+ prune; the indexer's LayerNorm bias random too."""
-    config = transformers.DeepseekV32Config(
-        vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
-        num_hidden_layers=2, first_k_dense_replace=1, num_attention_heads=4,
-        num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
-        topk_group=1, kv_lora_rank=32, q_lora_rank=24, qk_rope_head_dim=16,
-        qk_nope_head_dim=16, v_head_dim=16, index_topk=6, index_head_dim=32, index_n_heads=8,
-        max_position_embeddings=256, initializer_range=0.2, pad_token_id=0)
-    config._attn_implementation = attn
-    torch.manual_seed(seed)
-    model = transformers.DeepseekV32ForCausalLM(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_((1 if name.endswith("weight") else 0) + 0.2 * torch.randn_like(p))
-        for name, b in model.named_buffers():
-            if "e_score_correction_bias" in name:
-                b.copy_(0.1 * torch.randn_like(b))
-    return model.eval().to(DEVICE)
+def _v32_model(attn="sdpa"):
+    return _model(q_lora_rank=24, attn=attn, v32=True)
 
 
 @pytest.fixture
 def sparse_calls(monkeypatch):
-    """How often the patched V3.2 attention called each kernel."""
-    counts = {"lightning_indexer": 0, "sparse_mla": 0}
-    for name in counts:
-        def counted(*args, _op=getattr(integration, name), _name=name, **kwargs):
-            counts[_name] += 1
-            return _op(*args, **kwargs)
-        monkeypatch.setattr(integration, name, counted)
-    return counts
-
-
-def _v32_before_and_after(model, run):
-    with torch.no_grad():
-        expected = run()
-        integration.patch(model)
-        try:
-            assert all("forward" in m.__dict__ for m in model.modules()
-                       if type(m).__name__ in V32_PATCHED)
-            return expected, run()
-        finally:
-            integration.unpatch(model)
+    return _counted(monkeypatch, "lightning_indexer", "sparse_mla")
 
 
 def test_v32_logits_match_and_prune(sparse_calls):
     model = _v32_model()
     ids, _ = _inputs(S=20)
-    expected, logits = _v32_before_and_after(model, lambda: model(ids).logits)
+    expected, logits = _before_and_after_patching(model, lambda: model(ids).logits)
     assert_close(logits, expected, torch.float32, reduction=NETWORK, what="logits")
     assert sparse_calls == {"lightning_indexer": 2, "sparse_mla": 2}  # one per layer
     # The selection prunes: the same weights attending over every token differ.
@@ -483,7 +457,7 @@ def test_v32_greedy_generate_matches(sparse_calls, attn):
     """Prefill, then decode steps reading transformers' own cache (both of its parts)."""
     model = _v32_model(attn=attn)
     ids, mask = _inputs(S=9)
-    expected, out = _v32_before_and_after(model, lambda: _generate(model, ids, mask, steps=6))
+    expected, out = _before_and_after_patching(model, lambda: _generate(model, ids, mask, steps=6))
     assert torch.equal(out.sequences, expected.sequences)
     for step, (got, want) in enumerate(zip(out.scores, expected.scores)):
         assert_close(got, want, torch.float32, reduction=NETWORK, what=f"step {step} logits")
@@ -502,7 +476,7 @@ def test_v32_chunked_prefill_matches(sparse_calls):
         second = model(ids[:, 9:], cache=cache, use_cache=True).logits
         return torch.cat([first, second], dim=1)
 
-    expected, logits = _v32_before_and_after(model, run)
+    expected, logits = _before_and_after_patching(model, run)
     assert_close(logits, expected, torch.float32, reduction=NETWORK, what="logits")
     assert sparse_calls["sparse_mla"] == 4                          # 2 chunks x 2 layers
 
@@ -530,7 +504,7 @@ def test_v32_triton_backend():
     model = _v32_model()
     ids, _ = _inputs(S=10)
     with ds_kernels.use_backend("triton"):
-        expected, logits = _v32_before_and_after(model, lambda: model(ids).logits)
+        expected, logits = _before_and_after_patching(model, lambda: model(ids).logits)
     assert_close(logits, expected, torch.float32, reduction=NETWORK, what="logits")
 
 
@@ -538,7 +512,9 @@ def test_patch_takes_either_family_and_unpatch_restores():
     for model in (_model(q_lora_rank=24), _v32_model()):
         before = {k: v.clone() for k, v in model.state_dict().items()}
         assert integration.patch(model) is model
-        assert any("forward" in m.__dict__ for m in model.modules())
+        # 4 RMSNorms a layer and the final one, 2 attentions, the MoE's router and experts
+        assert len(_patched_modules(model)) == 2 * 4 + 1 + 2 + 2
+        assert all("forward" in m.__dict__ for m in _patched_modules(model))
         assert integration.unpatch(model) is model
         assert not any("forward" in m.__dict__ for m in model.modules())
         assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -1,7 +1,7 @@
 """index_cache_write (DeepSeek-V3.2's index-key cache): every backend against the reference
 (padding slots, strided keys and caches, untouched rows, rope over part or all of the row),
-against nn.LayerNorm + transformers' rotate_half RoPE, bad slots never written, errors,
-opcheck, meta tensors and torch.compile."""
+into float and FP8 caches; against nn.LayerNorm + transformers' rotate_half RoPE, bad slots
+never written, errors, opcheck, meta tensors and torch.compile."""
 
 import pytest
 import torch
@@ -10,8 +10,10 @@ from hypothesis import strategies as st
 
 from conftest import DEVICE
 from ds_kernels import dispatch, rope
+from ds_kernels.mla_cache_format import fp8_row_bytes
 from ds_kernels.ops.index_cache_write import index_cache_write
 from ds_kernels.reference import index_cache_write as reference
+from ds_kernels.reference.fp8_mla_cache import dequantize
 from numerics import assert_close
 
 
@@ -22,11 +24,11 @@ def dtypes(backend):
 
 
 @st.composite
-def problems(draw, backend):
+def problems(draw, backend, fp8=False):
     """(k, norm_weight, norm_bias, eps, cos, sin, k_cache, slot_mapping, interleaved); the
-    cache starts full of other tokens' rows."""
+    cache starts full of other tokens' rows (fp8: random bytes)."""
     T = draw(st.sampled_from([0, 1, 5, 19]))
-    D = draw(st.sampled_from([4, 20, 128]))
+    D = draw(st.sampled_from([128, 384] if fp8 else [4, 20, 128]))
     Dr = draw(st.sampled_from([d for d in (2, 6, 16, 64, D) if d <= D]))
     block_size = draw(st.sampled_from([1, 4, 16]))
     num_blocks = -(-T // block_size) + draw(st.integers(1, 2))
@@ -42,9 +44,14 @@ def problems(draw, backend):
     slots = torch.randperm(num_blocks * block_size, generator=g)[:T]
     slots[torch.rand(T, generator=g) < draw(st.sampled_from([0.0, 0.3]))] = -1
     layout = draw(st.sampled_from(["contiguous", "wide rows", "spread blocks"]))
+    width = fp8_row_bytes(D, 0) if fp8 else D
     shape = (num_blocks, block_size * (2 if layout == "spread blocks" else 1),
-             D + 3 * (layout == "wide rows"))
-    k_cache = torch.randn(shape, generator=g).to(**to)[:, :block_size, :D]
+             width + (4 if fp8 else 3) * (layout == "wide rows"))  # FP8 rows stay aligned
+    if fp8:
+        k_cache = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8).to(DEVICE)
+    else:
+        k_cache = torch.randn(shape, generator=g).to(**to)
+    k_cache = k_cache[:, :block_size, :width]
     positions = torch.randint(0, 200_000, (T,), generator=g)
     cos, sin = rope.rope_cos_sin(positions, rope.rope_frequencies(Dr, 10000.0))
     if draw(st.booleans()):  # the half of transformers' cat(freqs, freqs) tables: a view
@@ -75,6 +82,32 @@ def test_index_cache_write_matches_reference(backend, data):
     block_size = k_cache.shape[1]
     live = slots[slots >= 0].long()
     written[live // block_size, live % block_size] = True
+    assert torch.equal(k_cache[~written], before[~written])
+
+
+@settings(max_examples=25)
+@given(data=st.data())
+def test_index_cache_write_into_fp8_matches_reference(backend, data):
+    """FP8 rows: each value, dequantised, within one e4m3 step (2^-3 relative, or the tile's
+    subnormal step) of the reference's float row - a last-bit difference in the float row may
+    round to the neighbouring code - and every other row's bytes untouched."""
+    problem = data.draw(problems(backend, fp8=True))
+    k, *_, k_cache, slots, interleaved = problem
+    before = k_cache.clone()
+    index_cache_write(*problem[:6], k_cache, slots, interleaved=interleaved)
+    T, D = k.shape
+    want = reference.index_keys(*problem[:6], interleaved).float()            # [T, D]
+    block_size = k_cache.shape[1]
+    written = torch.zeros(k_cache.shape[:2], dtype=torch.bool, device=DEVICE)
+    for t, slot in enumerate(slots.tolist()):
+        if slot < 0:
+            continue
+        row = k_cache[slot // block_size, slot % block_size]
+        got = dequantize(row, D)
+        scale = row[D:].contiguous().view(torch.float32).repeat_interleave(128)  # [D]
+        tolerance = 2**-3 * want[t].abs() + scale * 2**-9 + 2 * torch.finfo(k.dtype).eps
+        assert (got - want[t]).abs().le(tolerance).all(), t
+        written[slot // block_size, slot % block_size] = True
     assert torch.equal(k_cache[~written], before[~written])
 
 
@@ -172,6 +205,14 @@ def test_torch_compile_fullgraph():
     (dict(eps=-1.0), ValueError, "eps must be finite and >= 0"),
     (dict(interleaved=1), TypeError, "interleaved must be a bool"),
     (dict(k_cache=torch.zeros(2, 4, 8, device="meta")), ValueError, "k_cache is on meta"),
+    (dict(k_cache=torch.zeros(2, 4, 12, dtype=torch.uint8)), ValueError,
+     r"an FP8 k_cache \(uint8\) needs Di to be a multiple of 128 .*, got Di=8"),
+    (dict(k=torch.zeros(3, 128), norm_weight=torch.ones(128), norm_bias=torch.zeros(128),
+          k_cache=torch.zeros(2, 4, 130, dtype=torch.uint8)), ValueError,
+     r"an FP8 k_cache \(uint8\) must be \[num_blocks, block_size, Di \+ 4 \* Di/128 = 132\]"),
+    (dict(k=torch.zeros(3, 128), norm_weight=torch.ones(128), norm_bias=torch.zeros(128),
+          k_cache=torch.zeros(2, 4, 133, dtype=torch.uint8)[..., 1:]), ValueError,
+     r"k_cache's rows must be contiguous bytes and 4-byte aligned"),
 ])
 def test_bad_arguments_raise_clear_errors(change, error, match):
     args = dict(k=torch.zeros(3, 8), norm_weight=torch.ones(8), norm_bias=torch.zeros(8),

@@ -104,15 +104,24 @@ import inspect, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from ds_kernels.kernels.index_cache_write import _index_cache_write_kernel
 from ds_kernels.kernels.lightning_indexer import _merge_kernel, _top_keys_kernel
 
 capability = int(sys.argv[1])
-pointers = dict(q_ptr="*bf16", w_ptr="*fp32", cache_ptr="*bf16", block_table_ptr="*i32",
-                seq_ptr="*i32", pos_ptr="*i32", part_ptr="*i64", slots_ptr="*i32")
-for kernel, constexprs in [
-        (_top_keys_kernel, dict(PAGE=64, BLOCK_H=64, BLOCK_D=128, BLOCK_N=64, TOPK=2048,
-                                FINAL=False, PRECISION="ieee", UPCAST=False)),
-        (_merge_kernel, dict(PAGE=64, TOPK=2048))]:
+top_keys = dict(PAGE=64, BLOCK_H=64, BLOCK_D=128, BLOCK_N=64, TOPK=2048, FINAL=False,
+                PRECISION="ieee", UPCAST=False)
+for kernel, constexprs, cache in [
+        (_top_keys_kernel, dict(top_keys, FP8=False), "*bf16"),
+        (_top_keys_kernel, dict(top_keys, FP8=True), "*u8"),
+        (_merge_kernel, dict(PAGE=64, TOPK=2048), None),
+        (_index_cache_write_kernel, dict(INTERLEAVED=False, FP8=False, BLOCK_T=8, BLOCK_D=128),
+         "*bf16"),
+        (_index_cache_write_kernel, dict(INTERLEAVED=False, FP8=True, BLOCK_T=8, BLOCK_D=128),
+         "*u8")]:
+    pointers = dict(q_ptr="*bf16", w_ptr="*fp32", cache_ptr=cache, block_table_ptr="*i32",
+                    seq_ptr="*i32", pos_ptr="*i32", part_ptr="*i64", slots_ptr="*i32",
+                    k_ptr="*bf16", b_ptr="*bf16", cos_ptr="*fp32", sin_ptr="*fp32",
+                    slot_ptr="*i64", eps="fp32")
     params = list(inspect.signature(kernel.fn).parameters)
     signature = {p: "constexpr" if p in constexprs else pointers.get(p, "i32") for p in params}
     source = ASTSource(fn=kernel, signature=signature,
@@ -125,11 +134,13 @@ for kernel, constexprs in [
 
 def test_lightning_indexer_builds_at_deepseek_v32s_shape():
     """64 heads x 128 dims, top 2048 (the running keys and bitonic merges of 4096 int64 in
-    registers), bf16: both kernels compile for Hopper (the tests run them in the interpreter;
+    registers), bf16 keys or FP8 rows: both kernels compile for Hopper, and so does the
+    index-key cache write at Di = 128, both cache formats (the tests run them in the interpreter;
     this is the build a GPU would do; ~30 s each, uncached)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", _BUILD_INDEXER, "90"], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert [line.split()[0] for line in done.stdout.splitlines()] == [
-        "_top_keys_kernel", "_merge_kernel"]
+        "_top_keys_kernel", "_top_keys_kernel", "_merge_kernel", "_index_cache_write_kernel",
+        "_index_cache_write_kernel"]

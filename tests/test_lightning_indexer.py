@@ -2,7 +2,7 @@
 (ties everywhere, broken by position), a valid top-k within tolerance on random data; ragged
 sequences on shuffled pages, fewer visible keys than top_k, 0 and 1 queries, splits, strided and
 expanded views, NaN kept to its own sequence, a 40K-token context on the chunked torch path,
-errors, unchecked bad input, opcheck and torch.compile."""
+FP8 key rows (index_cache_write's), errors, unchecked bad input, opcheck and torch.compile."""
 
 import pytest
 import torch
@@ -13,6 +13,7 @@ import ds_kernels
 from conftest import DEVICE
 from paged import shuffled_pages
 from ds_kernels import tuning
+from ds_kernels.cpu.mla_cache_write import quantize_rows
 from ds_kernels.ops.lightning_indexer import lightning_indexer
 from ds_kernels.reference.lightning_indexer import lightning_indexer as reference
 from ds_kernels.testing import tolerance
@@ -53,14 +54,15 @@ def make_problem(g, lens, queries, H, D, block_size, dtype, integer, garbage=flo
 
 
 @st.composite
-def problems(draw, integer=True):
+def problems(draw, integer=True, D=None):
+    """(make_problem's arguments, top_k); D: the key width, else drawn."""
     lens = draw(st.lists(st.integers(0, 70), min_size=1, max_size=4))
     if not any(lens):
         lens[0] = draw(st.integers(1, 70))
     seqs = [b for b, n in enumerate(lens) if n]
     queries = draw(st.lists(st.sampled_from(seqs).flatmap(
         lambda b: st.tuples(st.just(b), st.integers(0, lens[b] - 1))), max_size=6))
-    shape = dict(H=draw(st.integers(1, 5)), D=draw(st.integers(1, 40)),
+    shape = dict(H=draw(st.integers(1, 5)), D=D or draw(st.integers(1, 40)),
                  block_size=draw(st.sampled_from([1, 3, 4, 16])),
                  dtype=draw(st.sampled_from(DTYPES)))
     g = torch.Generator().manual_seed(draw(SEEDS))
@@ -76,6 +78,27 @@ def test_exact_slots_with_ties_broken_by_position(backend, problem):
     got = lightning_indexer(*args, top_k)
     assert got.dtype == torch.int32 and got.shape == (args[0].shape[0], top_k)
     assert torch.equal(got.cpu(), reference(*args, top_k).cpu())
+
+
+def fp8_rows(k_cache):
+    """k_cache [num_blocks, block_size, D] as FP8 rows (uint8 [..., D + 4 * D/128])."""
+    num_blocks, block_size, D = k_cache.shape
+    rows = k_cache.reshape(-1, D)
+    return quantize_rows(rows, rows[:, :0]).view(num_blocks, block_size, -1)
+
+
+@settings(max_examples=20)
+@given(problem=problems(D=256))
+def test_fp8_keys_give_the_float_keys_slots(backend, problem):
+    """Integer keys in [-2, 2] are exact in e4m3 under a power-of-two scale: FP8 rows of the
+    cache (two 128-column scales a row) give the very slots of the float cache's reference,
+    ties included; the reference reads the FP8 rows to the same slots."""
+    (q, weights, k_cache, *rest), top_k = problem
+    fp8 = fp8_rows(k_cache)
+    assert fp8.dtype == torch.uint8 and fp8.shape[-1] == 256 + 8
+    want = reference(q, weights, k_cache, *rest, top_k).cpu()
+    assert torch.equal(reference(q, weights, fp8, *rest, top_k).cpu(), want)
+    assert torch.equal(lightning_indexer(q, weights, fp8, *rest, top_k).cpu(), want)
 
 
 def _scores(q, weights, k_cache, slots):
@@ -218,6 +241,11 @@ def _args(**changes):
     (dict(q=torch.zeros(2, 0, 8), weights=torch.zeros(2, 0)), ValueError, "Hi >= 1"),
     (dict(query_pos=torch.tensor([1], dtype=torch.int32)), ValueError,
      r"query_pos must be \[T=2\] like q, got \(1,\)"),
+    (dict(k_cache=torch.zeros(6, 4, 12, dtype=torch.uint8)), ValueError,
+     r"an FP8 k_cache \(uint8\) needs Di to be a multiple of 128"),
+    (dict(q=torch.zeros(2, 2, 128), k_cache=torch.zeros(7, 4, 128, dtype=torch.uint8)),
+     ValueError, r"an FP8 k_cache \(uint8\) must be \[num_blocks, block_size, Di \+ 4 \* "
+     r"Di/128 = 132\] bytes"),
 ])
 def test_bad_arguments_raise_clear_errors(changes, error, match):
     with pytest.raises(error, match=match):

@@ -53,9 +53,12 @@ def test_logits_match_transformers(variant):
 
 @pytest.mark.parametrize("variant", ["q_lora", "yarn+tied"])
 def test_cached_prefill_and_absorbed_decode_match_the_forward(variant):
-    """Ragged prompts across 16-token pages: prefill's last logits, then three absorbed decode
-    steps (the last for a subset of sequences), equal the uncached forward of each sequence."""
-    model = ours(hf_model(**VARIANTS[variant]))
+    check_cached_steps_match_the_forward(ours(hf_model(**VARIANTS[variant])))
+
+
+def check_cached_steps_match_the_forward(model):
+    """Ragged prompts across 16-token pages: prefill's last logits, then three decode steps
+    (the last for a subset of sequences), equal the uncached forward of each sequence."""
     g = torch.Generator().manual_seed(2)
     full = [torch.randint(0, 128, (n,), generator=g) for n in (4, 19, 37)]  # prompt + 3 new
     prompts = [s[:-3] for s in full]
@@ -230,12 +233,14 @@ def test_presets_parameter_counts():
     assert abs(total / 1.2e12 - 1) < 0.03 and abs(active / 78e9 - 1) < 0.03
 
 
-def test_triton_backend():
+@pytest.mark.parametrize("v32", [False, True], ids=["deepseek_v3", "deepseek_v32"])
+def test_triton_backend(v32):
     """A forward and a short generation with every op on its Triton kernel (the interpreter
-    on CPU): prefill, the fused cache write and absorbed decode included."""
-    hf = hf_model(num_hidden_layers=2, n_routed_experts=4, n_group=1, topk_group=1)
+    on CPU): prefill, the fused cache write and absorbed decode included; V3.2's
+    index_cache_write, lightning_indexer and sparse_mla, over prompts longer than index_topk."""
+    hf = hf_model(num_hidden_layers=2, n_routed_experts=4, n_group=1, topk_group=1, v32=v32)
     model = ours(hf)
-    ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(0, 128, (2, 12 if v32 else 5), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         want_logits, want_tokens = hf(ids).logits, model.generate(ids, 3)
     with torch.no_grad(), ds_kernels.use_backend("triton"):

@@ -6,12 +6,15 @@ A chunk's scores [Q, H, C] are one GEMM of the queries' heads against the gather
 ``chunk_elements`` values, so memory stays bounded at any context length (128K and more).
 Each chunk folds into a running top-k [Q, top_k] by torch.topk over packed int64 keys: the
 score's order-preserving bits high, the complement of the position low. Packed keys are
-unique, so ties go to the lower position and topk's order among equals never matters.
+unique, so ties go to the lower position and topk's order among equals never matters. FP8
+keys are dequantised a chunk at a time.
 """
 
 import torch
 
 from ds_kernels import tuning
+from ds_kernels.cpu.mla_decode import dequantize_rows
+from ds_kernels.mla_cache_format import is_fp8
 
 # Scores of one chunk ([Q, H, C] fp32 values, plus the chunk's gathered keys): 16 MB.
 CHUNK_ELEMENTS = 1 << 22
@@ -70,6 +73,8 @@ def _top_keys(q, weights, last, k_cache, table, best, chunk):
     for start in range(0, seen, C):
         positions = torch.arange(start, min(start + C, seen), device=q.device)  # [C]
         keys = k_cache[table[positions // block_size].long(), positions % block_size]  # [C, D]
+        if is_fp8(k_cache):                                       # [C, width] bytes
+            keys = dequantize_rows(keys, D, 0, torch.float32)
         scores = (qs @ keys.float().T).view(Q, H, -1).relu_()     # [Q, H, C]
         scores = torch.bmm(w, scores).squeeze(1)                  # [Q, C]
         packed = pack(scores, positions).masked_fill(positions[None, :] > last[:, None], NONE)

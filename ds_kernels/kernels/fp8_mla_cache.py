@@ -1,6 +1,7 @@
 """FP8 latent cache rows in Triton (layout: ds_kernels/mla_cache_format.py; recipe:
 ds_kernels/reference/fp8_mla_cache.py): the tile reader of mla_decode and the row writer of
-mla_cache_write.
+mla_cache_write; lightning_indexer and index_cache_write use them for the FP8 index-key rows
+(the same layout without a rope part).
 
 The cache is passed as bytes (uint8) and each field is reached through a pointer cast to its
 type at its byte offset. e4m3 codes are decoded (kernels/quant.py, shared with the quantised
@@ -67,18 +68,25 @@ def _pow2_scale(amax):
 
 
 @triton.jit
-def load_rows(row, ok, dc, dc_ok, dr, dr_ok, DC):
-    """(latent [N, DCP], k_pe [N, DRP]) in fp32 of FP8 rows starting at byte pointers row [N];
-    0 where not ok (rows) or past the dims (dc_ok [DCP], dr_ok [DRP] for columns dc, dr).
+def load_latent(row, ok, dc, dc_ok, DC):
+    """latent [N, DCP] in fp32 of FP8 rows starting at byte pointers row [N] (an index-key
+    cache's keys alike); 0 where not ok (rows) or past the dim (dc_ok [DCP] for columns dc).
     Each code's scale is gathered per element (4 distinct addresses a row, hits in L1)."""
     ok_c = ok[:, None] & dc_ok[None, :]
     codes = tl.load(row[:, None] + dc[None, :], mask=ok_c, other=0).to(tl.int32)
     scale_ptr = (row[:, None] + DC + 4 * (dc // _TILE)[None, :]).to(tl.pointer_type(tl.float32))
     scale = tl.load(scale_ptr, mask=ok_c, other=0.0)
+    return e4m3_to_fp32(codes) * scale
+
+
+@triton.jit
+def load_rows(row, ok, dc, dc_ok, dr, dr_ok, DC):
+    """(latent [N, DCP], k_pe [N, DRP]) in fp32 of FP8 rows starting at byte pointers row [N];
+    0 where not ok (rows) or past the dims (dc_ok [DCP], dr_ok [DRP] for columns dc, dr)."""
     rope_ptr = (row[:, None] + DC + 4 * (DC // _TILE) + 2 * dr[None, :]).to(
         tl.pointer_type(tl.bfloat16))
     k_pe = tl.load(rope_ptr, mask=ok[:, None] & dr_ok[None, :], other=0.0).to(tl.float32)
-    return e4m3_to_fp32(codes) * scale, k_pe
+    return load_latent(row, ok, dc, dc_ok, DC), k_pe
 
 
 @triton.jit

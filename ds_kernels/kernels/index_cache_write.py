@@ -1,43 +1,40 @@
 """Paged index-key cache write of DeepSeek-V3.2's lightning indexer, fused: LayerNorm of the
-key wk(x), RoPE on its first Dr columns, store (semantics: ds_kernels/reference/
-index_cache_write.py).
+key wk(x), RoPE on its first Dr columns, store - into a float cache, or quantised into FP8 rows
+(semantics: ds_kernels/reference/index_cache_write.py).
 
-A program owns BLOCK_T tokens. Each row is read once, in three pieces held in registers: the
-two members of every rotated pair (columns c1, c2: non-interleaved in V3.2) and the columns
-past Dr that pass through. The LayerNorm's mean and variance sum over the three, each piece is
-normalised, rounded to the key's dtype (nn.LayerNorm's output), the pairs rotated, and all three
-stored into the cache row: one read and one write instead of LayerNorm, RoPE and a copy.
-Slots outside [0, num_slots) (-1 padding, or a bad slot a captured graph could not check) are
-masked: they never write.
+A program owns BLOCK_T tokens, each row one tile [BLOCK_T, BLOCK_D] in registers. RoPE mixes
+column pairs, which a register tile cannot gather, so the row is also loaded in its partners'
+order (column c holds c's pair member: c +- Dr/2, or c ^ 1 interleaved; itself past Dr): both
+tiles are normalised alike (statistics from the first), rounded to the key's dtype
+(nn.LayerNorm's output), and c becomes y[c] cos -+ y[partner(c)] sin. The second load reads
+the bytes the first brought into cache. One launch instead of LayerNorm, RoPE and a copy; an
+FP8 row is quantised from the tile where it is (kernels/fp8_mla_cache.py, 128 columns a
+scale). Slots outside [0, num_slots) (-1 padding, or a bad slot a captured graph could not
+check) are masked: they never write.
 """
 
 import triton
 import triton.language as tl
 
-from ds_kernels.kernels.apply_rope import pair_columns, rotate
+from ds_kernels.kernels.fp8_mla_cache import store_latent
+from ds_kernels.mla_cache_format import is_fp8
 
 # Key elements a program holds: BLOCK_T = this // next_pow2(Di), 8 tokens of V3.2's Di = 128:
-# 86 registers, no spills (ptxas, sm_90, bf16, 4 warps) against 136 with 16 tokens, 54 with 4.
-# Register counts only: not yet timed on a GPU.
+# 88 registers into a bf16 cache, 116 into FP8 rows, no spills (ptxas, sm_90, 4 warps; 16
+# tokens took 136 with the float cache). Register counts only: not yet timed on a GPU.
 _TILE_ELEMENTS = 1024
 
 
 @triton.jit
-def _load_piece(k_ptr, w_ptr, b_ptr, tokens, token_ok, cols, cols_ok, stride_kt, stride_kd):
-    """(key columns [BT, n] in fp32, 0 where masked; their weight and bias [n] in fp32)."""
-    ok = token_ok[:, None] & cols_ok[None, :]
-    x = tl.load(k_ptr + tokens.to(tl.int64)[:, None] * stride_kt + cols[None, :] * stride_kd,
-                mask=ok, other=0.0).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=cols_ok, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + cols, mask=cols_ok, other=0.0).to(tl.float32)
-    return x, w, b
-
-
-@triton.jit
-def _normalise(x, ok, mean, rstd, w, b, K_DTYPE: tl.constexpr):
-    """LayerNorm of one piece, rounded to K_DTYPE and back to fp32; 0 where not ok."""
-    y = (x - mean[:, None]) * rstd[:, None] * w[None, :] + b[None, :]
-    return tl.where(ok, y.to(K_DTYPE).to(tl.float32), 0.0)
+def _normalise(k_ptr, w_ptr, b_ptr, tokens, cols, ok, mean, rstd, stride_kt, stride_kd):
+    """LayerNorm of the key columns cols [BT, BD] (0 where not ok), rounded to the key's dtype,
+    back in fp32."""
+    x = tl.load(k_ptr + tokens.to(tl.int64)[:, None] * stride_kt + cols * stride_kd, mask=ok,
+                other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    y = (x - mean[:, None]) * rstd[:, None] * w + b
+    return tl.where(ok, y.to(k_ptr.dtype.element_ty).to(tl.float32), 0.0)
 
 
 @triton.jit
@@ -46,8 +43,7 @@ def _index_cache_write_kernel(
     T, D, HALF, num_slots, block_size, eps,
     stride_kt, stride_kd, stride_ct, stride_cd, stride_st, stride_sd, stride_slot,
     stride_cache_b, stride_cache_o, stride_cache_d,
-    INTERLEAVED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HALF: tl.constexpr,
-    BLOCK_PASS: tl.constexpr,
+    INTERLEAVED: tl.constexpr, FP8: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Write tokens pid * BLOCK_T ... into the cache.
 
@@ -55,8 +51,9 @@ def _index_cache_write_kernel(
     weight and bias. cos_ptr, sin_ptr: [T, HALF] (strides (stride_ct, stride_cd), (stride_st,
     stride_sd)); the rope part is columns [0, 2 * HALF). slot_ptr: [T] int32/int64, stride
     stride_slot. cache_ptr: [num_blocks, block_size, D] in k's dtype, strides (stride_cache_b,
-    stride_cache_o, stride_cache_d); num_slots = num_blocks * block_size. INTERLEAVED: the
-    pairs' layout. BLOCK_HALF >= HALF, BLOCK_PASS >= D - 2 * HALF, powers of two.
+    stride_cache_o, stride_cache_d); with FP8 the bytes (uint8) of FP8 rows [num_blocks,
+    block_size, D + 4 * D/128], the same strides in bytes. num_slots = num_blocks * block_size.
+    INTERLEAVED: the pairs' layout. BLOCK_D: D as a power of two.
     """
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)       # [BT]
     token_ok = tokens < T
@@ -67,39 +64,41 @@ def _index_cache_write_kernel(
     cache_row = cache_ptr + ((slot // block_size) * stride_cache_b
                              + (slot % block_size) * stride_cache_o)[:, None]  # [BT, 1]
 
-    i = tl.arange(0, BLOCK_HALF)                                        # [BH]
-    pair_ok = i < HALF
-    c1, c2 = pair_columns(i, HALF, INTERLEAVED)
-    p = 2 * HALF + tl.arange(0, BLOCK_PASS)                             # [BP]
-    pass_ok = p < D
-    x1, w1, b1 = _load_piece(k_ptr, w_ptr, b_ptr, tokens, token_ok, c1, pair_ok, stride_kt,
-                             stride_kd)
-    x2, w2, b2 = _load_piece(k_ptr, w_ptr, b_ptr, tokens, token_ok, c2, pair_ok, stride_kt,
-                             stride_kd)
-    xp, wp, bp = _load_piece(k_ptr, w_ptr, b_ptr, tokens, token_ok, p, pass_ok, stride_kt,
-                             stride_kd)
-    ok_pair = token_ok[:, None] & pair_ok[None, :]
-    ok_pass = token_ok[:, None] & pass_ok[None, :]
-    mean = (tl.sum(x1, axis=1) + tl.sum(x2, axis=1) + tl.sum(xp, axis=1)) / D
-    d1 = tl.where(ok_pair, x1 - mean[:, None], 0.0)
-    d2 = tl.where(ok_pair, x2 - mean[:, None], 0.0)
-    dp = tl.where(ok_pass, xp - mean[:, None], 0.0)
-    var = (tl.sum(d1 * d1, axis=1) + tl.sum(d2 * d2, axis=1) + tl.sum(dp * dp, axis=1)) / D
-    rstd = tl.rsqrt(var + eps)
-    y1 = _normalise(x1, ok_pair, mean, rstd, w1, b1, k_ptr.dtype.element_ty)
-    y2 = _normalise(x2, ok_pair, mean, rstd, w2, b2, k_ptr.dtype.element_ty)
-    yp = _normalise(xp, ok_pass, mean, rstd, wp, bp, k_ptr.dtype.element_ty)
+    d = tl.arange(0, BLOCK_D)                                           # [BD]
+    rope = d < 2 * HALF
+    if INTERLEAVED:
+        pair, partner, first = d // 2, d ^ 1, d % 2 == 0
+    else:
+        pair = tl.where(d < HALF, d, d - HALF)
+        partner = tl.where(d < HALF, d + HALF, d - HALF)
+        first = d < HALF
+    partner = tl.where(rope, partner, d)
+    ok = token_ok[:, None] & (d < D)[None, :]                           # [BT, BD]
+
+    x = tl.load(k_ptr + tokens.to(tl.int64)[:, None] * stride_kt + d[None, :] * stride_kd,
+                mask=ok, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=1) / D
+    centred = tl.where(ok, x - mean[:, None], 0.0)
+    rstd = tl.rsqrt(tl.sum(centred * centred, axis=1) / D + eps)
+    y = _normalise(k_ptr, w_ptr, b_ptr, tokens, d[None, :], ok, mean, rstd, stride_kt, stride_kd)
+    y_partner = _normalise(k_ptr, w_ptr, b_ptr, tokens, partner[None, :], ok, mean, rstd,
+                           stride_kt, stride_kd)
 
     token = tokens.to(tl.int64)[:, None]
-    cos = tl.load(cos_ptr + token * stride_ct + i[None, :] * stride_cd, mask=ok_pair, other=0.0)
-    sin = tl.load(sin_ptr + token * stride_st + i[None, :] * stride_sd, mask=ok_pair, other=0.0)
-    y1, y2 = rotate(y1, y2, cos.to(tl.float32), sin.to(tl.float32))
-    out = cache_ptr.dtype.element_ty
-    write_pair = write[:, None] & pair_ok[None, :]
-    tl.store(cache_row + c1[None, :] * stride_cache_d, y1.to(out), mask=write_pair)
-    tl.store(cache_row + c2[None, :] * stride_cache_d, y2.to(out), mask=write_pair)
-    tl.store(cache_row + p[None, :] * stride_cache_d, yp.to(out),
-             mask=write[:, None] & pass_ok[None, :])
+    rope_ok = token_ok[:, None] & rope[None, :]
+    cos = tl.load(cos_ptr + token * stride_ct + pair[None, :] * stride_cd, mask=rope_ok,
+                  other=1.0).to(tl.float32)
+    sin = tl.load(sin_ptr + token * stride_st + pair[None, :] * stride_sd, mask=rope_ok,
+                  other=0.0).to(tl.float32)
+    # (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), each column its own member.
+    rotated = y * cos + tl.where(first, -1.0, 1.0)[None, :] * y_partner * sin
+    y = tl.where(rope[None, :], rotated, y)
+    if FP8:  # the row rounded to the key's dtype, as the float cache would hold it, quantised
+        store_latent(cache_row, write, y.to(k_ptr.dtype.element_ty).to(tl.float32), d, D,
+                     BLOCK_T, BLOCK_D)
+    else:
+        tl.store(cache_row + d[None, :] * stride_cache_d, y.to(cache_ptr.dtype.element_ty),
+                 mask=write[:, None] & (d < D)[None, :])
 
 
 def index_cache_write(k, norm_weight, norm_bias, eps, cos, sin, k_cache, slot_mapping,
@@ -107,13 +106,12 @@ def index_cache_write(k, norm_weight, norm_bias, eps, cos, sin, k_cache, slot_ma
     T, D = k.shape
     if T == 0:
         return
-    half = cos.shape[1]
     num_blocks, block_size, _ = k_cache.shape
-    block_t = max(1, min(_TILE_ELEMENTS // triton.next_power_of_2(D), triton.next_power_of_2(T)))
+    block_d = triton.next_power_of_2(D)
+    block_t = max(1, min(_TILE_ELEMENTS // block_d, triton.next_power_of_2(T)))
     _index_cache_write_kernel[(triton.cdiv(T, block_t),)](
         k, norm_weight.contiguous(), norm_bias.contiguous(), cos, sin, slot_mapping, k_cache,
-        T, D, half, num_blocks * block_size, block_size, float(eps),
+        T, D, cos.shape[1], num_blocks * block_size, block_size, float(eps),
         k.stride(0), k.stride(1), cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
         slot_mapping.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        INTERLEAVED=interleaved, BLOCK_T=block_t, BLOCK_HALF=triton.next_power_of_2(half),
-        BLOCK_PASS=triton.next_power_of_2(max(D - 2 * half, 1)))
+        INTERLEAVED=interleaved, FP8=is_fp8(k_cache), BLOCK_T=block_t, BLOCK_D=block_d)

@@ -26,7 +26,9 @@ import triton
 import triton.language as tl
 
 from ds_kernels import tuning
+from ds_kernels.kernels.fp8_mla_cache import load_latent
 from ds_kernels.kernels.mla_decode import dot_operand
+from ds_kernels.mla_cache_format import is_fp8
 
 _LOW = tl.constexpr(4294967295)                              # 2^32 - 1: a position's bits
 _NONE = tl.constexpr(-9223372036854775807)                   # no key: below every packed key
@@ -84,6 +86,7 @@ def _top_keys_kernel(
     stride_st, stride_sk,
     PAGE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     TOPK: tl.constexpr, FINAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     """Split program_id(1) of query program_id(0)'s keys.
 
@@ -91,7 +94,8 @@ def _top_keys_kernel(
     dtype), block_table_ptr int32 [B, max_blocks], seq_ptr / pos_ptr int32 [T]: all strided.
     FINAL (one split): the slots go to slots_ptr int32 [T, top_k]; else the split's top keys to
     part_ptr int64 [T, num_splits, TOPK]. BLOCK_H, BLOCK_D: H and D as powers of two >= 16;
-    TOPK: top_k as a power of two, a multiple of BLOCK_N.
+    TOPK: top_k as a power of two, a multiple of BLOCK_N. FP8: cache_ptr holds the bytes
+    (uint8) of FP8 rows [num_blocks, PAGE, D + 4 * D/128], strides in bytes (stride_cd 1).
     """
     t = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -122,8 +126,11 @@ def _top_keys_kernel(
                        mask=pos < end, other=-1)
         ok = (pos < end) & (page >= 0) & (page < num_blocks)
         rows = cache_ptr + page.to(tl.int64) * stride_cb + (pos % PAGE).to(tl.int64) * stride_cp
-        k = tl.load(rows[:, None] + d[None, :] * stride_cd, mask=ok[:, None] & d_ok[None, :],
-                    other=0.0)                                    # [BN, BD]
+        if FP8:  # codes times scales: exact in q's dtype for index_cache_write's scales
+            k = load_latent(rows, ok, d, d_ok, D).to(q_ptr.dtype.element_ty)   # [BN, BD]
+        else:
+            k = tl.load(rows[:, None] + d[None, :] * stride_cd,
+                        mask=ok[:, None] & d_ok[None, :], other=0.0)          # [BN, BD]
         s = tl.dot(q, tl.trans(dot_operand(k, UPCAST)), input_precision=PRECISION)  # [BH, BN]
         s = tl.where(s < 0, 0.0, s)                               # relu, NaN kept
         score = tl.sum(tl.where(h_ok[:, None], s * w[:, None], 0.0), axis=0)      # [BN]
@@ -203,7 +210,7 @@ def lightning_indexer(q, weights, k_cache, block_table, query_seq, query_pos, to
         PAGE=page, BLOCK_H=max(16, triton.next_power_of_2(H)),
         BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_N=block_n, TOPK=topk,
         FINAL=splits == 1, PRECISION=fp32_precision if q.dtype == torch.float32 else "ieee",
-        UPCAST=q.dtype == torch.bfloat16 and q.device.type == "cpu",
+        UPCAST=q.dtype == torch.bfloat16 and q.device.type == "cpu", FP8=is_fp8(k_cache),
         num_warps=config["num_warps"], num_stages=config["num_stages"])
     if splits > 1:
         _merge_kernel[(T,)](part, block_table, query_seq, slots, block_table.shape[0], splits,

@@ -5,8 +5,10 @@ only: the selection is not differentiable."""
 import torch
 
 from ds_kernels import dispatch
+from ds_kernels.mla_cache_format import FP8_CACHE_DTYPE, is_fp8
 from ds_kernels.ops.checks import (FLOAT_DTYPES, check_int, check_same_device, check_same_dtype,
                                    check_tensor, device_checks_allowed)
+from ds_kernels.ops.mla_cache_write import check_fp8_cache
 
 # Slots are int32: the cache's rows must be numbered below 2^31.
 _MAX_SLOTS = 1 << 31
@@ -28,6 +30,10 @@ def lightning_indexer(q: torch.Tensor, weights: torch.Tensor, k_cache: torch.Ten
     padding when fewer than top_k keys are visible. A NaN score ranks as -inf (below every
     number, above the padding); keys a query does not see are never read, so nothing in them
     (NaN included) reaches it. Index tensors may be any strided or expanded views.
+
+    k_cache may also hold FP8 rows, uint8 [num_blocks, block_size, Di + 4 * Di/128] as
+    index_cache_write writes them (Di % 128 == 0): keys are their codes times their scales,
+    scored against q as it is (DeepSeek's inference also quantises q; we do not).
     """
     args = (q, weights, k_cache, block_table, query_seq, query_pos, top_k)
     if dispatch.direct_call_allowed(q, weights, k_cache, block_table, query_seq, query_pos):
@@ -39,11 +45,10 @@ def lightning_indexer(q: torch.Tensor, weights: torch.Tensor, k_cache: torch.Ten
 def _check(q, weights, k_cache, block_table, query_seq, query_pos, top_k):
     check_tensor("q", q, dim=3, dtypes=FLOAT_DTYPES)
     check_tensor("weights", weights, dim=2, dtypes=FLOAT_DTYPES)
-    check_tensor("k_cache", k_cache, dim=3, dtypes=FLOAT_DTYPES)
+    check_tensor("k_cache", k_cache, dim=3, dtypes=FLOAT_DTYPES + (FP8_CACHE_DTYPE,))
     check_tensor("block_table", block_table, dim=2, dtypes=(torch.int32,))
     check_tensor("query_seq", query_seq, dim=1, dtypes=(torch.int32,))
     check_tensor("query_pos", query_pos, dim=1, dtypes=(torch.int32,))
-    check_same_dtype("q", q, k_cache=k_cache)
     check_int("top_k", top_k, low=1)
     T, H, D = q.shape
     if H < 1 or D < 1:
@@ -51,7 +56,11 @@ def _check(q, weights, k_cache, block_table, query_seq, query_pos, top_k):
     if weights.shape != (T, H):
         raise ValueError(f"weights must be [T={T}, Hi={H}] like q, got {tuple(weights.shape)}")
     num_blocks, block_size, width = k_cache.shape
-    if width != D:
+    if is_fp8(k_cache):
+        check_fp8_cache(k_cache, D, 0, name="k_cache")
+    else:
+        check_same_dtype("q", q, k_cache=k_cache)
+    if not is_fp8(k_cache) and width != D:
         raise ValueError(f"k_cache must be [num_blocks, block_size, Di={D}] (q's index head "
                          f"dim), got {tuple(k_cache.shape)}")
     if block_size < 1 or num_blocks * block_size >= _MAX_SLOTS:

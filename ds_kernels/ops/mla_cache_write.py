@@ -87,17 +87,23 @@ def _check(latent, k_pe, kv_cache, slot_mapping, latent_name="latent"):
                       slot_mapping=slot_mapping)
 
 
-def check_fp8_cache(kv_cache, Dc, Dr):
-    """An FP8 (uint8) kv_cache fits latents of Dc and a rope part of Dr: the width of its
-    layout, and rows whose bytes are contiguous and whose fp32 scales are aligned."""
+def check_fp8_cache(kv_cache, Dc, Dr, name="kv_cache"):
+    """An FP8 (uint8) cache ``name`` fits latents of Dc and a rope part of Dr (0: the index-key
+    cache's rows): the width of its layout, and rows whose bytes are contiguous and whose fp32
+    scales are aligned."""
     if Dc < FP8_TILE or Dc % FP8_TILE:
-        raise ValueError(f"an FP8 kv_cache (uint8) needs Dc to be a multiple of {FP8_TILE} (one "
-                         f"fp32 scale per {FP8_TILE} latent columns), got Dc={Dc}")
-    if Dr < 2 or Dr % 2:
-        raise ValueError(f"an FP8 kv_cache (uint8) needs an even rope dim Dr, got Dr={Dr}")
+        what = "Di" if Dr == 0 else "Dc"
+        raise ValueError(f"an FP8 {name} (uint8) needs {what} to be a multiple of {FP8_TILE} "
+                         f"(one fp32 scale per {FP8_TILE} columns), got {what}={Dc}")
+    if Dr < 0 or Dr % 2:
+        raise ValueError(f"an FP8 {name} (uint8) needs an even rope dim Dr, got Dr={Dr}")
     width = fp8_row_bytes(Dc, Dr)
+    if kv_cache.shape[2] != width and Dr == 0:
+        raise ValueError(f"an FP8 {name} (uint8) must be [num_blocks, block_size, Di + "
+                         f"4 * Di/128 = {width}] bytes (Di={Dc} e4m3 codes, {Dc // FP8_TILE} "
+                         f"fp32 scales), got {tuple(kv_cache.shape)}")
     if kv_cache.shape[2] != width:
-        raise ValueError(f"an FP8 kv_cache (uint8) must be [num_blocks, block_size, Dc + "
+        raise ValueError(f"an FP8 {name} (uint8) must be [num_blocks, block_size, Dc + "
                          f"4 * Dc/128 + 2 * Dr = {width}] bytes (Dc={Dc} e4m3 codes, "
                          f"{Dc // FP8_TILE} fp32 scales, Dr={Dr} bf16 values), got "
                          f"{tuple(kv_cache.shape)}")
@@ -107,7 +113,7 @@ def check_fp8_cache(kv_cache, Dc, Dr):
     offset = 0 if torch.compiler.is_compiling() else kv_cache.storage_offset()
     if kv_cache.stride(2) != 1 or any(
             x % align for x in (kv_cache.stride(0), kv_cache.stride(1), offset)):
-        raise ValueError(f"an FP8 kv_cache's rows must be contiguous bytes and {align}-byte "
+        raise ValueError(f"an FP8 {name}'s rows must be contiguous bytes and {align}-byte "
                          f"aligned (stride(2) == 1; strides of dims 0 and 1 and the storage "
                          f"offset multiples of {align}), got strides {kv_cache.stride()} and "
                          f"offset {offset}")

@@ -50,6 +50,9 @@ def _check(q, kv_cache, slots, softmax_scale, v_dim, sinks):
         raise ValueError(f"q must be [T, Hq >= 1, Dk >= 1], got {tuple(q.shape)}")
     check_int("v_dim", v_dim, low=1, high=Dk)
     if is_fp8(kv_cache):
+        if Dk - v_dim < 2:
+            raise ValueError(f"an FP8 kv_cache (uint8) holds [latent | k_pe] rows: q's width "
+                             f"Dk={Dk} must exceed v_dim={v_dim} by an even rope dim >= 2")
         check_fp8_cache(kv_cache, v_dim, Dk - v_dim)
     else:
         check_same_dtype("q", q, kv_cache=kv_cache)
