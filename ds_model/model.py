@@ -326,7 +326,8 @@ class DeepSeekForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits [B, S, V] of input_ids [B, S] (every row a whole sequence; no cache kept:
-        DeepSeek-V3.2's sparse attention selects from a cache of its own, dropped after)."""
+        DeepSeek-V3.2's sparse attention selects from a cache of its own, dropped after, and is
+        inference only - lightning_indexer and sparse_mla have no backward)."""
         if input_ids.dim() != 2 or input_ids.shape[1] < 1 or input_ids.is_floating_point():
             raise ValueError(f"input_ids must be integer [B, S >= 1], got {input_ids.dtype} "
                              f"{tuple(input_ids.shape)}")
