@@ -29,6 +29,7 @@ BENCHMARKS = {
     "expert_parallel": "bench.bench_expert_parallel",
     "lightning_indexer": "bench.bench_lightning_indexer",
     "sparse_mla": "bench.bench_sparse_mla",
+    "speculative": "bench.bench_speculative",
 }
 
 

@@ -1,6 +1,7 @@
 """python -m ds_model generate [--preset NAME [--quantize fp8|mxfp4] | --checkpoint DIR
     [--dequantize]] [--batch 4] [--prompt-len 32] [--max-new-tokens 64] [--dtype float32]
     [--temperature 0] [--top-p 1] [--seed 0] [--record-routing FILE.safetensors]
+    [--speculative mtp [--draft-tokens 1]]
 python -m torch.distributed.run --nproc-per-node W -m ds_model generate ... --expert-parallel
     [--ep-wire native|fp8]
 python -m ds_model quantize SRC DST [--scale-fmt float|ue8m0] [--experts fp8|mxfp4]
@@ -14,6 +15,9 @@ choices for `python -m autotune sweep --op fused_moe --routing FILE`. --expert-p
 torchrun: gloo on CPU, NCCL on GPUs, one GPU a rank) shards the routed experts over the ranks,
 each rank continuing its own random prompts; rank 0 prints the throughput of all ranks together;
 --ep-wire fp8 sends the tokens to the experts FP8-quantised (ds_kernels/expert_wire.py).
+--speculative mtp decodes greedily with --draft-tokens drafted a step by the checkpoint's
+multi-token-prediction layer (a preset: one with random weights, which drafts nothing useful)
+and prints the share of drafts accepted.
 
 quantize writes the bf16/fp32 checkpoint SRC into the new folder DST in DeepSeek's published
 FP8 format (ds_model/convert.py), tensor by tensor.
@@ -77,6 +81,10 @@ def main(argv=None):
     gen.add_argument("--ep-wire", choices=sorted(WIRES), default="native",
                      help="with --expert-parallel: how tokens travel to the experts (fp8: 1 "
                      "byte a value and a scale per 128)")
+    gen.add_argument("--speculative", choices=("mtp",), help="greedy speculative decoding, "
+                     "drafts from the model's multi-token-prediction layer")
+    gen.add_argument("--draft-tokens", type=int, default=1, help="with --speculative: drafts "
+                     "a step")
     gen.add_argument("--record-routing", type=Path, metavar="FILE",
                      help="save the experts each MoE layer chose (safetensors) for autotune; "
                      "the timings then include the recording")
@@ -99,6 +107,10 @@ def main(argv=None):
     if args.dequantize and not args.checkpoint:
         parser.error("--dequantize goes with --checkpoint")
 
+    if args.speculative and (args.expert_parallel or args.temperature != 0):
+        parser.error("--speculative decodes greedily (--temperature 0) on one process")
+    if args.draft_tokens < 1 or (args.draft_tokens != 1 and not args.speculative):
+        parser.error("--draft-tokens must be >= 1 and goes with --speculative")
     if args.expert_parallel and args.record_routing:
         parser.error("--expert-parallel does not go with --record-routing yet")
     if args.ep_wire != "native" and not args.expert_parallel:
@@ -145,13 +157,19 @@ def main(argv=None):
     fp8_kv_cache = args.kv_cache == "fp8"
     model.generate(list(prompts[:1, :2]), 2, fp8_kv_cache=fp8_kv_cache)
     recorder = RoutingRecorder(model) if args.record_routing else contextlib.nullcontext()
+    speculation = dict(speculative=args.speculative, draft_tokens=args.draft_tokens,
+                       stats={}) if args.speculative else {}
     start = time.perf_counter()
     with recorder:
         outputs = model.generate(list(prompts), args.max_new_tokens,
                                  temperature=args.temperature, top_p=args.top_p,
                                  generator=generator, on_step=on_step,
-                                 fp8_kv_cache=fp8_kv_cache)
+                                 fp8_kv_cache=fp8_kv_cache, **speculation)
     print(file=sys.stderr)
+    if speculation and speculation["stats"].get("drafted"):
+        stats = speculation["stats"]
+        print(f"speculative: {stats['accepted']} of {stats['drafted']} drafted tokens accepted "
+              f"({stats['accepted'] / stats['drafted']:.0%})", file=sys.stderr)
     if args.record_routing:
         ids = recorder.tensors()["topk_ids"]
         print(f"routing: {tuple(ids.shape)} topk_ids -> {recorder.save(args.record_routing)}",
@@ -217,14 +235,16 @@ def _model(args, dtype, device, group=None) -> DeepSeekForCausalLM:
     if args.checkpoint:
         return DeepSeekForCausalLM.from_pretrained(args.checkpoint, dtype=dtype, device=device,
                                                    dequantize=args.dequantize, ep_group=group,
-                                                   ep_wire=args.ep_wire)
+                                                   ep_wire=args.ep_wire,
+                                                   mtp=bool(args.speculative))
     config = ModelConfig.preset(args.preset)
     if args.quantize:
         config.quantization_config = Quantization(experts=args.quantize).to_config()
     world = 1 if group is None else dist.get_world_size(group)
     check_fits(config, dtype, device, f"--preset {args.preset}", expert_ranks=world)
     with torch.device("meta"):
-        model = DeepSeekForCausalLM(config, ep_group=group, ep_wire=args.ep_wire)
+        model = DeepSeekForCausalLM(config, ep_group=group, ep_wire=args.ep_wire,
+                                    mtp_layers=1 if args.speculative else 0)
         if args.quantize:
             quantize_modules(model, planned_formats(model, config.quantization))
     return empty(model, dtype, device).init_weights().eval()

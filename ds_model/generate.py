@@ -22,12 +22,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ds_model import speculative as _speculative
+
 
 @torch.inference_mode()
 def generate(model, input_ids, max_new_tokens: int, *, temperature: float = 0.0,
              top_p: float = 1.0, eos_token_id: int | list[int] | None = None,
              generator: torch.Generator | None = None,
-             on_step: Callable[[int], None] | None = None, fp8_kv_cache: bool = False):
+             on_step: Callable[[int], None] | None = None, fp8_kv_cache: bool = False,
+             speculative: str | None = None, draft_tokens: int = 1, stats: dict | None = None):
     """Continue each prompt by up to max_new_tokens tokens (model: a DeepSeekForCausalLM).
 
     input_ids: an integer tensor [B, S], or a list of B prompts (1-D tensors or lists of ids),
@@ -38,6 +41,10 @@ def generate(model, input_ids, max_new_tokens: int, *, temperature: float = 0.0,
     is called after each of the n steps (the first is the prefill), e.g. for a progress bar.
     fp8_kv_cache: hold the latent cache in FlashMLA's FP8 rows (KVCache), 57% of bf16's bytes
     (DeepSeek-V3.2: its index keys in FP8 rows too, 52%).
+    speculative="mtp": greedy decoding with draft_tokens tokens a step drafted by the model's
+    multi-token-prediction layer (from_pretrained(..., mtp=True)) and verified in one forward
+    (ds_model/speculative.py): the same tokens as plain greedy; stats, a dict, then gets
+    "steps", "drafted" and "accepted".
     """
     group = getattr(model, "ep_group", None)
     prompts = _prompts(input_ids, model, allow_none=group is not None)
@@ -51,6 +58,12 @@ def generate(model, input_ids, max_new_tokens: int, *, temperature: float = 0.0,
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     device = model.lm_head.weight.device
     eos_ids = torch.tensor(eos, dtype=torch.long, device=device)         # [num_eos]
+    if speculative is not None:
+        _check_speculative(model, speculative, draft_tokens, temperature, group)
+        if max_new_tokens:
+            new, counts = _speculative.generate(model, prompts, max_new_tokens, draft_tokens,
+                                                eos_ids, fp8_kv_cache, on_step, stats)
+            return _outputs(input_ids, prompts, new, counts)
 
     B = len(prompts)
     lengths = torch.tensor([len(p) for p in prompts], device=device)    # [B]
@@ -83,9 +96,29 @@ def generate(model, input_ids, max_new_tokens: int, *, temperature: float = 0.0,
         active, tokens = active[running], tokens[running]
         logits = model.decode(tokens, active, cache)                    # [n, V]
 
+    return _outputs(input_ids, prompts, new, counts)
+
+
+def _outputs(input_ids, prompts, new, counts):
+    """generate's result from the new tokens [B, max_new_tokens] and their counts [B]."""
     if isinstance(input_ids, torch.Tensor):
         return torch.cat([input_ids, new[:, :int(counts.max())].to(input_ids)], dim=1)
     return [torch.cat([p, new[b, :n]]) for b, (p, n) in enumerate(zip(prompts, counts.tolist()))]
+
+
+def _check_speculative(model, speculative, draft_tokens, temperature, group):
+    if speculative != "mtp":
+        raise ValueError(f"speculative must be None or 'mtp', got {speculative!r}")
+    if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or draft_tokens < 1:
+        raise ValueError(f"draft_tokens must be an int >= 1, got {draft_tokens!r}")
+    if temperature != 0:
+        raise ValueError(f"speculative='mtp' decodes greedily (temperature=0), got "
+                         f"temperature={temperature}")
+    if group is not None:
+        raise ValueError("speculative='mtp' does not run with expert parallelism (ep_group)")
+    if len(model.model.layers) == model.model.decoder_layers:
+        raise ValueError("speculative='mtp' needs the model's multi-token-prediction layer: "
+                         "load it with from_pretrained(..., mtp=True)")
 
 
 def _any_rank_running(running: bool, group, device) -> bool:

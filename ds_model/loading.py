@@ -112,27 +112,35 @@ class _Weight:
 
 
 def from_pretrained(cls, folder, *, dtype: torch.dtype | None = None, device="cpu",
-                    dequantize: bool = False, ep_group=None, ep_wire="native"):
+                    dequantize: bool = False, ep_group=None, ep_wire="native",
+                    mtp: bool = False):
     """A ``cls`` (DeepSeekForCausalLM) with the weights of the HF-format checkpoint in folder,
     in ``dtype`` (default: config.json's dtype, else float32; routers stay fp32) on ``device``,
     in eval mode. A quantised checkpoint's weights stay quantised, unless ``dequantize`` (then
     they are folded into ``dtype``). With ``ep_group`` (expert parallelism), this rank's routed
     experts only (quantised or not): the other ranks' expert tensors are never read (fused
-    [E, ...] expert weights: only this rank's rows); ``ep_wire``: see DeepSeekForCausalLM."""
+    [E, ...] expert weights: only this rank's rows); ``ep_wire``: see DeepSeekForCausalLM.
+    ``mtp``: also load the multi-token-prediction layer(s) (config.json's
+    num_nextn_predict_layers; speculative decoding), which are otherwise skipped; their
+    embed_tokens and shared_head.head come from the main model's where the checkpoint has
+    none."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such checkpoint folder")
     config, checkpoint_dtype, num_mtp = _read_config(folder / "config.json")
+    if mtp and not num_mtp:
+        raise ValueError(f"{folder}: mtp=True, but the checkpoint has no multi-token-prediction "
+                         "layer (config.json's num_nextn_predict_layers is 0 or absent)")
     files = _files(folder)
     dtype = checkpoint_dtype if dtype is None else dtype
     device = torch.device(device)
     ranks = 1 if ep_group is None else torch.distributed.get_world_size(ep_group)
     check_fits(config, dtype, device, str(folder), quantized=not dequantize, expert_ranks=ranks)
     with torch.device("meta"):
-        model = cls(config, ep_group=ep_group, ep_wire=ep_wire)
+        model = cls(config, ep_group=ep_group, ep_wire=ep_wire, mtp_layers=num_mtp if mtp else 0)
     local = {name: m.local_ids for name, m in model.named_modules()
              if isinstance(m, ShardedExperts)}
-    weights = _scan(folder, files, model, config, num_mtp, local)
+    weights = _scan(folder, files, model, config, 0 if mtp else num_mtp, local)
     formats = {} if dequantize else _formats(weights, config)
     with torch.device("meta"):
         quantize_modules(model, formats)
@@ -142,6 +150,14 @@ def from_pretrained(cls, folder, *, dtype: torch.dtype | None = None, device="cp
     written = _copy(weights, state, formats)
     if config.tie_word_embeddings and written["lm_head.weight"] == 0:
         written["lm_head.weight"] = written["model.embed_tokens.weight"]
+    for j in range(num_mtp if mtp else 0):  # the MTP layers' copies of the shared tensors
+        layer = f"model.layers.{config.num_hidden_layers + j}"
+        for own, main in ((f"{layer}.embed_tokens.weight", "model.embed_tokens.weight"),
+                          (f"{layer}.shared_head.head.weight", "lm_head.weight")):
+            if written[own] == 0 and written[main]:
+                with torch.no_grad():
+                    state[own].copy_(state[main])
+                written[own] = written[main]
     missing = [k for k, n in written.items() if n < state[k].numel()]
     if missing:
         raise ValueError(f"{folder}: the checkpoint lacks {len(missing)} tensor(s) the model "

@@ -74,7 +74,10 @@ class KVCache:
     (it also rotates them by a Hadamard matrix first, which we do not)."""
 
     def __init__(self, config: ModelConfig, capacities: list[int], *, block_size: int = 64,
-                 dtype=torch.float32, device=None, fp8: bool = False):
+                 dtype=torch.float32, device=None, fp8: bool = False,
+                 layers: int | None = None):
+        """layers: how many (default config.num_hidden_layers; the MTP layers' cache is one
+        of its own, as its rows run behind the main model's)."""
         if block_size < 16 or block_size & (block_size - 1):
             raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
         Dc, Dr = config.kv_lora_rank, config.qk_rope_head_dim
@@ -90,12 +93,13 @@ class KVCache:
         pages = [-(-c // block_size) for c in capacities]
         width = mla_cache_format.row_width(Dc, Dr, latent_dtype)
         self.block_size = block_size
+        layers = config.num_hidden_layers if layers is None else layers
         self.layers = [torch.zeros(sum(pages), block_size, width, dtype=latent_dtype,
-                                   device=device) for _ in range(config.num_hidden_layers)]
+                                   device=device) for _ in range(layers)]
         index_width = mla_cache_format.row_width(Di, 0, latent_dtype)
         self.index_layers = [
             torch.zeros(sum(pages), block_size, index_width, dtype=latent_dtype, device=device)
-            for _ in range(config.num_hidden_layers if config.index_topk else 0)]
+            for _ in range(layers if config.index_topk else 0)]
         table = torch.zeros(len(pages), max(pages, default=0), dtype=torch.int32)
         first = 0
         for b, n in enumerate(pages):  # entries past a sequence's pages are never read
@@ -122,17 +126,34 @@ class KVCache:
                      block_table=self.block_table[:B, :self._pages()],
                      query_seq=seq_ids.to(torch.int32))
 
-    def append(self, seq_ids) -> Batch:
-        """Where one more token of each of sequences seq_ids (int64 [n], distinct) goes, and
-        the pages decode reads."""
-        positions = self.seqlens[seq_ids].long()                         # [n]
-        slots = self.slots(seq_ids, positions)
-        self.seqlens[seq_ids] += 1
-        self.longest += 1
-        return Batch(positions, slots, block_table=self.block_table[seq_ids, :self._pages()],
-                     seqlens=self.seqlens[seq_ids],
-                     query_seq=torch.arange(len(seq_ids), dtype=torch.int32,
-                                            device=positions.device))
+    def append(self, seq_ids, counts=1) -> Batch:
+        """Where counts[i] more tokens (an int for all, or int64 [n]) of each of sequences
+        seq_ids (int64 [n], distinct) go - sequence seq_ids[0]'s new tokens first, in order -
+        and what decode reads: each token its sequence's cache up to itself, so several new
+        tokens of a sequence attend causally among themselves (speculative verification).
+        Each token gets its own block-table row and length: decode runs them as sequences
+        sharing pages (mla_decode reads the shared pages once per token, where FlashMLA's
+        s_q > 1 reads them once)."""
+        counts = torch.as_tensor(counts, device=seq_ids.device).expand(len(seq_ids))  # [n]
+        token_seq = seq_ids.repeat_interleave(counts)                    # [T]
+        T = token_seq.shape[0]
+        first = torch.cumsum(counts, 0) - counts                         # [n]
+        offsets = torch.arange(T, device=seq_ids.device) - first.repeat_interleave(counts)
+        positions = self.seqlens[token_seq].long() + offsets            # [T]
+        slots = self.slots(token_seq, positions)
+        self.seqlens[seq_ids] += counts.to(torch.int32)
+        self.longest += int(counts.max()) if len(counts) else 0
+        return Batch(positions, slots, block_table=self.block_table[token_seq, :self._pages()],
+                     seqlens=(positions + 1).to(torch.int32),
+                     query_seq=torch.arange(T, dtype=torch.int32, device=positions.device))
+
+    def rewind(self, seq_ids, lengths):
+        """Keep only the first lengths[i] cached tokens of sequence seq_ids[i] (int64 [n]
+        each; rejected draft tokens): the next append overwrites the rows past them."""
+        if bool((lengths > self.seqlens[seq_ids]).any() or (lengths < 0).any()):
+            raise ValueError(f"rewind lengths must be in [0, cached length], got "
+                             f"{lengths.tolist()} for {self.seqlens[seq_ids].tolist()}")
+        self.seqlens[seq_ids] = lengths.to(torch.int32)
 
     def _pages(self) -> int:
         return -(-self.longest // self.block_size)
@@ -287,31 +308,47 @@ class DecoderLayer(nn.Module):
 
 
 class DeepSeekModel(nn.Module):
-    def __init__(self, config: ModelConfig, ep: dict):
+    def __init__(self, config: ModelConfig, ep: dict, mtp_layers: int = 0):
+        """mtp_layers: DeepSeek's multi-token-prediction layers (ds_model/mtp.py) to hold,
+        after the decoder layers in ``layers`` (the checkpoint's layer numbers)."""
         super().__init__()
+        L = config.num_hidden_layers
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i, ep)
-                                    for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, i, ep) for i in range(L))
+        if mtp_layers:
+            from ds_model.mtp import MTPLayer  # mtp.py builds on this module's DecoderLayer
+            self.layers.extend(MTPLayer(config, L + j, ep) for j in range(mtp_layers))
+        self.decoder_layers = L
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
 
     def forward(self, input_ids, batch: Batch, cache: KVCache | None = None):  # [T]
         x = self.embed_tokens(input_ids)                                  # [T, H]
         cos, sin = self.rotary_emb(batch.positions)                       # [T, Dr/2] each
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.layers[:self.decoder_layers]):
             x = layer(x, cos, sin, batch, *((None, None) if cache is None else cache.layer(i)))
         return self.norm(x)                                               # [T, H]
+
+    def draft(self, input_ids, hidden, batch: Batch, mtp_cache: KVCache):  # [T], [T, H]
+        """(g [T, H], logits [T, V]) of the first MTP layer (ds_model/mtp.py) on rows of
+        (next token, hidden state before it), its rows cached in mtp_cache."""
+        cos, sin = self.rotary_emb(batch.positions)
+        return self.layers[self.decoder_layers].draft(input_ids, hidden, cos, sin, batch,
+                                                      *mtp_cache.layer(0))
 
 
 class DeepSeekForCausalLM(nn.Module):
     from_pretrained = classmethod(_from_pretrained)   # see ds_model/loading.py
     generate = _generate                              # see ds_model/generate.py
 
-    def __init__(self, config: ModelConfig, *, ep_group=None, ep_wire="native"):
+    def __init__(self, config: ModelConfig, *, ep_group=None, ep_wire="native",
+                 mtp_layers: int = 0):
         """ep_group: a torch.distributed group whose ranks share the routed experts (E/W each;
         ds_kernels.MoE), each rank running attention and everything else on its own sequences
         (data-parallel attention); ep_wire: how the tokens travel to the experts ("native", or
-        "fp8": ds_kernels/expert_wire.py). load_state_dict takes the unsharded state_dict."""
+        "fp8": ds_kernels/expert_wire.py). load_state_dict takes the unsharded state_dict.
+        mtp_layers: hold DeepSeek's multi-token-prediction layer(s) too (model.layers.{L},
+        ...; speculative decoding, ds_model/speculative.py)."""
         super().__init__()
         config.validate()  # again: its fields may have been changed since it was built
         self.config, self.ep_group = config, ep_group
@@ -319,7 +356,8 @@ class DeepSeekForCausalLM(nn.Module):
             raise ValueError(f"ep_wire={ep_wire!r} is how tokens travel to other ranks' "
                              "experts: it needs an ep_group")
         ep = {} if ep_group is None else dict(ep_group=ep_group, ep_wire=ep_wire)
-        self.model = DeepSeekModel(config, ep)
+        _check_mtp_layers(mtp_layers)
+        self.model = DeepSeekModel(config, ep, mtp_layers)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -342,13 +380,14 @@ class DeepSeekForCausalLM(nn.Module):
             hidden = self.model(input_ids.reshape(-1), Batch(positions, cu_seqlens=cu_seqlens))
         return self.lm_head(hidden).view(B, S, -1)                       # [B, S, V]
 
-    def new_cache(self, capacities: list[int], *, block_size: int = 64,
-                  fp8: bool = False) -> KVCache:
+    def new_cache(self, capacities: list[int], *, block_size: int = 64, fp8: bool = False,
+                  mtp: bool = False) -> KVCache:
         """An empty cache for len(capacities) sequences of at most capacities[b] tokens, in
-        the model's dtype or (``fp8``) FlashMLA's FP8 rows."""
+        the model's dtype or (``fp8``) FlashMLA's FP8 rows; ``mtp``: for the MTP layers."""
         weight = self.lm_head.weight
+        layers = len(self.model.layers) - self.model.decoder_layers if mtp else None
         return KVCache(self.config, capacities, block_size=block_size, dtype=weight.dtype,
-                       device=weight.device, fp8=fp8)
+                       device=weight.device, fp8=fp8, layers=layers)
 
     def prefill(self, input_ids, cu_seqlens, cache: KVCache) -> torch.Tensor:
         """Logits [B, V] at the last token of each of B whole sequences packed in input_ids
@@ -359,15 +398,19 @@ class DeepSeekForCausalLM(nn.Module):
 
     def decode(self, input_ids, seq_ids, cache: KVCache) -> torch.Tensor:
         """Logits [n, V] of one new token input_ids[i] [n] appended to cached sequence
-        seq_ids[i] (int64 [n], distinct)."""
-        return self.lm_head(self.model(input_ids, cache.append(seq_ids), cache))  # [n, V]
+        seq_ids[i] (int64 [n], distinct); or [n, s, V] of s new tokens each, input_ids [n, s],
+        each attending to its sequence's cache and its new tokens up to itself."""
+        count = 1 if input_ids.dim() == 1 else input_ids.shape[1]
+        batch = cache.append(seq_ids, count)
+        logits = self.lm_head(self.model(input_ids.reshape(-1), batch, cache))  # [n * s, V]
+        return logits if input_ids.dim() == 1 else logits.view(*input_ids.shape, -1)
 
     def join_experts(self):
         """This rank's part of one forward with no tokens of its own (expert parallelism: a
         rank whose sequences are done while others still decode): every MoE layer's expert
         exchange, in order, on zero rows, so that the other ranks' collectives complete."""
         H, weight = self.config.hidden_size, self.lm_head.weight
-        for layer in self.model.layers:
+        for layer in self.model.layers[:self.model.decoder_layers]:
             if isinstance(layer.mlp, MoE):
                 k = layer.mlp.gate.top_k
                 layer.mlp.experts(weight.new_empty(0, H),
@@ -397,7 +440,11 @@ class DeepSeekForCausalLM(nn.Module):
         zero biases and router correction biases; quantised modules get N(0, std) weights
         quantised, one matrix at a time. For presets run without a checkpoint."""
         quantized = quantized_state_keys(self)
-        for name, tensor in self.state_dict().items():
+        # The MTP layers draw last: the main model gets the same weights with or without them.
+        mtp = tuple(f"model.layers.{i}." for i in range(self.model.decoder_layers,
+                                                         len(self.model.layers)))
+        for name, tensor in sorted(self.state_dict().items(),
+                                   key=lambda item: item[0].startswith(mtp)):
             if name in quantized:
                 continue
             if name.endswith("norm.weight"):
@@ -406,7 +453,8 @@ class DeepSeekForCausalLM(nn.Module):
                 tensor.zero_()
             else:
                 tensor.normal_(0.0, std, generator=generator)
-        for module in self.modules():
+        for _, module in sorted(self.named_modules(),
+                                key=lambda item: item[0].startswith(mtp)):
             if isinstance(module, QuantLinear):
                 module.load_dense(_normal((module.out_features, module.in_features), std,
                                           generator, module.weight.device))
@@ -417,6 +465,11 @@ class DeepSeekForCausalLM(nn.Module):
                     module.load_dense(e, _normal((two_i, H), std, generator, device),
                                       _normal((H, two_i // 2), std, generator, device))
         return self
+
+
+def _check_mtp_layers(mtp_layers):
+    if isinstance(mtp_layers, bool) or not isinstance(mtp_layers, int) or mtp_layers < 0:
+        raise ValueError(f"mtp_layers must be an int >= 0, got {mtp_layers!r}")
 
 
 def _normal(shape, std, generator, device):

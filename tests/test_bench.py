@@ -484,3 +484,19 @@ def test_quant_linear_benchmark_on_tiny_shapes(monkeypatch):
     assert {(r.shape["fmt"], r.shape["x"]) for r in rows} == {
         (f, x) for f in ("fp8", "mxfp4") for x in ("float32", "bfloat16")}
     assert all(r.gbytes_per_s for r in rows if r.impl != "reference")
+
+
+def test_speculative_benchmark_on_a_toy_config(monkeypatch):
+    """bench_speculative at a toy size: every MTP row checked equal to greedy, acceptance 1."""
+    from bench import bench_speculative as sp
+    monkeypatch.setattr(sp, "time_fns",
+                        functools.partial(harness.time_fns, reps=harness.MIN_REPS, budget_s=0))
+    monkeypatch.setattr(sp, "MODEL_CONFIG", {**sp.MODEL_CONFIG, "hidden_size": 64,
+                                             "num_hidden_layers": 2, "vocab_size": 256})
+    monkeypatch.setattr(sp, "PROMPT", 8)
+    monkeypatch.setattr(sp, "NEW", 6)
+    rows = sp.run(torch.device("cpu"), quick=True)
+    harness.add_speedups(rows)
+    assert [r.impl for r in rows] == [sp.BASELINE] + [f"mtp k={k}" for k in sp.DRAFTS]
+    assert all(r.notes.get("acceptance") == "1.0" for r in rows[1:])
+    assert all(r.speedup_vs is not None for r in rows)
