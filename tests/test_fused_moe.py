@@ -135,9 +135,14 @@ def test_gradcheck_float64(backend):
                                         fast_mode=True)
 
 
-def test_opcheck():
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_opcheck(layout):
+    """Also with hidden and topk_weights transposed views: the fakes' outputs (and
+    gradients) must have the real, contiguous strides."""
     g = torch.Generator().manual_seed(8)
     hidden, w13, w2, weights, ids = make_problem(g, 6, 16, 8, 4, 2, torch.float32)
+    if layout == "transposed":
+        hidden, weights = (t.t().contiguous().t() for t in (hidden, weights))
     args = (hidden.requires_grad_(), w13.requires_grad_(), w2.requires_grad_(),
             weights.requires_grad_(), ids)
     torch.library.opcheck(torch.ops.ds_kernels.fused_moe.default, args)

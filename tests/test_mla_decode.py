@@ -327,8 +327,15 @@ def _small_args(fp8=False):
 
 
 @CACHES
-def test_opcheck(fp8):
-    torch.library.opcheck(torch.ops.ds_kernels.mla_decode.default, _small_args(fp8))
+@pytest.mark.parametrize("q_layout", ["contiguous", "heads first"])
+def test_opcheck(fp8, q_layout):
+    """Also with q_nope a transposed view (the model's absorbed query, bmm(...).transpose):
+    the fake's outputs must have the real (contiguous) strides, which compiled graphs
+    assert."""
+    args = list(_small_args(fp8))
+    if q_layout == "heads first":
+        args[0] = args[0].transpose(0, 1).contiguous().transpose(0, 1)   # strides (Dc, B Dc, 1)
+    torch.library.opcheck(torch.ops.ds_kernels.mla_decode.default, tuple(args))
 
 
 @CACHES

@@ -135,7 +135,7 @@ _fused_moe_op = torch.library.custom_op("ds_kernels::fused_moe", _fused_moe, mut
 @_fused_moe_op.register_fake
 def _(hidden, w13, w2, topk_weights, topk_ids):
     _check(hidden, w13, w2, topk_weights, topk_ids)
-    return torch.empty_like(hidden)
+    return hidden.new_empty(hidden.shape)
 
 
 @torch.library.custom_op("ds_kernels::fused_moe_backward", mutates_args=())
@@ -149,8 +149,8 @@ def _fused_moe_backward_op(grad_out: torch.Tensor, hidden: torch.Tensor, w13: to
 
 @_fused_moe_backward_op.register_fake
 def _(grad_out, hidden, w13, w2, topk_weights, topk_ids):
-    return (torch.empty_like(hidden), w13.new_empty(w13.shape), w2.new_empty(w2.shape),
-            torch.empty_like(topk_weights))
+    return (hidden.new_empty(hidden.shape), w13.new_empty(w13.shape), w2.new_empty(w2.shape),
+            topk_weights.new_empty(topk_weights.shape))
 
 
 def _setup_context(ctx, inputs, output):
@@ -188,7 +188,7 @@ def _(hidden, w13_codes, w13_scales, w2_codes, w2_scales, topk_weights, topk_ids
     w13, w13_scale = from_bytes(w13_codes, w13_scales, fmt)
     w2, w2_scale = from_bytes(w2_codes, w2_scales, fmt)
     _check(hidden, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
-    return torch.empty_like(hidden)
+    return hidden.new_empty(hidden.shape)
 
 
 @torch.library.custom_op("ds_kernels::fused_moe_quant_backward", mutates_args=())
@@ -210,7 +210,7 @@ def _fused_moe_quant_backward_op(grad_out: torch.Tensor, hidden: torch.Tensor,
 @_fused_moe_quant_backward_op.register_fake
 def _(grad_out, hidden, w13_codes, w13_scales, w2_codes, w2_scales, topk_weights, topk_ids,
       fmt):
-    return torch.empty_like(hidden), torch.empty_like(topk_weights)
+    return hidden.new_empty(hidden.shape), topk_weights.new_empty(topk_weights.shape)
 
 
 def _setup_quantized_context(ctx, inputs, output):

@@ -125,7 +125,7 @@ def _grouped_mm_backward_op(grad_out: torch.Tensor, a: torch.Tensor, b: torch.Te
 
 @_grouped_mm_backward_op.register_fake
 def _(grad_out, a, b, offs):
-    return torch.empty_like(a), b.new_empty(b.shape)
+    return a.new_empty(a.shape), b.new_empty(b.shape)
 
 
 def _setup_context(ctx, inputs, output):

@@ -108,4 +108,6 @@ _mla_decode_op = torch.library.custom_op("ds_kernels::mla_decode", _mla_decode, 
 def _(q_nope, q_pe, kv_cache, block_table, cache_seqlens, softmax_scale):
     _check(q_nope, q_pe, kv_cache, block_table, cache_seqlens, softmax_scale)
     B, Hq, _ = q_nope.shape
-    return torch.empty_like(q_nope), q_nope.new_empty(B, Hq, dtype=torch.float32)
+    # The backends return contiguous tensors, whatever the layout of q_nope (empty_like would
+    # keep a transposed one: compiled graphs check the real strides against these).
+    return q_nope.new_empty(q_nope.shape), q_nope.new_empty(B, Hq, dtype=torch.float32)
