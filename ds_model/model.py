@@ -134,18 +134,27 @@ class KVCache:
         Each token gets its own block-table row and length: decode runs them as sequences
         sharing pages (mla_decode reads the shared pages once per token, where FlashMLA's
         s_q > 1 reads them once)."""
-        counts = torch.as_tensor(counts, device=seq_ids.device).expand(len(seq_ids))  # [n]
-        token_seq = seq_ids.repeat_interleave(counts)                    # [T]
-        T = token_seq.shape[0]
-        first = torch.cumsum(counts, 0) - counts                         # [n]
-        offsets = torch.arange(T, device=seq_ids.device) - first.repeat_interleave(counts)
-        positions = self.seqlens[token_seq].long() + offsets            # [T]
+        device = seq_ids.device
+        if isinstance(counts, int):  # as many for every sequence: decode's hot path, no scan
+            token_seq = seq_ids.repeat_interleave(counts) if counts > 1 else seq_ids   # [T]
+            positions = self.seqlens[token_seq].long()                   # [T]
+            if counts > 1:
+                positions += torch.arange(counts, device=device).repeat(len(seq_ids))
+            self.longest += counts
+        else:
+            token_seq = seq_ids.repeat_interleave(counts)                # [T]
+            first = torch.cumsum(counts, 0) - counts                     # [n]
+            offsets = torch.arange(len(token_seq), device=device) - first.repeat_interleave(
+                counts)
+            positions = self.seqlens[token_seq].long() + offsets        # [T]
+            self.longest += int(counts.max()) if len(counts) else 0
+            counts = counts.to(torch.int32)
+        T = len(token_seq)
         slots = self.slots(token_seq, positions)
-        self.seqlens[seq_ids] += counts.to(torch.int32)
-        self.longest += int(counts.max()) if len(counts) else 0
+        self.seqlens[seq_ids] += counts
         return Batch(positions, slots, block_table=self.block_table[token_seq, :self._pages()],
                      seqlens=(positions + 1).to(torch.int32),
-                     query_seq=torch.arange(T, dtype=torch.int32, device=positions.device))
+                     query_seq=torch.arange(T, dtype=torch.int32, device=device))
 
     def rewind(self, seq_ids, lengths):
         """Keep only the first lengths[i] cached tokens of sequence seq_ids[i] (int64 [n]

@@ -207,18 +207,9 @@ def _attention_forward(self, hidden_states, position_embeddings, attention_mask,
         return type(self).forward(self, hidden_states, position_embeddings, attention_mask,
                                   cache=cache, **kwargs)
 
-    H, Dn, Dr, Dv = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
-    Dc, T = self.kv_lora_rank, B * S
-    if self.q_lora_rank is None:
-        q = self.q_proj(hidden_states)
-    else:
-        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
-    q_nope, q_pe = q.view(T, H, Dn + Dr).split([Dn, Dr], dim=-1)            # [T, H, Dn], [T, H, Dr]
-    latent, k_pe = self.kv_a_proj_with_mqa(hidden_states).view(T, Dc + Dr).split([Dc, Dr], dim=-1)
-    latent = self.kv_a_layernorm(latent)                                    # [T, Dc]
-    cos, sin = (_rope_table(t, B, S) for t in position_embeddings)          # [T, Dr/2] each
-    q_pe = _rope(q_pe, cos, sin, self.config.rope_interleave)               # [T, H, Dr]
-    k_pe = _rope(k_pe, cos, sin, self.config.rope_interleave)               # [T, Dr]
+    H, Dr, Dv, Dc = self.num_heads, self.qk_rope_head_dim, self.v_head_dim, self.kv_lora_rank
+    _, q_nope, q_pe, latent, k_pe, _, _ = _mla_inputs(self, hidden_states, position_embeddings,
+                                                      self.config.rope_interleave)
     if cache is not None:
         cached_latent, cached_k_pe = cache.update(latent.view(B, 1, S, Dc), k_pe.view(B, 1, S, Dr),
                                                   self.layer_idx)            # [B, 1, L, Dc / Dr]
@@ -236,23 +227,14 @@ def _sparse_attention_forward(self, hidden_states, position_embeddings, attentio
     if past is None:
         return type(self).forward(self, hidden_states, position_embeddings, attention_mask,
                                   cache=cache, **kwargs)
-    H, Dn, Dr, Dc = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
+    H, Dr, Dc = self.num_heads, self.qk_rope_head_dim, self.kv_lora_rank
     T, indexer = B * S, self.indexer
-    q_resid = self.q_a_layernorm(self.q_a_proj(hidden_states))              # [B, S, q_lora_rank]
-    q_nope, q_pe = self.q_b_proj(q_resid).view(T, H, Dn + Dr).split([Dn, Dr], dim=-1)
-    latent, k_pe = self.kv_a_proj_with_mqa(hidden_states).view(T, Dc + Dr).split([Dc, Dr], dim=-1)
-    latent = self.kv_a_layernorm(latent)                                    # [T, Dc]
-    cos, sin = (_rope_table(t, B, S) for t in position_embeddings)          # [T, Dr/2] each
-    q_pe = _rope(q_pe, cos, sin, True)                                      # [T, H, Dr]
-    k_pe = _rope(k_pe, cos, sin, True)                                      # [T, Dr]
-
+    # V3.2's MLA always rotates adjacent pairs (its config has no rope_interleave).
+    q_resid, q_nope, q_pe, latent, k_pe, cos, sin = _mla_inputs(self, hidden_states,
+                                                                position_embeddings, True)
     Hi, Di = indexer.n_heads, indexer.head_dim
-    q_index = indexer.wq_b(q_resid).view(T, Hi, Di)                         # [T, Hi, Di]
-    q_index = torch.cat([apply_rope(q_index[..., :Dr], cos, sin, interleaved=False),
-                         q_index[..., Dr:]], dim=-1)
-    k_index = indexer.k_norm(indexer.wk(hidden_states)).view(T, Di)         # [T, Di]
-    k_index = torch.cat([apply_rope(k_index[:, :Dr], cos, sin, interleaved=False),
-                         k_index[:, Dr:]], dim=-1)
+    q_index = _rope_first(indexer.wq_b(q_resid).view(T, Hi, Di), cos, sin)  # [T, Hi, Di]
+    k_index = _rope_first(indexer.k_norm(indexer.wk(hidden_states)).view(T, Di), cos, sin)
     latent, k_pe, k_index = latent.view(B, 1, S, Dc), k_pe.view(B, 1, S, Dr), k_index.view(B, S, Di)
     if cache is not None:
         latent, k_pe = cache.update(latent, k_pe, self.layer_idx)          # [B, 1, L, Dc / Dr]
@@ -272,31 +254,61 @@ def _sparse_attention_forward(self, hidden_states, position_embeddings, attentio
     return self.o_proj(out.reshape(B, S, H * self.v_head_dim)), None
 
 
+def _mla_inputs(self, hidden_states, position_embeddings, rope_interleave):
+    """What MLA's projections give for hidden_states [B, S, H]: (q_resid [B, S, q_lora_rank] or
+    None without q_lora, q_nope [T, Hq, Dn], q_pe [T, Hq, Dr] rotated, the normalised latent
+    [T, Dc], k_pe [T, Dr] rotated, cos and sin [T, Dr/2]), rotated as transformers does."""
+    B, S = hidden_states.shape[:-1]
+    H, Dn, Dr, Dc = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
+    T = B * S
+    if self.q_lora_rank is None:
+        q_resid, q = None, self.q_proj(hidden_states)
+    else:
+        q_resid = self.q_a_layernorm(self.q_a_proj(hidden_states))
+        q = self.q_b_proj(q_resid)
+    q_nope, q_pe = q.view(T, H, Dn + Dr).split([Dn, Dr], dim=-1)            # [T, H, Dn], [T, H, Dr]
+    latent, k_pe = self.kv_a_proj_with_mqa(hidden_states).view(T, Dc + Dr).split([Dc, Dr], dim=-1)
+    latent = self.kv_a_layernorm(latent)                                    # [T, Dc]
+    cos, sin = (_rope_table(t, B, S) for t in position_embeddings)          # [T, Dr/2] each
+    q_pe = _rope(q_pe, cos, sin, rope_interleave)                           # [T, H, Dr]
+    k_pe = _rope(k_pe, cos, sin, rope_interleave)                           # [T, Dr]
+    return q_resid, q_nope, q_pe, latent, k_pe, cos, sin
+
+
+def _rope_first(x, cos, sin):
+    """x [..., Di] with its first Dr = 2 * cos.shape[1] columns rotated in halves, the
+    indexer's RoPE; the rest as it is."""
+    Dr = 2 * cos.shape[1]
+    return torch.cat([apply_rope(x[..., :Dr], cos, sin, interleaved=False), x[..., Dr:]], dim=-1)
+
+
 def _sparse_past(self, q_len, attention_mask, cache):
     """Tokens cached before this call when the sparse kernels can take it, else None (keep
     transformers' forward; the module docstring says when)."""
-    if (self.config._attn_implementation not in _MASK_IMPLEMENTATIONS or torch.is_grad_enabled()
-            or (cache is not None and not isinstance(cache, DynamicCache))):
-        return None
-    past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
-    return past if _plain_causal(attention_mask, q_len, past + q_len) else None
+    return None if torch.is_grad_enabled() else _past(self, q_len, attention_mask, cache)
 
 
 def _kernel_path(self, q_len, attention_mask, cache):
     """Which kernels this call takes: "prefill", "decode", or None to keep transformers' forward
     (the module docstring says why each case does)."""
+    if self.training and self.attention_dropout > 0:
+        return None
+    past = _past(self, q_len, attention_mask, cache)
+    if past is None:
+        return None
+    if past == 0:
+        return "prefill"
+    return "decode" if q_len == 1 and not torch.is_grad_enabled() else None
+
+
+def _past(self, q_len, attention_mask, cache):
+    """Tokens cached before this call, or None where the kernels cannot take it: an attention
+    implementation or cache they do not read, or a mask other than plain causal."""
     if (self.config._attn_implementation not in _MASK_IMPLEMENTATIONS
-            or (self.training and self.attention_dropout > 0)
             or (cache is not None and not isinstance(cache, DynamicCache))):
         return None
     past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
-    if past == 0:
-        path = "prefill"
-    elif q_len == 1 and not torch.is_grad_enabled():
-        path = "decode"
-    else:
-        return None
-    return path if _plain_causal(attention_mask, q_len, past + q_len) else None
+    return past if _plain_causal(attention_mask, q_len, past + q_len) else None
 
 
 def _plain_causal(mask, q_len, kv_len):
