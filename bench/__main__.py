@@ -30,6 +30,7 @@ BENCHMARKS = {
     "lightning_indexer": "bench.bench_lightning_indexer",
     "sparse_mla": "bench.bench_sparse_mla",
     "speculative": "bench.bench_speculative",
+    "mhc": "bench.bench_mhc",
 }
 
 

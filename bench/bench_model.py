@@ -17,6 +17,9 @@ Rows (op "model"), at each context length ctx:
   and transformers' forward of one token with its DynamicCache, as each generate runs it
   every step (the per-step bookkeeping of the two generate loops is left out; timing whole
   generate calls and subtracting drowns the steps in the prefill's noise at long contexts).
+  ds_model[compile] (CUDA, or CPU runs without --quick): generate(compile=True)'s captured step
+  (ds_model/captured.py: torch.compile on CPU, a CUDA graph on CUDA), its cache bookkeeping
+  included; notes["capture_s"] is its one-time capture, done before the timing.
 ds_model decodes absorbed, reading (Dc + Dr) values per cached token; transformers re-expands
 its whole latent cache through kv_b_proj into per-head K and V every step, Hq * (Dn + Dv) more
 per token.
@@ -32,7 +35,7 @@ import tempfile
 import torch
 
 from bench.harness import Row, assert_close, time_fns
-from ds_model import DeepSeekForCausalLM
+from ds_model import DeepSeekForCausalLM, captured
 
 CONFIG = dict(vocab_size=4096, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
               num_hidden_layers=4, first_k_dense_replace=1, n_routed_experts=16,
@@ -46,6 +49,7 @@ CONTEXTS = {"deepseek_v3": ((256, 2048, 8192), (256, 2048)),
             "deepseek_v32": ((256, 1024, 4096), (256, 1024))}
 STEPS = 20                                                           # timed decode steps, at most
 BASELINE = "transformers"
+COMPILED = "ds_model[compile]"
 OP = "model"
 # What each family adds to CONFIG.
 FAMILIES = {"deepseek_v3": {},
@@ -75,29 +79,45 @@ def _run(family, device, quick):
                                 BASELINE: lambda: hf.generate(ids, max_new_tokens=1,
                                                               do_sample=False, pad_token_id=0)},
                                device, warmup=1, reps=20, budget_s=2.0)
-            decode = time_fns(_decode_steps(hf, ours, ids), device, warmup=1, reps=STEPS,
-                              budget_s=1.0)
+            captures = []
+            steps = _decode_steps(hf, ours, ids, captures if device.type == "cuda" or not quick
+                                  else None)
+            decode = time_fns(steps, device, warmup=1, reps=STEPS, budget_s=1.0)
         for name in prefill:
             rows.append(_row(name, dict(model=family, ctx=ctx, B=1, phase="prefill"), dtype,
                              device, ctx, prefill[name]))
+            print(f"[model] {family} ctx={ctx} {name}: prefill "
+                  f"{prefill[name]['median_us'] / 1e3:.1f} ms", file=sys.stderr, flush=True)
+        for name in decode:
             rows.append(_row(name, dict(model=family, ctx=ctx, B=1, phase="decode"), dtype,
                              device, 1, decode[name]))
-            print(f"[model] {family} ctx={ctx} {name}: prefill "
-                  f"{prefill[name]['median_us'] / 1e3:.1f} ms, decode "
+            if name == COMPILED:
+                rows[-1].notes["capture_s"] = f"{captures[0]:.1f}"
+            print(f"[model] {family} ctx={ctx} {name}: decode "
                   f"{decode[name]['median_us'] / 1e3:.2f} ms/token", file=sys.stderr, flush=True)
     return rows
 
 
-def _decode_steps(hf, ours, ids):
+def _decode_steps(hf, ours, ids, captures):
     """One decode step each, after the prompt ids [1, ctx] is cached; every call appends one
-    more token (at most 1 + STEPS calls: the warm-up and the timed ones)."""
+    more token (at most 1 + STEPS calls: the warm-up and the timed ones). With a ``captures``
+    list, COMPILED too: the step captured before timing, the seconds that took appended."""
     ctx = ids.shape[1]
-    cache = ours.new_cache([ctx + 1 + STEPS])
-    ours.prefill(ids[0], torch.tensor([0, ctx], dtype=torch.int32, device=ids.device), cache)
+    prompt_bounds = torch.tensor([0, ctx], dtype=torch.int32, device=ids.device)
+    cache, compiled_cache = (ours.new_cache([ctx + 2 + STEPS]) for _ in range(2))
+    ours.prefill(ids[0], prompt_bounds, cache)
+    ours.prefill(ids[0], prompt_bounds, compiled_cache)
     hf_cache = hf(ids, use_cache=True).cache
     token, seq_ids = ids[:, -1], torch.zeros(1, dtype=torch.long, device=ids.device)
-    return {"ds_model": lambda: ours.decode(token, seq_ids, cache),
-            BASELINE: lambda: hf(token[:, None], cache=hf_cache, use_cache=True).logits}
+    steps = {"ds_model": lambda: ours.decode(token, seq_ids, cache),
+             BASELINE: lambda: hf(token[:, None], cache=hf_cache, use_cache=True).logits}
+    if captures is not None:
+        compiled = captured.CapturedDecode(ours, compiled_cache)
+        assert_close("model decode: captured vs eager", compiled(token, seq_ids).float(),
+                     ours.decode(token, seq_ids, cache).float(), 1e-4)
+        captures.append(compiled.capture_s)
+        steps[COMPILED] = lambda: compiled(token, seq_ids)
+    return steps
 
 
 def _models(family, device, dtype):

@@ -12,6 +12,7 @@ from ds_kernels.ops.fused_moe import fused_moe
 from ds_kernels.ops.grouped_mm import grouped_mm
 from ds_kernels.ops.index_cache_write import index_cache_write
 from ds_kernels.ops.lightning_indexer import lightning_indexer
+from ds_kernels.ops.mhc import mhc_post, mhc_pre
 from ds_kernels.ops.mla_cache_write import mla_cache_write, mla_cache_write_fused
 from ds_kernels.ops.mla_decode import mla_decode
 from ds_kernels.ops.mla_prefill import mla_prefill
@@ -24,7 +25,7 @@ from ds_kernels.ops.route import route
 
 __all__ = ["BACKENDS", "BackendUnavailableError", "MoE", "MoEAlignment", "apply_rope",
            "fused_moe", "grouped_mm", "index_cache_write", "lightning_indexer", "mla_cache_write",
-           "mla_cache_write_fused", "mla_decode", "mla_prefill", "moe_align",
+           "mla_cache_write_fused", "mla_decode", "mla_prefill", "mhc_post", "mhc_pre", "moe_align",
            "rms_norm", "route", "rope", "sparse_mla", "use_backend",
            "dequantize", "quant_linear", "quantize_fp8_block", "quantize_mxfp4"]
 __version__ = "0.1.0"

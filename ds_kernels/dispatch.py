@@ -54,6 +54,13 @@ _IMPLEMENTATIONS: dict[str, dict[str, str]] = {
     "mla_prefill_backward": _paths("mla_prefill", "mla_prefill_backward"),
     "quant_linear": _paths("quant_linear", "quant_linear"),
     "quant_linear_backward": _paths("quant_linear", "quant_linear_backward"),
+    "mhc_pre": _paths("mhc", "mhc_pre"),
+    "mhc_post": _paths("mhc", "mhc_post"),
+    # Torch code on every backend (ds_kernels/cpu/mhc.py): the Triton entry names it too.
+    "mhc_pre_backward": {**_paths("mhc", "mhc_pre_backward", ("torch", "reference")),
+                         "triton": "ds_kernels.cpu.mhc:mhc_pre_backward"},
+    "mhc_post_backward": {**_paths("mhc", "mhc_post_backward", ("torch", "reference")),
+                          "triton": "ds_kernels.cpu.mhc:mhc_post_backward"},
 }
 
 # Devices whose tensors Triton compiles for (ROCm GPUs report "cuda" too).

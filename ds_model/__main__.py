@@ -1,7 +1,7 @@
 """python -m ds_model generate [--preset NAME [--quantize fp8|mxfp4] | --checkpoint DIR
     [--dequantize]] [--batch 4] [--prompt-len 32] [--max-new-tokens 64] [--dtype float32]
     [--temperature 0] [--top-p 1] [--seed 0] [--record-routing FILE.safetensors]
-    [--speculative mtp [--draft-tokens 1]]
+    [--speculative mtp [--draft-tokens 1]] [--compile]
 python -m torch.distributed.run --nproc-per-node W -m ds_model generate ... --expert-parallel
     [--ep-wire native|fp8]
 python -m ds_model quantize SRC DST [--scale-fmt float|ue8m0] [--experts fp8|mxfp4]
@@ -17,7 +17,9 @@ each rank continuing its own random prompts; rank 0 prints the throughput of all
 --ep-wire fp8 sends the tokens to the experts FP8-quantised (ds_kernels/expert_wire.py).
 --speculative mtp decodes greedily with --draft-tokens drafted a step by the checkpoint's
 multi-token-prediction layer (a preset: one with random weights, which drafts nothing useful)
-and prints the share of drafts accepted.
+and prints the share of drafts accepted. --compile runs the decode steps captured (CUDA graphs
+on CUDA, torch.compile elsewhere; ds_model/captured.py) and prints the capture time apart from
+the decode throughput.
 
 quantize writes the bf16/fp32 checkpoint SRC into the new folder DST in DeepSeek's published
 FP8 format (ds_model/convert.py), tensor by tensor.
@@ -85,6 +87,8 @@ def main(argv=None):
                      "drafts from the model's multi-token-prediction layer")
     gen.add_argument("--draft-tokens", type=int, default=1, help="with --speculative: drafts "
                      "a step")
+    gen.add_argument("--compile", action="store_true", help="captured decode steps (CUDA "
+                     "graphs on CUDA, torch.compile elsewhere)")
     gen.add_argument("--record-routing", type=Path, metavar="FILE",
                      help="save the experts each MoE layer chose (safetensors) for autotune; "
                      "the timings then include the recording")
@@ -111,6 +115,8 @@ def main(argv=None):
         parser.error("--speculative decodes greedily (--temperature 0) on one process")
     if args.draft_tokens < 1 or (args.draft_tokens != 1 and not args.speculative):
         parser.error("--draft-tokens must be >= 1 and goes with --speculative")
+    if args.compile and (args.speculative or args.expert_parallel):
+        parser.error("--compile goes without --speculative and --expert-parallel")
     if args.expert_parallel and args.record_routing:
         parser.error("--expert-parallel does not go with --record-routing yet")
     if args.ep_wire != "native" and not args.expert_parallel:
@@ -155,19 +161,24 @@ def main(argv=None):
 
     # Untimed first: one-time costs (lazy imports, first allocations) stay out of the numbers.
     fp8_kv_cache = args.kv_cache == "fp8"
-    model.generate(list(prompts[:1, :2]), 2, fp8_kv_cache=fp8_kv_cache)
+    # With --compile, on every prompt: it captures the step of the batch's size.
+    warm = dict(compile=True, stats={}) if args.compile else {}
+    model.generate(list(prompts[:, :2] if args.compile else prompts[:1, :2]), 2,
+                   fp8_kv_cache=fp8_kv_cache, **warm)
     recorder = RoutingRecorder(model) if args.record_routing else contextlib.nullcontext()
-    speculation = dict(speculative=args.speculative, draft_tokens=args.draft_tokens,
-                       stats={}) if args.speculative else {}
+    options = dict(speculative=args.speculative, draft_tokens=args.draft_tokens,
+                   stats={}) if args.speculative else {}
+    if args.compile:
+        options = dict(compile=True, stats={})
     start = time.perf_counter()
     with recorder:
         outputs = model.generate(list(prompts), args.max_new_tokens,
                                  temperature=args.temperature, top_p=args.top_p,
                                  generator=generator, on_step=on_step,
-                                 fp8_kv_cache=fp8_kv_cache, **speculation)
+                                 fp8_kv_cache=fp8_kv_cache, **options)
     print(file=sys.stderr)
-    if speculation and speculation["stats"].get("drafted"):
-        stats = speculation["stats"]
+    if options and options["stats"].get("drafted"):
+        stats = options["stats"]
         print(f"speculative: {stats['accepted']} of {stats['drafted']} drafted tokens accepted "
               f"({stats['accepted'] / stats['drafted']:.0%})", file=sys.stderr)
     if args.record_routing:
@@ -177,6 +188,10 @@ def main(argv=None):
     generated = sum(len(o) for o in outputs) - prompts.numel()
     prefill_s, decode_s = stamps[0] - start, stamps[-1] - stamps[0]
     steps = len(stamps) - 1
+    if args.compile:
+        print(f"capture: {warm['stats'].get('capture_s', 0.0):.2f} s before timing (the "
+              f"batch's step); {options['stats'].get('capture_s', 0.0):.2f} s within the timed "
+              "decode (smaller batches, once sequences end)", file=sys.stderr)
     if group is not None:  # all ranks' tokens over the slowest rank's time
         totals = torch.tensor([float(generated), float(prompts.numel())])
         times = torch.tensor([prefill_s, decode_s])

@@ -24,13 +24,16 @@ import torch.nn.functional as F
 
 from ds_model import speculative as _speculative
 
+BLOCK_SIZE = 64  # tokens a cache page
+
 
 @torch.inference_mode()
 def generate(model, input_ids, max_new_tokens: int, *, temperature: float = 0.0,
              top_p: float = 1.0, eos_token_id: int | list[int] | None = None,
              generator: torch.Generator | None = None,
              on_step: Callable[[int], None] | None = None, fp8_kv_cache: bool = False,
-             speculative: str | None = None, draft_tokens: int = 1, stats: dict | None = None):
+             speculative: str | None = None, draft_tokens: int = 1, stats: dict | None = None,
+             compile: bool = False):
     """Continue each prompt by up to max_new_tokens tokens (model: a DeepSeekForCausalLM).
 
     input_ids: an integer tensor [B, S], or a list of B prompts (1-D tensors or lists of ids),
@@ -45,6 +48,11 @@ def generate(model, input_ids, max_new_tokens: int, *, temperature: float = 0.0,
     multi-token-prediction layer (from_pretrained(..., mtp=True)) and verified in one forward
     (ds_model/speculative.py): the same tokens as plain greedy; stats, a dict, then gets
     "steps", "drafted" and "accepted".
+    compile=True: the decode steps run captured (ds_model/captured.py: CUDA graphs on CUDA,
+    torch.compile elsewhere), the batch padded to a power of two; the same tokens as eager up
+    to rounding. The first step of each batch size captures it: stats, a dict, then gets
+    "capture_s", the seconds that took (torch.compile's graphs persist across calls; CUDA
+    graphs are captured again for each call's cache).
     """
     group = getattr(model, "ep_group", None)
     prompts = _prompts(input_ids, model, allow_none=group is not None)
@@ -58,6 +66,9 @@ def generate(model, input_ids, max_new_tokens: int, *, temperature: float = 0.0,
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     device = model.lm_head.weight.device
     eos_ids = torch.tensor(eos, dtype=torch.long, device=device)         # [num_eos]
+    if compile and (speculative is not None or group is not None):
+        raise ValueError("compile=True captures plain decode steps: not with speculative= or "
+                         "expert parallelism (ep_group)")
     if speculative is not None:
         _check_speculative(model, speculative, draft_tokens, temperature, group)
         if max_new_tokens:
@@ -71,9 +82,15 @@ def generate(model, input_ids, max_new_tokens: int, *, temperature: float = 0.0,
     counts = torch.zeros(B, dtype=torch.long, device=device)            # [B] tokens generated
     done = B == 0 or max_new_tokens == 0
     if not done:
-        cache = model.new_cache([len(p) + max_new_tokens for p in prompts], fp8=fp8_kv_cache)
+        capacities = [len(p) + max_new_tokens for p in prompts]
+        if compile:
+            from ds_model import captured  # it builds on model.py, which imports this module
+            capacities = captured.capacities(capacities, BLOCK_SIZE)
+        cache = model.new_cache(capacities, block_size=BLOCK_SIZE, fp8=fp8_kv_cache)
         cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)   # [B + 1]
         logits = model.prefill(torch.cat(prompts), cu_seqlens, cache)   # [B, V]
+        if compile:
+            decode = captured.CapturedDecode(model, cache)
     elif group is not None:
         model.join_experts()                                            # the others' prefill
     active = torch.arange(B, device=device)                             # [n] still running
@@ -94,8 +111,10 @@ def generate(model, input_ids, max_new_tokens: int, *, temperature: float = 0.0,
             model.join_experts()
             continue
         active, tokens = active[running], tokens[running]
-        logits = model.decode(tokens, active, cache)                    # [n, V]
+        logits = decode(tokens, active) if compile else model.decode(tokens, active, cache)
 
+    if compile and stats is not None and B and max_new_tokens:
+        stats["capture_s"] = decode.capture_s
     return _outputs(input_ids, prompts, new, counts)
 
 

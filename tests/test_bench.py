@@ -228,7 +228,8 @@ def test_sparse_mla_benchmark_on_toy_shapes(monkeypatch):
 
 
 def test_model_benchmark_on_a_toy_config(monkeypatch, tmp_path):
-    """bench_model end to end on CPU at a toy size, timing cut short."""
+    """bench_model end to end on CPU at a toy size, timing cut short; a full run, so that the
+    captured step's rows (checked against eager decode first) are in."""
     pytest.importorskip("transformers")
     from bench import bench_model
     monkeypatch.setattr(bench_model, "time_fns",
@@ -242,11 +243,13 @@ def test_model_benchmark_on_a_toy_config(monkeypatch, tmp_path):
     # transformers' topk breaks those ties in no stated order.)
     monkeypatch.setitem(bench_model.FAMILIES, "deepseek_v32", {
         **bench_model.FAMILIES["deepseek_v32"], "index_topk": 16})
-    rows = bench_model.run(torch.device("cpu"), quick=True)
+    rows = bench_model.run(torch.device("cpu"), quick=False)
     harness.add_speedups(rows)
     assert sorted((r.shape["model"], r.shape["phase"], r.impl) for r in rows) == [
         (model, phase, impl) for model in ("deepseek_v3", "deepseek_v32")
-        for phase in ("decode", "prefill") for impl in ("ds_model", "transformers")]
+        for phase, impl in [("decode", "ds_model"), ("decode", "ds_model[compile]"),
+                            ("decode", "transformers"), ("prefill", "ds_model"),
+                            ("prefill", "transformers")]]
     assert all(r.op == "model" and r.speedup_vs is not None and r.median_us > 0 for r in rows)
     pytest.importorskip("matplotlib")
     harness.plot(rows, tmp_path / "model.png")
@@ -500,3 +503,19 @@ def test_speculative_benchmark_on_a_toy_config(monkeypatch):
     assert [r.impl for r in rows] == [sp.BASELINE] + [f"mtp k={k}" for k in sp.DRAFTS]
     assert all(r.notes.get("acceptance") == "1.0" for r in rows[1:])
     assert all(r.speedup_vs is not None for r in rows)
+
+
+def test_mhc_benchmark_on_a_toy_width(monkeypatch):
+    """bench_mhc end to end on CPU, narrow streams, timing cut short: every impl checked
+    against transformers first, then timed."""
+    pytest.importorskip("transformers")
+    from bench import bench_mhc
+    monkeypatch.setattr(bench_mhc, "D", 64)
+    monkeypatch.setattr(bench_mhc, "compare",
+                        functools.partial(harness.compare, reps=harness.MIN_REPS, budget_s=0))
+    rows = bench_mhc.run(torch.device("cpu"), quick=True)
+    harness.add_speedups(rows)
+    assert [(r.shape["T"], r.impl) for r in rows] == [
+        (T, impl) for T in bench_mhc.QUICK_TOKENS
+        for impl in ("transformers", "ds_kernels", "reference")]
+    assert all(r.speedup_vs is not None and r.median_us > 0 for r in rows)

@@ -1,5 +1,6 @@
 """fused_moe: every backend against the reference (forward and all four gradients), against
-transformers' DeepseekV3Experts, edge routings, errors, opcheck, gradcheck, torch.compile."""
+transformers' DeepseekV3Experts and (swiglu_limit) DeepseekV4Experts, edge routings, errors,
+opcheck, gradcheck, torch.compile."""
 
 import pytest
 import torch
@@ -54,26 +55,48 @@ def moe_problems(draw):
     return tuple(as_view(t, draw(VIEWS)) for t in problem)
 
 
+# DeepSeek-V4's clamp: None (off), one that clamps most pre-activations (~N(0, 1) here), one
+# that clamps a few.
+LIMITS = st.sampled_from([None, None, 0.5, 2.0])
+
+
+def clear_limit(hidden, w13, ids, wanted):
+    """A limit near ``wanted`` that no gate or up pre-activation of the problem's assignments
+    lies within 2^-10 of (relative; fp16 rounds to 2^-11): where one does, the backends'
+    rounded value may fall on the other side of the clamp than the reference's exact one, and
+    its gradient (0 when clamped) differs by a whole term. The forward is continuous there and
+    needs no such care."""
+    if wanted is None or ids.numel() == 0:
+        return wanted
+    rows = hidden.double()[:, None, None, :]                          # [T, 1, 1, H]
+    values = (rows * w13.double()[ids.long()]).sum(-1).abs().flatten()  # [T * k * 2I]
+    for limit in wanted * (1 + torch.arange(512, dtype=torch.float64) / 512):
+        if not ((values - limit).abs() <= limit * 2**-10).any():
+            return float(limit)
+    raise AssertionError(f"no clamp limit near {wanted} clear of {values.numel()} values")
+
+
 @settings(max_examples=20)
-@given(problem=moe_problems())
-def test_fused_moe_matches_reference(backend, problem):
+@given(problem=moe_problems(), limit=LIMITS)
+def test_fused_moe_matches_reference(backend, problem, limit):
     hidden, w13, w2, weights, ids = problem
     with tuning.override(**SMALL_TILES):
-        out = ds_kernels.fused_moe(hidden, w13, w2, weights, ids)
+        out = ds_kernels.fused_moe(hidden, w13, w2, weights, ids, swiglu_limit=limit)
     assert out.dtype == hidden.dtype and out.shape == hidden.shape
-    assert_close(out, reference(hidden, w13, w2, weights, ids), hidden.dtype,
-                 reduction=hidden.shape[1] + w2.shape[2], what="out")
+    assert_close(out, reference(hidden, w13, w2, weights, ids, swiglu_limit=limit),
+                 hidden.dtype, reduction=hidden.shape[1] + w2.shape[2], what="out")
 
 
 @settings(max_examples=12)
-@given(problem=moe_problems(), seed=SEEDS)
-def test_fused_moe_backward_matches_reference(backend, problem, seed):
+@given(problem=moe_problems(), seed=SEEDS, limit=LIMITS)
+def test_fused_moe_backward_matches_reference(backend, problem, seed, limit):
     hidden, w13, w2, weights, ids = problem
+    limit = clear_limit(hidden, w13, ids, limit)
     inputs = [t.clone().requires_grad_() for t in (hidden, w13, w2, weights)]
     grad_out = random_like(hidden, seed)
     with tuning.override(**SMALL_TILES):
-        ds_kernels.fused_moe(*inputs, ids).backward(grad_out)
-    want = fused_moe_backward(grad_out, hidden, w13, w2, weights, ids)
+        ds_kernels.fused_moe(*inputs, ids, swiglu_limit=limit).backward(grad_out)
+    want = fused_moe_backward(grad_out, hidden, w13, w2, weights, ids, swiglu_limit=limit)
     T, H = hidden.shape
     I = w2.shape[2]
     # The backends round the SwiGLU gradient to the input dtype before its GEMMs, so an error
@@ -81,7 +104,8 @@ def test_fused_moe_backward_matches_reference(backend, problem, seed):
     # with opposite gradients: d w13 ~0.05 from terms ~1): their size is the backward of the
     # absolute values, spread over the reduction. d w13 sums over tokens a gradient that
     # itself reduced over H (through w2): T + H.
-    sizes = fused_moe_backward(*(t.abs() for t in (grad_out, hidden, w13, w2, weights)), ids)
+    sizes = fused_moe_backward(*(t.abs() for t in (grad_out, hidden, w13, w2, weights)), ids,
+                               swiglu_limit=limit)
     for got, expected, size, name, n in zip([t.grad for t in inputs], want, sizes,
                                             ["d hidden", "d w13", "d w2", "d topk_weights"],
                                             [2 * I + H, T + H, T + H, H + I]):
@@ -126,6 +150,41 @@ def test_against_transformers_deepseek_v3_experts(backend):
         assert_close(got, want, torch.float32, reduction=48, what=name)
 
 
+def test_against_transformers_deepseek_v4_experts(backend):
+    """swiglu_limit against transformers' DeepseekV4Experts (silu(min(g, limit)) * clamp(u,
+    -limit, limit)), forward and every gradient, with a limit that clamps about a third of
+    the pre-activations (and none of them within 2^-8 of it)."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4Experts
+
+    g = torch.Generator().manual_seed(15)
+    hidden, w13, w2, weights, ids = make_problem(g, 13, 32, 16, 8, 3, torch.float32)
+    limit = clear_limit(hidden, w13, ids, 1.0)
+    config = transformers.DeepseekV4Config(n_routed_experts=8, hidden_size=32,
+                                           moe_intermediate_size=16, num_experts_per_tok=3,
+                                           swiglu_limit=limit, num_hidden_layers=1)
+    experts = DeepseekV4Experts(config).to(DEVICE)
+    with torch.no_grad():
+        experts.gate_up_proj.copy_(w13)
+        experts.down_proj.copy_(w2)
+    x_hf, w_hf = hidden.clone().requires_grad_(), weights.clone().requires_grad_()
+    out_hf = experts(x_hf, ids.long(), w_hf)
+    grad_out = torch.randn(out_hf.shape, generator=g).to(DEVICE)
+    out_hf.backward(grad_out)
+
+    inputs = [t.clone().requires_grad_() for t in (hidden, w13, w2, weights)]
+    with tuning.override(**SMALL_TILES):
+        out = ds_kernels.fused_moe(*inputs, ids, swiglu_limit=limit)
+        out.backward(grad_out)
+    # The clamp is active: without it the output differs.
+    assert not torch.allclose(out, ds_kernels.fused_moe(hidden, w13, w2, weights, ids), atol=1e-2)
+    assert_close(out, out_hf, torch.float32, reduction=48, what="out")
+    for got, want, name in zip([t.grad for t in inputs],
+                               [x_hf.grad, experts.gate_up_proj.grad, experts.down_proj.grad,
+                                w_hf.grad], ["d hidden", "d w13", "d w2", "d topk_weights"]):
+        assert_close(got, want, torch.float32, reduction=48, what=name)
+
+
 def test_gradcheck_float64(backend):
     g = torch.Generator().manual_seed(7)
     hidden, w13, w2, weights, ids = make_problem(g, 5, 8, 6, 3, 2, torch.float64)
@@ -146,6 +205,7 @@ def test_opcheck(layout):
     args = (hidden.requires_grad_(), w13.requires_grad_(), w2.requires_grad_(),
             weights.requires_grad_(), ids)
     torch.library.opcheck(torch.ops.ds_kernels.fused_moe.default, args)
+    torch.library.opcheck(torch.ops.ds_kernels.fused_moe.default, (*args, 0.7))
 
 
 def test_torch_compile_fullgraph_forward_and_backward():
@@ -173,6 +233,9 @@ def test_torch_compile_fullgraph_forward_and_backward():
     (dict(w2=torch.zeros(4, 8, 8, dtype=torch.float16)), TypeError, "w2 has dtype"),
     (dict(hidden=torch.zeros(8)), ValueError, "hidden must be 2-D"),
     (dict(activation="gelu"), ValueError, "activation must be one of"),
+    (dict(swiglu_limit=0.0), ValueError, r"swiglu_limit must be > 0"),
+    (dict(swiglu_limit=float("inf")), ValueError, "swiglu_limit must be finite"),
+    (dict(swiglu_limit="10"), TypeError, "swiglu_limit must be a float"),
 ])
 def test_bad_arguments_raise_clear_errors(change, error, match):
     args = dict(hidden=torch.zeros(1, 8), w13=torch.zeros(4, 16, 8), w2=torch.zeros(4, 8, 8),
@@ -274,13 +337,14 @@ def _quantized_terms(hidden, w13, w2, weights, ids, s13, s2):
 
 
 @settings(max_examples=20)
-@given(data=st.data())
-def test_quantized_fused_moe_matches_reference(backend, data):
+@given(data=st.data(), limit=LIMITS)
+def test_quantized_fused_moe_matches_reference(backend, data, limit):
     hidden, w13, w2, weights, ids, s13, s2 = data.draw(quantized_moe_problems(backend))
     with tuning.override(**SMALL_TILES, chunk_elements=700):  # chunks of a few weight rows
-        out = ds_kernels.fused_moe(hidden, w13, w2, weights, ids, w13_scale=s13, w2_scale=s2)
+        out = ds_kernels.fused_moe(hidden, w13, w2, weights, ids, w13_scale=s13, w2_scale=s2,
+                                   swiglu_limit=limit)
     assert out.dtype == hidden.dtype and out.shape == hidden.shape
-    want = reference(hidden, w13, w2, weights, ids, s13, s2)
+    want = reference(hidden, w13, w2, weights, ids, s13, s2, swiglu_limit=limit)
     # Weight tiles are rounded to hidden's dtype before the GEMMs: an error relative to the
     # terms, not to their (possibly cancelling) sum.
     H, I = hidden.shape[1], w13.shape[1] // 2

@@ -58,13 +58,14 @@ from triton.compiler import ASTSource
 from ds_kernels.kernels.grouped_mm import _grouped_gemm_kernel
 
 capability, w8a8 = int(sys.argv[1]), sys.argv[2] == "w8a8"
-constexprs = dict(A_ROW_DIV=8, A_BY_SLOT=False, C_BY_SLOT=True, SWIGLU=True, ROW_SCALE=False,
+constexprs = dict(A_ROW_DIV=8, A_BY_SLOT=False, C_BY_SLOT=True, SWIGLU=True, CLAMP=True,
+                  ROW_SCALE=False,
                   PRECISION="ieee", ACC=tl.float32, QUANT_B=True, B_TRANSPOSED=True, FP4=False,
                   E8M0_SCALES=False, SCALE_ROWS=128, SCALE_COLS=128, W8A8=w8a8, BLOCK_M=64,
                   BLOCK_N=128, BLOCK_K=128, GROUP_M=8)
 pointers = dict(a_ptr="*bf16", b_ptr="*u8", c_ptr="*bf16", slot_ids_ptr="*i32",
                 block_expert_ptr="*i32", num_slots_ptr="*i32", row_scale_ptr="*fp32",
-                s_ptr="*fp32")
+                s_ptr="*fp32", limit="fp32")
 params = list(inspect.signature(_grouped_gemm_kernel.fn).parameters)
 signature = {p: "constexpr" if p in constexprs else pointers.get(p, "i32") for p in params}
 source = ASTSource(fn=_grouped_gemm_kernel, signature=signature,
@@ -76,7 +77,8 @@ print("e4m3 mma" if "e4m3.e4m3" in built.asm["ptx"] else "no e4m3 mma", len(buil
 
 
 def _build_grouped_gemm(capability: int, variant: str, *, fails: bool = False) -> str:
-    """fused_moe's gate/up GEMM (bf16 activations, FP8 weights) built to PTX and cubin for
+    """fused_moe's gate/up GEMM (bf16 activations, FP8 weights, V4's SwiGLU clamp) built to
+    PTX and cubin for
     sm_<capability>: what the build printed (stderr where it is to fail)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", _BUILD, str(capability), variant], env=env,
@@ -144,3 +146,51 @@ def test_lightning_indexer_builds_at_deepseek_v32s_shape():
     assert [line.split()[0] for line in done.stdout.splitlines()] == [
         "_top_keys_kernel", "_top_keys_kernel", "_merge_kernel", "_index_cache_write_kernel",
         "_index_cache_write_kernel"]
+
+
+_BUILD_MHC = """
+import inspect, os, re, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.backends.nvidia.compiler import get_ptxas
+from ds_kernels.kernels import mhc
+
+for kernel, constexprs in [
+        (mhc._mhc_pre_kernel, dict(N=4, NP=4, MP=32, ITERS=20, BLOCK_T=mhc._BLOCK_T,
+                                   BLOCK_K=mhc._BLOCK_K, BLOCK_D=mhc._BLOCK_D)),
+        (mhc._mhc_post_kernel, dict(N=4, NP=4, BLOCK_T=mhc._POST_BLOCK_T,
+                                    BLOCK_D=mhc._POST_BLOCK_D))]:
+    pointers = dict(streams_ptr="*bf16", fn_ptr="*fp32", base_ptr="*fp32", scale_ptr="*fp32",
+                    collapsed_ptr="*bf16", post_ptr="*fp32", comb_ptr="*fp32", out_ptr="*bf16",
+                    mixed_ptr="*bf16", norm_eps="fp32", hc_eps="fp32")
+    params = list(inspect.signature(kernel.fn).parameters)
+    signature = {p: "constexpr" if p in constexprs else pointers.get(p, "i32") for p in params}
+    source = ASTSource(fn=kernel, signature=signature,
+                       constexprs={(params.index(n),): v for n, v in constexprs.items()})
+    built = triton.compile(source, target=GPUTarget("cuda", int(sys.argv[1]), 32),
+                           options=dict(num_warps=4, num_stages=2))
+    # Registers and spills as ptxas reports them (no GPU driver here to ask).
+    ptxas = get_ptxas(int(sys.argv[1])).path  # the one triton.compile used
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
+        ptx.write(built.asm["ptx"])
+        ptx.flush()
+        report = subprocess.run([ptxas, f"-arch=sm_{sys.argv[1]}a", "-v", ptx.name, "-o",
+                                 os.devnull], capture_output=True, text=True).stderr
+    registers = re.search(r"Used (\\d+) registers", report).group(1)
+    spills = re.search(r"(\\d+) bytes spill stores", report).group(1)
+    print(kernel.fn.__name__, registers, spills)
+"""
+
+
+def test_mhc_builds_for_hopper_at_deepseek_v4s_shape():
+    """4 streams, 20 Sinkhorn rounds, bf16 streams: both kernels compile for sm_90 without
+    spilling (the tests run them in the interpreter; this is the build a GPU would do). The
+    registers and spills are ptxas's report."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _BUILD_MHC, "90"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [line.split() for line in done.stdout.splitlines()]
+    assert [name for name, _, _ in lines] == ["_mhc_pre_kernel", "_mhc_post_kernel"]
+    assert all(spills == "0" for _, _, spills in lines), done.stdout

@@ -1,5 +1,6 @@
 """route: every backend against the reference twin; ties, NaN, edge sizes, errors, autograd,
-opcheck and torch.compile; group_scoring="max" against DeepSeek-V2's published gate."""
+opcheck and torch.compile; group_scoring="max" against DeepSeek-V2's published gate;
+DeepSeek-V4's sqrtsoftplus scores and hash routing (fixed_ids) against transformers' routers."""
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from numerics import SEEDS, VIEWS, as_view, assert_close
 
 
 backend = backend_fixture("numpy", "sort", "topk")
+SCORINGS = ["sigmoid", "softmax", "sqrtsoftplus"]
 
 
 def _logits(T, E, values, g):
@@ -54,7 +56,7 @@ def routing_problems(draw, max_tokens=40):
         magnitude = torch.rand(E, generator=g) * 0.5
         bias = as_view({"positive": magnitude, "negative": -magnitude,
                         "mixed": magnitude - 0.25}[bias].to(DEVICE), draw(VIEWS))
-    kwargs = dict(scoring=draw(st.sampled_from(["sigmoid", "softmax"])), correction_bias=bias,
+    kwargs = dict(scoring=draw(st.sampled_from(SCORINGS)), correction_bias=bias,
                   n_group=n_group, topk_group=topk_group,
                   renormalize=draw(st.booleans()),
                   routed_scaling_factor=draw(st.sampled_from([1.0, 2.5])),
@@ -93,7 +95,7 @@ def _near_tie_rows(logits, top_k, kw, gap=1e-5):
 
 def _tie_gap(backend):
     """Scores closer than this may order differently in ``backend`` than in the reference:
-    the Triton kernel computes sigmoid and softmax itself (an ulp apart from torch's); every
+    the Triton kernel computes its scores itself (an ulp apart from torch's); every
     torch strategy uses the reference's own scores, so there nothing is ambiguous."""
     return 1e-5 if backend == "triton" else 0.0
 
@@ -214,7 +216,7 @@ def test_max_with_a_bias_scores_groups_unbiased_and_chooses_experts_biased(backe
 
 
 @pytest.mark.parametrize("group_scoring", ["top2_sum", "max"])
-@pytest.mark.parametrize("scoring", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("scoring", SCORINGS)
 @pytest.mark.parametrize("n_group,topk_group", [(1, 1), (8, 4)])
 def test_ties_go_to_the_lower_index(backend, scoring, n_group, topk_group, group_scoring):
     # Few distinct values, so most rows tie inside groups, across groups and at the k-th place.
@@ -258,7 +260,7 @@ def test_dropped_groups_are_never_chosen_even_when_their_scores_are_lowest(backe
 
 
 @pytest.mark.parametrize("group_scoring", ["top2_sum", "max"])
-@pytest.mark.parametrize("scoring", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("scoring", SCORINGS)
 def test_nan_rows_follow_the_documented_policy(backend, scoring, group_scoring):
     logits = torch.randn(4, 32, generator=torch.Generator().manual_seed(3)).to(DEVICE)
     logits[1, 3] = float("nan")
@@ -271,7 +273,7 @@ def test_nan_rows_follow_the_documented_policy(backend, scoring, group_scoring):
     assert torch.equal(ids, ref_ids)
     assert_close(weights, ref_weights, torch.float32, reduction=32)
     assert weights[2].isnan().all()  # an all-NaN row is visible, not hidden
-    if scoring == "sigmoid":  # a NaN expert ranks last: row 1 picks real experts
+    if scoring != "softmax":  # a NaN expert ranks last: row 1 picks real experts
         assert 3 not in ids[1].tolist() and not weights[1].isnan().any()
 
 
@@ -308,7 +310,7 @@ def test_strided_logits(backend):
 
 
 @pytest.mark.parametrize("group_scoring", ["top2_sum", "max"])
-@pytest.mark.parametrize("scoring", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("scoring", SCORINGS)
 @pytest.mark.parametrize("renormalize", [True, False])
 def test_gradient_matches_autograd_through_the_reference(backend, scoring, renormalize,
                                                          group_scoring):
@@ -331,9 +333,16 @@ def test_gradient_matches_autograd_through_the_reference(backend, scoring, renor
     assert_close(x.grad, y.grad, torch.float32, reduction=32, what="d(logits)")
 
 
+def _scores64(x, scoring):
+    """The scores in float64 (the reference's are fp32), for finite differences."""
+    if scoring == "sigmoid":
+        return x.sigmoid()
+    return x.softmax(-1) if scoring == "softmax" else torch.nn.functional.softplus(x).sqrt()
+
+
 def test_gradcheck_of_the_backward_formula():
     logits = torch.randn(5, 16, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 2
-    for scoring in ("sigmoid", "softmax"):
+    for scoring in SCORINGS:
         with ds_kernels.use_backend("reference"):
             ids = ds_kernels.route(logits.float(), 3, scoring=scoring, n_group=2, topk_group=1)[1]
 
@@ -344,12 +353,12 @@ def test_gradcheck_of_the_backward_formula():
 
         x = logits.float().requires_grad_()
         jac = torch.autograd.functional.jacobian(weights_of, x)           # [5, 3, 5, 16]
-        s = logits.sigmoid() if scoring == "sigmoid" else logits.softmax(-1)
+        s = _scores64(logits, scoring)
         eps = 1e-6
         for t, e in [(0, 0), (2, 7), (4, 15)]:
             bumped = logits.clone()
             bumped[t, e] += eps
-            sb = bumped.sigmoid() if scoring == "sigmoid" else bumped.softmax(-1)
+            sb = _scores64(bumped, scoring)
             chosen, chosen_b = s.gather(1, ids.long()), sb.gather(1, ids.long())
             fd = (chosen_b / chosen_b.sum(-1, keepdim=True)
                   - chosen / chosen.sum(-1, keepdim=True)) / eps
@@ -363,7 +372,10 @@ def test_opcheck():
     bias = torch.randn(64, generator=g).to(DEVICE)
     for args in [(logits, 4, "sigmoid", bias, 4, 2, True, 2.5),
                  (logits, 3, "softmax", None, 1, 1, False, 1.0),
-                 (logits, 4, "softmax", bias, 8, 3, False, 16.0, "max")]:
+                 (logits, 4, "softmax", bias, 8, 3, False, 16.0, "max"),
+                 (logits, 4, "sqrtsoftplus", bias, 1, 1, True, 1.5),
+                 (logits, 3, "sqrtsoftplus", None, 1, 1, True, 1.5, "top2_sum",
+                  torch.tensor([[5, 0, 63]] * 6).to(DEVICE))]:
         torch.library.opcheck(torch.ops.ds_kernels.route.default, args)
 
 
@@ -419,3 +431,100 @@ def test_max_takes_groups_of_one_expert(backend):
     logits = torch.tensor([[0.1, 3.0, -1.0, 2.0, 0.5, 1.0, -2.0, 0.0]], device=DEVICE)
     _, ids = ds_kernels.route(logits, 2, n_group=8, topk_group=3, group_scoring="max")
     assert ids.tolist() == [[1, 3]]
+
+
+@st.composite
+def hash_routing_problems(draw):
+    """DeepSeek-V4's hash layers: logits [T, E] and given expert ids [T, k] (distinct in a
+    row, as tid2eid's rows; int32 or int64, any view), any scoring."""
+    E = draw(st.integers(1, 72))
+    top_k = draw(st.integers(1, min(E, 8)))
+    T = draw(st.sampled_from([0, 1, 2, 5, 33]))
+    g = torch.Generator().manual_seed(draw(SEEDS))
+    logits = _logits(T, E, draw(st.sampled_from(["narrow", "wide", "coarse"])), g)
+    if draw(st.booleans()) and T:  # far tails: softplus's threshold and its underflow
+        logits[:, 0] = torch.tensor([-120.0, -30.0, 19.5, 20.5, 90.0])[torch.arange(T) % 5]
+    ids = torch.stack([torch.randperm(E, generator=g)[:top_k] for _ in range(T)]) if T else (
+        torch.zeros(0, top_k, dtype=torch.long))
+    ids = ids.to(draw(st.sampled_from([torch.int32, torch.int64])))
+    dtype = draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+    kw = dict(scoring=draw(st.sampled_from(SCORINGS)), renormalize=draw(st.booleans()),
+              routed_scaling_factor=draw(st.sampled_from([1.0, 1.5])))
+    return (as_view(logits.to(DEVICE, dtype), draw(VIEWS)), top_k,
+            as_view(ids.to(DEVICE), draw(VIEWS)), kw)
+
+
+def _transformers_hash_router(logits, ids, scoring, renormalize, scale):
+    """transformers' DeepseekV4HashRouter after its gate GEMM, written again: the scores
+    (ACT2FN[scoring_func]: sqrtsoftplus = softplus(x).sqrt()) gathered at tid2eid's ids,
+    divided by their sum + 1e-20, times routed_scaling_factor (V4 always renormalises; the
+    flag is ours)."""
+    x = logits.float()
+    s = {"sigmoid": x.sigmoid, "softmax": lambda: x.softmax(-1),
+         "sqrtsoftplus": lambda: torch.nn.functional.softplus(x).sqrt()}[scoring]()
+    w = s.gather(1, ids.long())
+    if renormalize:
+        w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+    return w * scale
+
+
+@settings(max_examples=40)
+@given(problem=hash_routing_problems())
+def test_fixed_ids_weigh_the_given_experts(backend, problem):
+    """The ids come back as given (int32); the weights are the given experts' scores, as
+    transformers' hash router computes them, on every backend."""
+    logits, top_k, ids, kw = problem
+    weights, got_ids = ds_kernels.route(logits, top_k, fixed_ids=ids, **kw)
+    assert got_ids.dtype == torch.int32 and torch.equal(got_ids.long(), ids.long())
+    expected = _transformers_hash_router(logits, ids, kw["scoring"], kw["renormalize"],
+                                         kw["routed_scaling_factor"])
+    assert_close(weights, expected, torch.float32, reduction=logits.shape[1], what="weights")
+    ref_weights, _ = reference_route(logits, top_k, kw["scoring"], None, 1, 1,
+                                     kw["renormalize"], kw["routed_scaling_factor"],
+                                     "top2_sum", ids)
+    assert_close(ref_weights, expected, torch.float32, reduction=logits.shape[1],
+                 what="reference weights")
+
+
+def test_sqrtsoftplus_is_transformers_activation():
+    """Bit for bit torch's softplus(x).sqrt() (transformers' SqrtSoftplusActivation) in the
+    reference, through softplus's threshold (20) and its underflow; the Triton kernel's own
+    formula within an ulp or two."""
+    x = torch.tensor([[-200.0, -104.0, -88.0, -30.0, -1e-3, 0.0, 1e-3, 5.0, 19.9, 20.0, 20.1,
+                       60.0, float("inf"), float("-inf")]])
+    s, _ = choice_scores(x, "sqrtsoftplus", None)
+    assert torch.equal(s, torch.nn.functional.softplus(x).sqrt())
+    ids = torch.arange(x.shape[1])[None]
+    with ds_kernels.use_backend("triton"):
+        weights, _ = ds_kernels.route(x, x.shape[1], scoring="sqrtsoftplus", renormalize=False,
+                                      fixed_ids=ids)
+    torch.testing.assert_close(weights, s, rtol=3e-7, atol=0)
+
+
+def test_fixed_ids_gradient_matches_autograd_through_transformers_router(backend):
+    g = torch.Generator().manual_seed(8)
+    logits = torch.randn(7, 24, generator=g).to(DEVICE) * 3
+    ids = torch.stack([torch.randperm(24, generator=g)[:6] for _ in range(7)]).to(DEVICE)
+    for scoring in SCORINGS:
+        x, y = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+        upstream = torch.randn(7, 6, generator=g).to(DEVICE)
+        (ds_kernels.route(x, 6, scoring=scoring, routed_scaling_factor=1.5, fixed_ids=ids)[0]
+         * upstream).sum().backward()
+        (_transformers_hash_router(y, ids, scoring, True, 1.5) * upstream).sum().backward()
+        assert_close(x.grad, y.grad, torch.float32, reduction=24, what=f"d(logits) {scoring}")
+
+
+@pytest.mark.parametrize("fixed_ids,kwargs,match", [
+    ([[0, 0]], {}, r"distinct experts in each row, got \[0, 0\] in row 0"),
+    ([[0, 32]], {}, r"fixed_ids must be in \[0, 32\), got values in \[0, 32\]"),
+    ([[-1, 3]], {}, r"fixed_ids must be in \[0, 32\)"),
+    ([[0, 1, 2]], {}, r"fixed_ids must be \[T=1, top_k=2\]"),
+    ([[0.0, 1.0]], {}, "fixed_ids must have dtype"),
+    ([[0, 1]], dict(correction_bias=torch.zeros(32)), "correction_bias and n_group"),
+    ([[0, 1]], dict(n_group=4, topk_group=2), "correction_bias and n_group"),
+])
+def test_bad_fixed_ids_raise_clear_errors(fixed_ids, kwargs, match):
+    for grad in (False, True):  # the direct call and the torch.ops path
+        logits = torch.zeros(1, 32, requires_grad=grad)
+        with pytest.raises((ValueError, TypeError), match=match):
+            ds_kernels.route(logits, 2, fixed_ids=torch.tensor(fixed_ids), **kwargs)

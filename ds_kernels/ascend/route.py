@@ -43,10 +43,15 @@ RENORM_BEFORE_TOPK = 0  # the only documented renorm value
 
 
 def _supported(num_tokens: int, num_experts: int, scoring: str, n_group: int,
-               renormalize: bool, group_scoring: str, has_bias: bool) -> str | None:
+               renormalize: bool, group_scoring: str, has_bias: bool,
+               fixed: bool = False) -> str | None:
     """None if the operator computes this call, else why the torch path must."""
     group_size = num_experts // n_group
     aligned = -(-group_size // GROUP_ALIGN) * GROUP_ALIGN * n_group
+    if scoring not in NORM_TYPE:
+        return f"the operator's norm types are softmax and sigmoid, not {scoring}"
+    if fixed:
+        return "fixed_ids (hash routing) is not mapped onto the operator yet"
     if num_tokens == 0:
         return "T = 0 is outside the operator's documented inputs"
     if num_experts > MAX_EXPERTS:
@@ -91,17 +96,17 @@ def gating_args(top_k, scoring, correction_bias, n_group, topk_group, renormaliz
 
 
 def route(logits, top_k, scoring, correction_bias, n_group, topk_group, renormalize,
-          routed_scaling_factor, group_scoring):
+          routed_scaling_factor, group_scoring, fixed_ids=None):
     T, E = logits.shape
     reason = _supported(T, E, scoring, n_group, renormalize, group_scoring,
-                        correction_bias is not None)
+                        correction_bias is not None, fixed_ids is not None)
     if reason is not None:
         if reason not in _warned:
             _warned.add(reason)
             log.warning("ds_kernels.route: npu_moe_gating_top_k cannot run this call (%s); "
                         "using the torch path", reason)
         return torch_route(logits, top_k, scoring, correction_bias, n_group, topk_group,
-                           renormalize, routed_scaling_factor, group_scoring)
+                           renormalize, routed_scaling_factor, group_scoring, fixed_ids)
 
     import torch_npu  # here, not at the top: importing ds_kernels must not need CANN
 

@@ -39,7 +39,6 @@ bf16 product (bench/bench_fused_moe.py, mode "quantised").
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-import torch.nn.functional as F
 
 from ds_kernels import tuning
 from ds_kernels.cpu.grouped_mm import (grouped_matmul, grouped_matmul_quantized, grouped_matmul_tn,
@@ -47,6 +46,7 @@ from ds_kernels.cpu.grouped_mm import (grouped_matmul, grouped_matmul_quantized,
 from ds_kernels.cpu.quant_linear import quant_linear
 from ds_kernels.cpu.quantize import fake_quantize_fp8_activations
 from ds_kernels.quant_formats import format_of
+from ds_kernels.reference.fused_moe import swiglu, swiglu_backward
 
 # Untuned default, measured on a quiet 2-core x86 CPU (fp32, H=1024, I=256, E=64, k=6), against
 # transformers' eager experts: T=16 grouped_mm 1.19x, expert_threads 1.15x, mm_loop 1.06x;
@@ -118,7 +118,7 @@ def _expert_mm(x, w, scale, e):
 
 
 def fused_moe(hidden, w13, w2, topk_weights, topk_ids, w13_scale=None, w2_scale=None,
-              w8a8=False):
+              w8a8=False, swiglu_limit=None):
     T, H = hidden.shape
     k = topk_ids.shape[1]
     I = w13.shape[1] // 2
@@ -128,7 +128,8 @@ def fused_moe(hidden, w13, w2, topk_weights, topk_ids, w13_scale=None, w2_scale=
     token = order // k                                            # [N] per slot
     if strategy == "grouped_mm":
         gate, up = grouped_matmul(hidden[token], w13.transpose(1, 2), offs, strategy).chunk(2, -1)
-        y = grouped_matmul(F.silu(gate) * up, w2.transpose(1, 2), offs, strategy)  # [N, H]
+        y = grouped_matmul(swiglu(gate, up, swiglu_limit), w2.transpose(1, 2), offs,
+                           strategy)                              # [N, H]
         by_assignment = torch.empty_like(y, dtype=acc)
         by_assignment[order] = y.to(acc) * weight.unsqueeze(1)
         return by_assignment.view(T, k, H).sum(dim=1).to(hidden.dtype)
@@ -138,7 +139,7 @@ def fused_moe(hidden, w13, w2, topk_weights, topk_ids, w13_scale=None, w2_scale=
     source = fake_quantize_fp8_activations(hidden) if w8a8 else hidden
 
     def act_of(gate_up):
-        act = F.silu(gate_up[:, :I]) * gate_up[:, I:]
+        act = swiglu(gate_up[:, :I], gate_up[:, I:], swiglu_limit)
         return fake_quantize_fp8_activations(act.to(hidden.dtype)) if w8a8 else act
 
     def add_experts(share, out):
@@ -168,7 +169,7 @@ def fused_moe(hidden, w13, w2, topk_weights, topk_ids, w13_scale=None, w2_scale=
 
 
 def fused_moe_backward(grad_out, hidden, w13, w2, topk_weights, topk_ids, w13_scale=None,
-                       w2_scale=None):
+                       w2_scale=None, swiglu_limit=None):
     """(d hidden, d w13, d w2, d topk_weights); d w13 and d w2 are None for quantised
     (frozen) weights."""
     T, H = hidden.shape
@@ -178,19 +179,16 @@ def fused_moe_backward(grad_out, hidden, w13, w2, topk_weights, topk_ids, w13_sc
     x = hidden[order // k]                                        # [N, H] token of each slot
     gate_up = _times_weight(x, w13, w13_scale, offs, strategy, transposed=True)  # [N, 2I]
     gate, up = gate_up.to(acc).chunk(2, dim=-1)                   # [N, I] each
-    silu = F.silu(gate)
-    act = (silu * up).to(hidden.dtype)                            # [N, I]
     g = grad_out[order // k]                                      # [N, H] d out of each slot
     weight = topk_weights.reshape(-1)[order].to(acc).unsqueeze(1)  # [N, 1]
 
     d_act_unweighted = _times_weight(g, w2, w2_scale, offs, strategy,
                                      transposed=False).to(acc)   # [N, I] = g @ w2[e]
+    act, d_gate, d_up = swiglu_backward(gate, up, d_act_unweighted * weight, swiglu_limit)
+    act = act.to(hidden.dtype)                                    # [N, I], as the forward holds it
     d_weight = torch.empty(order.numel(), dtype=acc, device=hidden.device)
     d_weight[order] = (d_act_unweighted * act.to(acc)).sum(dim=1)
-    d_act = d_act_unweighted * weight
-    sig = torch.sigmoid(gate)
-    d_gate = d_act * up * sig * (1 + gate * (1 - sig))            # silu'(g) = s (1 + g (1 - s))
-    d_gate_up = torch.cat([d_gate, d_act * silu], dim=1).to(hidden.dtype)  # [N, 2I]
+    d_gate_up = torch.cat([d_gate, d_up], dim=1).to(hidden.dtype)  # [N, 2I]
 
     d_x = _times_weight(d_gate_up, w13, w13_scale, offs, strategy, transposed=False)  # [N, H]
     d_hidden = torch.zeros(T, H, dtype=acc, device=hidden.device)

@@ -9,8 +9,8 @@ columns only (half of DeepSeek-V3's row).
 
 "numpy" (a decode step's few tokens on CPU): the reference's stable sorts, on numpy arrays.
 Per-op overhead is most of the time there, and numpy's is ~1 us an op to torch's ~4 us. The
-scores come from torch (its sigmoid or softmax, as the reference's); the weights' sum runs in
-numpy's order, within fp32 rounding of the reference's.
+scores come from torch (the reference's own); the weights' sum runs in numpy's order, within
+fp32 rounding of the reference's.
 
 "sort": the reference itself, for other devices that run the torch path (numpy cannot).
 """
@@ -21,7 +21,7 @@ import torch
 from ds_kernels import tuning
 from ds_kernels.reference import route as reference
 from ds_kernels.reference.route import (GROUP_TOP, RENORM_EPS, choice_scores, group_basis,
-                                        top_indices)
+                                        top_indices, weigh)
 
 # The crossover from "numpy" to "topk", measured on a 2-core x86 CPU with E=256
 # (bench/bench_route.py); `python -m autotune sweep --op route` stores the best strategy per
@@ -55,7 +55,10 @@ def _best_sum(grouped: torch.Tensor, top: int) -> torch.Tensor:
 
 
 def route(logits, top_k, scoring, correction_bias, n_group, topk_group, renormalize,
-          routed_scaling_factor, group_scoring):
+          routed_scaling_factor, group_scoring, fixed_ids=None):
+    if fixed_ids is not None:  # nothing to choose: the reference's few ops are the whole job
+        return reference.route(logits, top_k, scoring, None, 1, 1, renormalize,
+                               routed_scaling_factor, group_scoring, fixed_ids)
     T, E = logits.shape
     on_cpu = logits.device.type == "cpu"
     default = ("numpy" if on_cpu else "sort") if T < SORT_BELOW_TOKENS else "topk"
@@ -83,12 +86,7 @@ def route(logits, top_k, scoring, correction_bias, n_group, topk_group, renormal
     else:
         ids = _top_indices(c, top_k)                              # [T, k]
 
-    weights = s.gather(1, ids)                                    # [T, k]
-    if renormalize:
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + RENORM_EPS)
-    if routed_scaling_factor != 1.0:
-        weights = weights * routed_scaling_factor
-    return weights, ids.to(torch.int32)
+    return weigh(s, ids, renormalize, routed_scaling_factor), ids.to(torch.int32)
 
 
 def _route_numpy(logits, top_k, scoring, correction_bias, n_group, topk_group, renormalize,

@@ -1,7 +1,8 @@
 """Fused MoE experts on the grouped GEMM kernels (ds_kernels/kernels/grouped_mm.py).
 
 Forward, for the T*k assignments grouped by moe_align into BLOCK_M-row blocks per expert:
-  1. act[slot]  = silu(g) * u, [g, u] = hidden[assignment // k] @ w13[e]^T
+  1. act[slot]  = silu(g) * u, [g, u] = hidden[assignment // k] @ w13[e]^T (V4: g and u
+     clamped by swiglu_limit first)
      (the token rows are gathered inside the GEMM: no permuted copy of the activations;
       SwiGLU in the epilogue: the [T*k, 2I] pre-activation is never written)
   2. y[assignment] = topk_weight[assignment] * act[slot] @ w2[e]^T   (weight in the epilogue)
@@ -24,6 +25,7 @@ from ds_kernels import tuning
 from ds_kernels.kernels.grouped_mm import check_fp8_tensor_cores, grouped_gemm, grouped_wgrad
 from ds_kernels.kernels.moe_align import moe_align
 from ds_kernels.quant_formats import FP8_BLOCK, format_of
+from ds_kernels.reference.fused_moe import swiglu_backward
 from ds_kernels.tuning import gemm_config
 
 def _plan(backward, hidden, w13, w13_scale, topk_ids, w8a8=False):
@@ -44,7 +46,7 @@ def _transposed(scale):
 
 
 def fused_moe(hidden, w13, w2, topk_weights, topk_ids, w13_scale=None, w2_scale=None,
-              w8a8=False):
+              w8a8=False, swiglu_limit=None):
     T, H = hidden.shape
     E, two_i, _ = w13.shape
     k = topk_ids.shape[1]
@@ -57,7 +59,8 @@ def fused_moe(hidden, w13, w2, topk_weights, topk_ids, w13_scale=None, w2_scale=
     weights = topk_weights.reshape(-1).to(acc).contiguous()       # [N], indexed densely
     act = hidden.new_empty(P, two_i // 2)                         # [P, I]
     grouped_gemm(hidden, w13.transpose(1, 2), act, layout, N, config, a_row_div=k,
-                 c_by_slot=True, swiglu=True, b_scale=_transposed(w13_scale), w8a8=w8a8)
+                 c_by_slot=True, swiglu=True, swiglu_limit=swiglu_limit,
+                 b_scale=_transposed(w13_scale), w8a8=w8a8)
     y = hidden.new_zeros(N, H)                                    # [N, H]
     grouped_gemm(act, w2.transpose(1, 2), y, layout, N, config, a_by_slot=True,
                  row_scale=weights, b_scale=_transposed(w2_scale), w8a8=w8a8)
@@ -65,7 +68,7 @@ def fused_moe(hidden, w13, w2, topk_weights, topk_ids, w13_scale=None, w2_scale=
 
 
 def fused_moe_backward(grad_out, hidden, w13, w2, topk_weights, topk_ids, w13_scale=None,
-                       w2_scale=None):
+                       w2_scale=None, swiglu_limit=None):
     """(d hidden, d w13, d w2, d topk_weights); d w13 and d w2 are None for quantised
     (frozen) weights."""
     T, H = hidden.shape
@@ -84,21 +87,18 @@ def fused_moe_backward(grad_out, hidden, w13, w2, topk_weights, topk_ids, w13_sc
     grouped_gemm(hidden, w13.transpose(1, 2), gate_up, layout, N, config, a_row_div=k,
                  c_by_slot=True, b_scale=_transposed(w13_scale))
     gate, up = gate_up.to(acc).chunk(2, dim=-1)                   # [P, I] each
-    sig = torch.sigmoid(gate)
-    silu = gate * sig
-    act = (silu * up).to(hidden.dtype)                            # [P, I]
 
     # The d(input) GEMMs multiply by the weights themselves (B = W, not W^T).
     d_act_unweighted = hidden.new_empty(P, I)                     # [P, I] = grad_out[t] @ w2[e]
     grouped_gemm(grad_out, w2, d_act_unweighted, layout, N, config, a_row_div=k,
                  c_by_slot=True, b_scale=w2_scale, b_transposed=False)
     d_act_unweighted = d_act_unweighted.to(acc)
+    act, d_gate, d_up = swiglu_backward(gate, up, d_act_unweighted * slot_weight, swiglu_limit)
+    act = act.to(hidden.dtype)                                    # [P, I], as the forward holds it
     # Padding slots hold garbage; they all land on the discarded entry N.
     d_weight = weights.new_zeros(N + 1).scatter_(
         0, slot_ids, (d_act_unweighted * act.to(acc)).sum(dim=1))[:N]
-    d_act = d_act_unweighted * slot_weight
-    d_gate = d_act * up * sig * (1 + gate * (1 - sig))            # silu'(g) = s (1 + g (1 - s))
-    d_gate_up = torch.cat([d_gate, d_act * silu], dim=1).to(hidden.dtype)  # [P, 2I]
+    d_gate_up = torch.cat([d_gate, d_up], dim=1).to(hidden.dtype)  # [P, 2I]
 
     d_x = hidden.new_zeros(N, H)                                  # [N, H] per assignment
     grouped_gemm(d_gate_up, w13, d_x, layout, N, config, a_by_slot=True, b_scale=w13_scale,

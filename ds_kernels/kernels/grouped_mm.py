@@ -77,11 +77,11 @@ def _w8a8_partial(a_q, a_scale, b_ptr, s_ptr, k, k0, n, k_ok, n_ok, stride_bk, s
 @triton.jit
 def _grouped_gemm_kernel(
     a_ptr, b_ptr, c_ptr, slot_ids_ptr, block_expert_ptr, num_slots_ptr, row_scale_ptr,
-    s_ptr, N, K, sentinel, num_blocks,
+    s_ptr, N, K, sentinel, num_blocks, limit,
     stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_cn,
     stride_se, stride_sk, stride_sn,
     A_ROW_DIV: tl.constexpr, A_BY_SLOT: tl.constexpr, C_BY_SLOT: tl.constexpr,
-    SWIGLU: tl.constexpr, ROW_SCALE: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    SWIGLU: tl.constexpr, CLAMP: tl.constexpr, ROW_SCALE: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     QUANT_B: tl.constexpr, B_TRANSPOSED: tl.constexpr, FP4: tl.constexpr,
     E8M0_SCALES: tl.constexpr, SCALE_ROWS: tl.constexpr, SCALE_COLS: tl.constexpr,
     W8A8: tl.constexpr,
@@ -91,7 +91,8 @@ def _grouped_gemm_kernel(
 
     a_ptr: A, strides (stride_am, stride_ak). b_ptr: B [E, K, N'] with strides (stride_be,
     stride_bk, stride_bn) - any view, e.g. a transposed [E, N', K] weight. With SWIGLU,
-    N' = 2N: gate columns [0, N), up columns [N, 2N), and C = silu(gate) * up.
+    N' = 2N: gate columns [0, N), up columns [N, 2N), and C = silu(gate) * up; with CLAMP
+    (DeepSeek-V4), of gate clamped to <= limit and up to [-limit, limit] (NaN kept).
     c_ptr: C, strides (stride_cm, stride_cn). slot_ids_ptr: int32 [num_blocks * BLOCK_M] row
     ids, `sentinel` for padding. block_expert_ptr: int32 [num_blocks]. num_slots_ptr: int32
     [1], slots in use. row_scale_ptr: [sentinel] in ACC, C row r is multiplied by it (ROW_SCALE).
@@ -158,6 +159,9 @@ def _grouped_gemm_kernel(
                 up = tl.dot(a, b_up.to(a.dtype), up, input_precision=PRECISION, out_dtype=ACC)
 
     if SWIGLU:
+        if CLAMP:  # comparisons, not min/max, so that a NaN stays NaN as in torch.clamp
+            acc = tl.where(acc > limit, limit, acc)
+            up = tl.where(up > limit, limit, tl.where(up < -limit, -limit, up))
         acc = acc * tl.sigmoid(acc) * up
     if ROW_SCALE:
         acc = acc * tl.load(row_scale_ptr + ids, mask=row_ok, other=0.0)[:, None]
@@ -237,8 +241,8 @@ def _launch_options(config, dtype):
 
 
 def grouped_gemm(a, b, c, layout, num_rows, config, *, a_row_div=1, a_by_slot=False,
-                 c_by_slot=False, swiglu=False, row_scale=None, b_scale=None,
-                 b_transposed=True, w8a8=False):
+                 c_by_slot=False, swiglu=False, swiglu_limit=None, row_scale=None,
+                 b_scale=None, b_transposed=True, w8a8=False):
     """C rows of each expert's rows = epilogue(A rows @ B[e]); see _grouped_gemm_kernel.
 
     layout: moe_align's output for num_rows row ids (its sentinel), made with block_m ==
@@ -246,7 +250,8 @@ def grouped_gemm(a, b, c, layout, num_rows, config, *, a_row_div=1, a_by_slot=Fa
     orientation: b_transposed - B = W^T, b = w_q.transpose(1, 2) of w_q [E, N', K] (MXFP4:
     [E, K/2, N']) and b_scale = scale.transpose(1, 2); else B = W, b = w_q [E, K, N'] (MXFP4:
     [E, K, N'/2]) and b_scale = scale. w8a8: A quantised to e4m3 too (FP8 b, b_transposed,
-    config["BLOCK_K"] == 128; FP8 tensor cores). Returns c.
+    config["BLOCK_K"] == 128; FP8 tensor cores). swiglu_limit: with swiglu, V4's clamp.
+    Returns c.
     """
     sorted_ids, block_expert, num_slots, _ = layout
     fmt = None if b_scale is None else format_of(b)
@@ -271,11 +276,11 @@ def grouped_gemm(a, b, c, layout, num_rows, config, *, a_row_div=1, a_by_slot=Fa
     grid = (num_blocks * triton.cdiv(N, config["BLOCK_N"]),)
     _grouped_gemm_kernel[grid](
         a, b, c, sorted_ids, block_expert, num_slots, row_scale if row_scale is not None else c,
-        scales, N, K, num_rows, num_blocks,
+        scales, N, K, num_rows, num_blocks, 0.0 if swiglu_limit is None else float(swiglu_limit),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
         *scale_strides,
         A_ROW_DIV=a_row_div, A_BY_SLOT=a_by_slot, C_BY_SLOT=c_by_slot, SWIGLU=swiglu,
-        ROW_SCALE=row_scale is not None, QUANT_B=fmt is not None, **quant,
+        CLAMP=swiglu_limit is not None, ROW_SCALE=row_scale is not None, QUANT_B=fmt is not None, **quant,
         BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
         BLOCK_K=config["BLOCK_K"], GROUP_M=config["GROUP_M"], **_launch_options(config, a.dtype))
     return c

@@ -31,18 +31,32 @@ def _nan_last(x, ok):
 
 
 @triton.jit
+def _sqrt_softplus(x):
+    """sqrt(softplus(x)) as torch computes softplus: max(x, 0) + log1p(exp(-|x|)), log1p
+    by Goldberg's correction (tl has no log1p; log(1 + y) alone loses tiny y), which equals
+    x itself above 20 in fp32 as torch's threshold does."""
+    y = tl.exp(-tl.abs(x))
+    u = 1.0 + y
+    log1p = tl.where(u == 1.0, y, tl.log(u) * (y / (u - 1.0)))
+    return tl.sqrt(tl.maximum(x, 0.0) + log1p)
+
+
+@triton.jit
 def _route_kernel(
-    logits_ptr, bias_ptr, weights_ptr, ids_ptr,
-    T, stride_lt, stride_le, scale,
+    logits_ptr, bias_ptr, fixed_ptr, weights_ptr, ids_ptr,
+    T, stride_lt, stride_le, stride_ft, stride_fk, scale,
     N_GROUP: tl.constexpr, GROUP_SIZE: tl.constexpr, TOPK_GROUP: tl.constexpr,
     TOP_K: tl.constexpr, G_POW2: tl.constexpr, GS_POW2: tl.constexpr, K_POW2: tl.constexpr,
-    BLOCK_T: tl.constexpr, SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr,
-    RENORMALIZE: tl.constexpr, GROUP_TOP2: tl.constexpr,
+    BLOCK_T: tl.constexpr, SCORING: tl.constexpr, HAS_BIAS: tl.constexpr,
+    RENORMALIZE: tl.constexpr, GROUP_TOP2: tl.constexpr, FIXED: tl.constexpr,
 ):
     """Route BLOCK_T tokens.
 
     logits_ptr: [T, E] router logits, any float dtype, strides (stride_lt, stride_le).
+    SCORING: 0 sigmoid, 1 softmax, 2 sqrt(softplus).
     bias_ptr: [E] fp32 correction bias (read only if HAS_BIAS).
+    fixed_ptr: [T, TOP_K] given expert ids, strides (stride_ft, stride_fk), read only if FIXED
+    (hash routing: then the i-th id is taken instead of the i-th best).
     weights_ptr: [T, TOP_K] fp32 out, contiguous. ids_ptr: [T, TOP_K] int32 out, contiguous.
     scale: routed_scaling_factor. E = N_GROUP * GROUP_SIZE; G_POW2, GS_POW2, K_POW2 are the
     next powers of two of N_GROUP, GROUP_SIZE and TOP_K (tile extents). GROUP_TOP2: a group's
@@ -59,11 +73,13 @@ def _route_kernel(
 
     offsets = rows.to(tl.int64)[:, None, None] * stride_lt + expert * stride_le
     x = tl.load(logits_ptr + offsets, mask=ok, other=float("-inf")).to(tl.float32)
-    if SOFTMAX:
+    if SCORING == 1:
         row_max = tl.max(tl.max(x, axis=2), axis=1)              # [BT]
         e = tl.exp(x - row_max[:, None, None])
         e = tl.where(ok, e, 0.0)
         s = e / tl.sum(tl.sum(e, axis=2), axis=1)[:, None, None]
+    elif SCORING == 2:
+        s = _sqrt_softplus(x)
     else:
         s = tl.sigmoid(x)
     c = s
@@ -96,11 +112,15 @@ def _route_kernel(
     weights = tl.zeros((BLOCK_T, K_POW2), dtype=tl.float32)
     taken = tl.zeros((BLOCK_T, G_POW2, GS_POW2), dtype=tl.int1)  # [BT, G, GS]
     for i in range(TOP_K):
-        open_ = expert_ok & (taken == 0)
-        cand = tl.where(open_, c, float("-inf"))
-        top = tl.max(tl.max(cand, axis=2), axis=1)               # [BT]
-        hit = open_ & (cand == top[:, None, None])
-        pick = tl.min(tl.min(tl.where(hit, expert, N_GROUP * GROUP_SIZE), axis=2), axis=1)
+        if FIXED:
+            pick = tl.load(fixed_ptr + rows.to(tl.int64) * stride_ft + i * stride_fk,
+                           mask=row_ok, other=0).to(tl.int32)    # [BT]
+        else:
+            open_ = expert_ok & (taken == 0)
+            cand = tl.where(open_, c, float("-inf"))
+            top = tl.max(tl.max(cand, axis=2), axis=1)           # [BT]
+            hit = open_ & (cand == top[:, None, None])
+            pick = tl.min(tl.min(tl.where(hit, expert, N_GROUP * GROUP_SIZE), axis=2), axis=1)
         chosen = expert == pick[:, None, None]                   # [BT, G, GS]
         taken = taken | chosen
         w = tl.sum(tl.sum(tl.where(chosen, s, 0.0), axis=2), axis=1)
@@ -116,8 +136,11 @@ def _route_kernel(
     tl.store(ids_ptr + out, ids, mask=out_ok)
 
 
+SCORING = {"sigmoid": 0, "softmax": 1, "sqrtsoftplus": 2}
+
+
 def route(logits, top_k, scoring, correction_bias, n_group, topk_group, renormalize,
-          routed_scaling_factor, group_scoring):
+          routed_scaling_factor, group_scoring, fixed_ids=None):
     T, E = logits.shape
     weights = torch.empty(T, top_k, dtype=torch.float32, device=logits.device)
     ids = torch.empty(T, top_k, dtype=torch.int32, device=logits.device)
@@ -129,13 +152,16 @@ def route(logits, top_k, scoring, correction_bias, n_group, topk_group, renormal
     config = _config(T, E, g_pow2 * gs_pow2, logits.dtype, logits.device)
     block_t = config["BLOCK_T"]
     bias = correction_bias.float().contiguous() if correction_bias is not None else weights
+    fixed = ids if fixed_ids is None else fixed_ids
     _route_kernel[(triton.cdiv(T, block_t),)](
-        logits, bias, weights, ids,
-        T, logits.stride(0), logits.stride(1), float(routed_scaling_factor),
+        logits, bias, fixed, weights, ids,
+        T, logits.stride(0), logits.stride(1), fixed.stride(0), fixed.stride(1),
+        float(routed_scaling_factor),
         N_GROUP=n_group, GROUP_SIZE=group_size, TOPK_GROUP=topk_group, TOP_K=top_k,
         G_POW2=g_pow2, GS_POW2=gs_pow2, K_POW2=triton.next_power_of_2(top_k),
-        BLOCK_T=block_t, SOFTMAX=scoring == "softmax", HAS_BIAS=correction_bias is not None,
+        BLOCK_T=block_t, SCORING=SCORING[scoring], HAS_BIAS=correction_bias is not None,
         RENORMALIZE=renormalize, GROUP_TOP2=group_scoring == "top2_sum",
+        FIXED=fixed_ids is not None,
         num_warps=config["num_warps"],
     )
     return weights, ids

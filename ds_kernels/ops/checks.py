@@ -1,5 +1,6 @@
 """Argument checks shared by the ops: each error names the argument and the offending value."""
 
+import contextlib
 import math
 
 import torch
@@ -47,10 +48,28 @@ def check_finite_float(name: str, value):
         raise ValueError(f"{name} must be finite, got {value}")
 
 
+_trusted_values = 0  # depth of trusted_values() contexts
+
+
+@contextlib.contextmanager
+def trusted_values():
+    """Inside: the ops skip the checks that read index tensors' values (ids, slots, lengths and
+    block tables in range: a device sync and a few small host ops each), as they do while a
+    CUDA graph is being captured. For callers whose values are right by construction: a
+    captured decode step (ds_model/captured.py), fed by KVCache's checked bookkeeping. Shapes,
+    dtypes and devices are still checked."""
+    global _trusted_values
+    _trusted_values += 1
+    try:
+        yield
+    finally:
+        _trusted_values -= 1
+
+
 def device_checks_allowed(t: torch.Tensor) -> bool:
     """Whether a check may read values of ``t`` (a device sync): not while a CUDA graph is being
-    captured, where reading back would break the capture."""
-    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+    captured, where reading back would break the capture, nor inside trusted_values()."""
+    return not (_trusted_values or (t.is_cuda and torch.cuda.is_current_stream_capturing()))
 
 
 def check_ids_in_range(name: str, ids: torch.Tensor, num_experts: int):

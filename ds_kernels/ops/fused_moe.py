@@ -7,8 +7,9 @@ weights' code bytes and e8m0 scales travel as uint8, as in ds_kernels/ops/groupe
 import torch
 
 from ds_kernels import dispatch
-from ds_kernels.ops.checks import (GEMM_DTYPES, INDEX_DTYPES, check_frozen, check_ids_in_range,
-                                   check_same_device, check_same_dtype, check_tensor)
+from ds_kernels.ops.checks import (GEMM_DTYPES, INDEX_DTYPES, check_finite_float, check_frozen,
+                                   check_ids_in_range, check_same_device, check_same_dtype,
+                                   check_tensor)
 from ds_kernels.ops.quantize import as_bytes, check_quantized, from_bytes, w8a8_of
 from ds_kernels.quant_formats import format_of, in_features
 
@@ -18,9 +19,13 @@ ACTIVATIONS = ("silu",)
 def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
               topk_weights: torch.Tensor, topk_ids: torch.Tensor, *,
               activation: str = "silu", w13_scale: torch.Tensor | None = None,
-              w2_scale: torch.Tensor | None = None, act_quant: str | None = None) -> torch.Tensor:
+              w2_scale: torch.Tensor | None = None, act_quant: str | None = None,
+              swiglu_limit: float | None = None) -> torch.Tensor:
     """out [T, H] = sum_j topk_weights[t, j] * w2[e] @ (silu(g) * u), e = topk_ids[t, j],
     [g, u] = w13[e] @ hidden[t] (gate rows first, as transformers' DeepseekV3Experts and vLLM).
+    swiglu_limit (DeepSeek-V4, a float > 0): silu(min(g, limit)) * clamp(u, -limit, limit),
+    the clamp in the first GEMM's epilogue; its gradient is torch.clamp's (none where an input
+    was clamped).
 
     hidden [T, H]; w13 [E, 2I, H]; w2 [E, H, I] (same dtype as hidden, any strides);
     topk_weights [T, k] (any float dtype); topk_ids [T, k] int32/int64 in [0, E).
@@ -55,20 +60,29 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     if activation not in ACTIVATIONS:  # not an argument of the op: checked here
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     args = (hidden, w13, w2, topk_weights, topk_ids)
+    if swiglu_limit is not None:
+        _check_limit(swiglu_limit)
+        swiglu_limit = float(swiglu_limit)
     fmt = None if act_quant is None else _check(*args, w13_scale, w2_scale)
     w8a8 = w8a8_of("fused_moe", act_quant, "w13 and w2", w13, fmt, hidden, topk_weights)
     if w13_scale is None and w2_scale is None:
         if dispatch.direct_call_allowed(*args):
-            return _fused_moe(*args)  # checks the arguments itself
+            return _fused_moe(*args, swiglu_limit)  # checks the arguments itself
         _check(*args)  # before torch.ops, whose errors name nothing
-        return torch.ops.ds_kernels.fused_moe(*args)
+        return torch.ops.ds_kernels.fused_moe(*args, swiglu_limit)
     if dispatch.direct_call_allowed(*args, w13_scale, w2_scale):  # no tensor requires grad
-        return _run_quantized(*args, w13_scale, w2_scale, w8a8)  # checks the arguments itself
+        return _run_quantized(*args, w13_scale, w2_scale, w8a8, swiglu_limit)  # checks them
     fmt = _check(*args, w13_scale, w2_scale)
     check_frozen("fused_moe", w13=w13, w2=w2, w13_scale=w13_scale, w2_scale=w2_scale)
     return torch.ops.ds_kernels.fused_moe_quant(hidden, *as_bytes(w13, w13_scale),
                                                 *as_bytes(w2, w2_scale), topk_weights,
-                                                topk_ids, fmt, w8a8)
+                                                topk_ids, fmt, w8a8, swiglu_limit)
+
+
+def _check_limit(swiglu_limit):
+    check_finite_float("swiglu_limit", swiglu_limit)
+    if not swiglu_limit > 0:
+        raise ValueError(f"swiglu_limit must be > 0 (or None), got {swiglu_limit}")
 
 
 def _check(hidden, w13, w2, topk_weights, topk_ids, w13_scale=None, w2_scale=None):
@@ -121,70 +135,83 @@ def _experts_format(w13, w2, w13_scale, w2_scale):
     return formats[0]
 
 
+# swiglu_limit last, with its default, so that the op's earlier positional form stays valid.
 def _fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                  topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+               topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+               swiglu_limit: float | None = None) -> torch.Tensor:
     _check(hidden, w13, w2, topk_weights, topk_ids)
+    if swiglu_limit is not None:
+        _check_limit(swiglu_limit)
     check_ids_in_range("topk_ids", topk_ids, w13.shape[0])
     return dispatch.implementation("fused_moe", hidden.device)(
-        hidden, w13, w2, topk_weights, topk_ids)
+        hidden, w13, w2, topk_weights, topk_ids, swiglu_limit=swiglu_limit)
 
 
 _fused_moe_op = torch.library.custom_op("ds_kernels::fused_moe", _fused_moe, mutates_args=())
 
 
 @_fused_moe_op.register_fake
-def _(hidden, w13, w2, topk_weights, topk_ids):
+def _(hidden, w13, w2, topk_weights, topk_ids, swiglu_limit=None):
     _check(hidden, w13, w2, topk_weights, topk_ids)
     return hidden.new_empty(hidden.shape)
 
 
 @torch.library.custom_op("ds_kernels::fused_moe_backward", mutates_args=())
 def _fused_moe_backward_op(grad_out: torch.Tensor, hidden: torch.Tensor, w13: torch.Tensor,
-                           w2: torch.Tensor, topk_weights: torch.Tensor,
-                           topk_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
-                                                            torch.Tensor, torch.Tensor]:
+                           w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                           swiglu_limit: float | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return dispatch.implementation("fused_moe_backward", hidden.device)(
-        grad_out.contiguous(), hidden, w13, w2, topk_weights, topk_ids)
+        grad_out.contiguous(), hidden, w13, w2, topk_weights, topk_ids,
+        swiglu_limit=swiglu_limit)
 
 
 @_fused_moe_backward_op.register_fake
-def _(grad_out, hidden, w13, w2, topk_weights, topk_ids):
+def _(grad_out, hidden, w13, w2, topk_weights, topk_ids, swiglu_limit=None):
     return (hidden.new_empty(hidden.shape), w13.new_empty(w13.shape), w2.new_empty(w2.shape),
             topk_weights.new_empty(topk_weights.shape))
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    ctx.save_for_backward(*inputs[:5])
+    ctx.swiglu_limit = inputs[5] if len(inputs) > 5 else None
 
 
 def _backward(ctx, grad_out):
-    grads = torch.ops.ds_kernels.fused_moe_backward(grad_out, *ctx.saved_tensors)
-    return (*grads, None)
+    grads = torch.ops.ds_kernels.fused_moe_backward(grad_out, *ctx.saved_tensors,
+                                                    ctx.swiglu_limit)
+    return (*grads, None, None)
 
 
 _fused_moe_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _run_quantized(hidden, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, w8a8):
+def _run_quantized(hidden, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, w8a8,
+                   swiglu_limit):
     _check(hidden, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
+    if swiglu_limit is not None:
+        _check_limit(swiglu_limit)
     check_ids_in_range("topk_ids", topk_ids, w13.shape[0])
     return dispatch.implementation("fused_moe", hidden.device)(
         hidden, w13, w2, topk_weights, topk_ids, w13_scale=w13_scale, w2_scale=w2_scale,
-        w8a8=w8a8)
+        w8a8=w8a8, swiglu_limit=swiglu_limit)
 
 
 @torch.library.custom_op("ds_kernels::fused_moe_quant", mutates_args=())
 def _fused_moe_quant_op(hidden: torch.Tensor, w13_codes: torch.Tensor,
                         w13_scales: torch.Tensor, w2_codes: torch.Tensor,
                         w2_scales: torch.Tensor, topk_weights: torch.Tensor,
-                        topk_ids: torch.Tensor, fmt: str, w8a8: bool) -> torch.Tensor:
+                        topk_ids: torch.Tensor, fmt: str, w8a8: bool,
+                        swiglu_limit: float | None = None) -> torch.Tensor:
     w13, w13_scale = from_bytes(w13_codes, w13_scales, fmt)
     w2, w2_scale = from_bytes(w2_codes, w2_scales, fmt)
-    return _run_quantized(hidden, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, w8a8)
+    return _run_quantized(hidden, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, w8a8,
+                          swiglu_limit)
 
 
 @_fused_moe_quant_op.register_fake
-def _(hidden, w13_codes, w13_scales, w2_codes, w2_scales, topk_weights, topk_ids, fmt, w8a8):
+def _(hidden, w13_codes, w13_scales, w2_codes, w2_scales, topk_weights, topk_ids, fmt, w8a8,
+      swiglu_limit=None):
     w13, w13_scale = from_bytes(w13_codes, w13_scales, fmt)
     w2, w2_scale = from_bytes(w2_codes, w2_scales, fmt)
     _check(hidden, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
@@ -196,25 +223,27 @@ def _fused_moe_quant_backward_op(grad_out: torch.Tensor, hidden: torch.Tensor,
                                  w13_codes: torch.Tensor, w13_scales: torch.Tensor,
                                  w2_codes: torch.Tensor, w2_scales: torch.Tensor,
                                  topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                                 fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+                                 fmt: str, swiglu_limit: float | None = None
+                                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(d hidden, d topk_weights): the experts are frozen."""
     w13, w13_scale = from_bytes(w13_codes, w13_scales, fmt)
     w2, w2_scale = from_bytes(w2_codes, w2_scales, fmt)
     d_hidden, _, _, d_topk_weights = dispatch.implementation("fused_moe_backward",
                                                              hidden.device)(
         grad_out.contiguous(), hidden, w13, w2, topk_weights, topk_ids, w13_scale=w13_scale,
-        w2_scale=w2_scale)
+        w2_scale=w2_scale, swiglu_limit=swiglu_limit)
     return d_hidden, d_topk_weights
 
 
 @_fused_moe_quant_backward_op.register_fake
 def _(grad_out, hidden, w13_codes, w13_scales, w2_codes, w2_scales, topk_weights, topk_ids,
-      fmt):
+      fmt, swiglu_limit=None):
     return hidden.new_empty(hidden.shape), topk_weights.new_empty(topk_weights.shape)
 
 
 def _setup_quantized_context(ctx, inputs, output):
-    *tensors, ctx.fmt, w8a8 = inputs
+    tensors, (ctx.fmt, w8a8) = inputs[:7], inputs[7:9]
+    ctx.swiglu_limit = inputs[9] if len(inputs) > 9 else None
     if w8a8:  # fused_moe refuses this before the op; the op's own callers get it here
         raise RuntimeError("fused_moe_quant with w8a8 has no gradient (act_quant='fp8' is "
                            "for inference)")
@@ -223,8 +252,8 @@ def _setup_quantized_context(ctx, inputs, output):
 
 def _quantized_backward(ctx, grad_out):
     d_hidden, d_topk_weights = torch.ops.ds_kernels.fused_moe_quant_backward(
-        grad_out, *ctx.saved_tensors, ctx.fmt)
-    return d_hidden, None, None, None, None, d_topk_weights, None, None, None
+        grad_out, *ctx.saved_tensors, ctx.fmt, ctx.swiglu_limit)
+    return d_hidden, None, None, None, None, d_topk_weights, None, None, None, None
 
 
 _fused_moe_quant_op.register_autograd(_quantized_backward,

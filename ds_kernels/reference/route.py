@@ -1,4 +1,5 @@
-"""Reference DeepSeek routing: the numbered steps of API.md, one per block.
+"""Reference DeepSeek routing: the numbered steps of API.md, one per block. With fixed_ids
+(DeepSeek-V4's hash layers, tid2eid[input_ids]) the experts are given and only step 5 runs.
 
 Group scoring (step 3): "top2_sum" (DeepSeek-V3's noaux_tc) scores a group by the sum of its two
 best choice scores c; "max" (DeepSeek-V2's group_limited_greedy) by its best score s. V2 has no
@@ -28,10 +29,20 @@ def nan_last(x: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(x, nan=NAN_CHOICE_SCORE, posinf=float("inf"), neginf=float("-inf"))
 
 
+def scores(logits: torch.Tensor, scoring: str) -> torch.Tensor:
+    """Step 1: s in fp32. "sqrtsoftplus" is DeepSeek-V4's sqrt(softplus(x)) (transformers'
+    ACT2FN["sqrtsoftplus"]: torch's softplus, x itself above 20)."""
+    x = logits.float()                                            # [T, E]
+    if scoring == "sigmoid":
+        return x.sigmoid()
+    if scoring == "softmax":
+        return x.softmax(dim=-1)
+    return torch.nn.functional.softplus(x).sqrt()
+
+
 def choice_scores(logits: torch.Tensor, scoring: str, correction_bias: torch.Tensor | None):
     """Steps 1-2: (s, c) in fp32, where s weighs the experts and c chooses them."""
-    x = logits.float()                                            # [T, E]
-    s = x.sigmoid() if scoring == "sigmoid" else x.softmax(dim=-1)
+    s = scores(logits, scoring)                                   # [T, E]
     c = s if correction_bias is None else s + correction_bias.float()
     return s, nan_last(c)
 
@@ -46,9 +57,20 @@ def top_indices(values: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(values, dim=-1, descending=True, stable=True).indices[:, :k]
 
 
+def weigh(s, ids, renormalize, routed_scaling_factor):
+    """Step 5: the weights of the chosen ids [T, k]: s there, renormalised, scaled."""
+    weights = s.gather(1, ids.long())                             # [T, k]
+    if renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + RENORM_EPS)
+    return weights * routed_scaling_factor
+
+
 def route(logits, top_k, scoring, correction_bias, n_group, topk_group, renormalize,
-          routed_scaling_factor, group_scoring):
+          routed_scaling_factor, group_scoring, fixed_ids=None):
     T, E = logits.shape
+    if fixed_ids is not None:  # DeepSeek-V4's hash layers: the experts are given
+        return (weigh(scores(logits, scoring), fixed_ids, renormalize, routed_scaling_factor),
+                fixed_ids.to(torch.int32))
     s, c = choice_scores(logits, scoring, correction_bias)        # [T, E] each
 
     if n_group > 1:
@@ -63,8 +85,4 @@ def route(logits, top_k, scoring, correction_bias, n_group, topk_group, renormal
         c = c.masked_fill(~kept_experts, float("-inf"))
 
     ids = top_indices(c, top_k)                                   # [T, k]
-    weights = s.gather(1, ids)                                    # [T, k]
-    if renormalize:
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + RENORM_EPS)
-    weights = weights * routed_scaling_factor
-    return weights, ids.to(torch.int32)
+    return weigh(s, ids, renormalize, routed_scaling_factor), ids.to(torch.int32)
